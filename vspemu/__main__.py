@@ -1,0 +1,3 @@
+from vspemu.cli.main import main
+
+main()

@@ -1,0 +1,109 @@
+"""What every route shares: the context, authentication, the job answer, request-body models."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from vspemu.errors import VspError
+from vspemu.system.sessions import Session
+
+if TYPE_CHECKING:
+    from vspemu.context import StorageContext
+
+API_ROOT = "/ConfigurationManager/v1"
+OBJECTS = f"{API_ROOT}/objects"
+MAX_RESPONSE_WAIT = 1800.0
+
+
+class Body(BaseModel):
+    """A request body: unknown fields are refused (KART40038-E) and types are strict, as on the array."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def ctx_of(request: Request) -> StorageContext:
+    return request.app.state.ctx  # type: ignore[no-any-return]
+
+
+def get_ctx(request: Request) -> StorageContext:
+    return ctx_of(request)
+
+
+def authenticate(request: Request) -> Session:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "session" or not token.strip():
+        raise VspError("TOKEN_INVALID", cause="The Authorization header does not carry a session token.")
+    return ctx_of(request).sessions.authenticate(token.strip())
+
+
+def basic_credentials(request: Request) -> tuple[str, str]:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        raise VspError("AUTH_FAILED", cause="Basic authentication is required to create a session.")
+    try:
+        user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        raise VspError("AUTH_FAILED", cause="The Authorization header cannot be decoded.") from None
+    if not sep:
+        raise VspError("AUTH_FAILED", cause="The Authorization header cannot be decoded.")
+    return user, password
+
+
+Ctx = Annotated["StorageContext", Depends(get_ctx)]
+Auth = Annotated[Session, Depends(authenticate)]
+
+
+def objects_base(request: Request) -> str:
+    """The objects URL prefix in the form the client used (short or storage-scoped)."""
+    device = request.path_params.get("storageDeviceId")
+    if device is not None and request.url.path.startswith(f"{OBJECTS}/storages/"):
+        return f"{OBJECTS}/storages/{device}"
+    return OBJECTS
+
+
+def check_device(request: Request) -> None:
+    """For storage-scoped paths: the storageDeviceId must be this system's."""
+    device = request.path_params.get("storageDeviceId")
+    if device is not None and device != ctx_of(request).system.storage_device_id:
+        raise VspError("NOT_FOUND", object_id=f"storage {device}")
+
+
+def data(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"data": items}
+
+
+async def job_response(request: Request, session: Session, work: Callable[[], Awaitable[list[str]]],
+                       key: str | None = None) -> JSONResponse:
+    """Run ``work`` as a job and answer 202 with the job (held until done if the client asks)."""
+    ctx = ctx_of(request)
+    raw = await request.body()
+    job = ctx.jobs.submit(
+        work, user=session.user, base=objects_base(request), url=request.url.path,
+        method=request.method, body=raw.decode("utf-8", "replace"), key=key,
+    )
+    wanted = request.headers.get("response-job-status", "").strip().rstrip(";").strip().lower()
+    if wanted == "completed":
+        try:
+            max_wait = float(request.headers.get("response-max-wait", MAX_RESPONSE_WAIT))
+        except ValueError:
+            max_wait = MAX_RESPONSE_WAIT
+        await ctx.jobs.wait(job, min(max(max_wait, 0.0), MAX_RESPONSE_WAIT))
+    return JSONResponse(job.view(), status_code=202)
+
+
+def sync_work(fn: Callable[[], list[str]]) -> Callable[[], Awaitable[list[str]]]:
+    """Wrap a quick configuration change (an LDEV, a LUN path) as job work."""
+
+    async def work() -> list[str]:
+        return fn()
+
+    return work

@@ -1,0 +1,215 @@
+"""LDEVs: DP volumes whose bytes live in sparse files."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import Field
+
+from vspemu.api.common import Auth, Body, Ctx, data, job_response, sync_work
+from vspemu.context import StorageContext
+from vspemu.errors import VspError
+from vspemu.system.capacity import BLOCK, format_byte_capacity, parse_byte_capacity
+from vspemu.system.storage import MAX_LDEV_ID, Ldev
+
+router = APIRouter(tags=["ldevs"])
+LdevId = Field(default=None, ge=0, le=MAX_LDEV_ID)
+
+
+class LdevCreate(Body):
+    ldevId: int | None = LdevId
+    poolId: int | None = None
+    byteFormatCapacity: str | None = None
+    blockCapacity: int | None = Field(default=None, gt=0)
+    isParallelExecutionEnabled: bool | None = None
+    startLdevId: int | None = LdevId
+    endLdevId: int | None = LdevId
+    dataReductionMode: Literal["disabled", "compression", "compression_deduplication"] | None = None
+    label: str | None = Field(default=None, max_length=32)
+    isDataReductionSharedVolumeEnabled: bool | None = None
+    isCompressionAccelerationEnabled: bool | None = None
+
+
+class LdevUpdate(Body):
+    label: str | None = Field(default=None, max_length=32)
+    dataReductionMode: Literal["disabled", "compression", "compression_deduplication"] | None = None
+    isAluaEnabled: bool | None = None
+
+
+class LdevDelete(Body):
+    isDataReductionDeleteForceExecute: bool | None = None
+
+
+class ExpandParameters(Body):
+    additionalByteFormatCapacity: str | None = None
+    additionalBlockCapacity: int | None = Field(default=None, gt=0)
+    enhancedExpansion: bool | None = None
+
+
+class ExpandBody(Body):
+    parameters: ExpandParameters
+
+
+def undefined_view(ldev_id: int) -> dict[str, Any]:
+    return {"ldevId": ldev_id, "emulationType": "NOT DEFINED", "resourceGroupId": 0, "numOfPorts": 0,
+            "ports": [], "attributes": [], "status": "NML"}
+
+
+def view(ctx: StorageContext, ldev: Ldev) -> dict[str, Any]:
+    system = ctx.system
+    luns = system.ldev_luns(ldev.ldev_id)
+    used_blocks = -(-system.volumes[ldev.ldev_id].allocated_bytes() // BLOCK)
+    ports = [
+        {"portId": lun.port_id, "hostGroupNumber": lun.host_group_number,
+         "hostGroupName": system.host_groups[(lun.port_id, lun.host_group_number)].name, "lun": lun.lun}
+        for lun in luns
+    ]
+    return {
+        "ldevId": ldev.ldev_id,
+        "clprId": 0,
+        "emulationType": "OPEN-V-CVS",
+        "byteFormatCapacity": format_byte_capacity(ldev.size),
+        "blockCapacity": ldev.block_capacity,
+        "numOfPorts": len(ports),
+        "ports": ports,
+        "attributes": ["CVS", "HDP", *ldev.extra_attributes],
+        "label": ldev.label,
+        "status": "NML",
+        "mpBladeId": ldev.ldev_id % 4,
+        "ssid": f"{0x0004 + ldev.ldev_id // 256:04X}",
+        "poolId": ldev.pool_id,
+        "numOfUsedBlock": min(used_blocks, ldev.block_capacity),
+        "isFullAllocationEnabled": False,
+        "resourceGroupId": 0,
+        "dataReductionStatus": "DISABLED" if ldev.data_reduction_mode == "disabled" else "ENABLED",
+        "dataReductionMode": ldev.data_reduction_mode,
+        "isAluaEnabled": False,
+        "naaId": f"60060e80{system.serial:08x}{0:08x}{ldev.ldev_id:08x}",
+    }
+
+
+@router.post("/ldevs")
+async def create_ldev(request: Request, body: LdevCreate, ctx: Ctx, session: Auth) -> JSONResponse:
+    if (body.byteFormatCapacity is None) == (body.blockCapacity is None):
+        raise VspError("MISSING_PARAMETER", attribute="byteFormatCapacity or blockCapacity (exactly one)")
+    if body.poolId is None:
+        raise VspError("MISSING_PARAMETER", attribute="poolId")
+    if body.isParallelExecutionEnabled and body.ldevId is not None:
+        raise VspError("LDEV_ID_EXHAUSTED", cause="ldevId cannot be combined with isParallelExecutionEnabled",
+                       resource="ldevId")
+    if body.byteFormatCapacity is not None:
+        size = parse_byte_capacity(body.byteFormatCapacity)
+    else:
+        assert body.blockCapacity is not None
+        size = body.blockCapacity * BLOCK
+    pool_id = body.poolId
+    ctx.system.check_pool(pool_id)
+
+    def create() -> list[str]:
+        ldev_id = body.ldevId
+        if ldev_id is None and (body.startLdevId is not None or body.endLdevId is not None):
+            ldev_id = ctx.system.free_ldev_id(body.startLdevId or 0, body.endLdevId or MAX_LDEV_ID)
+        ldev = ctx.system.create_ldev(size, pool_id, ldev_id, body.label or "",
+                                      body.dataReductionMode or "disabled")
+        return [f"ldevs/{ldev.ldev_id}"]
+
+    return await job_response(request, session, sync_work(create), key="ldevs")
+
+
+@router.get("/ldevs")
+async def list_ldevs(
+    ctx: Ctx, _s: Auth,
+    ldevOption: Literal["defined", "undefined", "dpVolume", "luMapped", "luUnmapped", "externalVolume",
+                        "mappedNvmSubsystem", "unmappedNvmSubsystem"] | None = None,
+    headLdevId: int = Query(default=0, ge=0, le=MAX_LDEV_ID),
+    count: int = Query(default=100, ge=1, le=16384),
+    poolId: int | None = None,
+    journalId: int | None = Query(default=None, ge=0, le=255),
+    resourceGroupId: int | None = None,
+    detailInfoType: str | None = None,
+) -> dict[str, Any]:
+    system = ctx.system
+    journal_ldevs: set[int] | None = None
+    if journalId is not None:
+        journal_ldevs = set(ctx.journal_ldevs(journalId))
+    filtered = poolId is not None or journal_ldevs is not None or resourceGroupId not in (None, 0)
+    out: list[dict[str, Any]] = []
+    for ldev_id in range(headLdevId, MAX_LDEV_ID + 1):
+        if len(out) >= count:
+            break
+        ldev = system.ldevs.get(ldev_id)
+        if ldev is None:
+            if ldevOption == "undefined" or (ldevOption is None and not filtered):
+                out.append(undefined_view(ldev_id))
+            continue
+        if ldevOption == "undefined" or ldevOption in ("externalVolume", "mappedNvmSubsystem"):
+            continue
+        mapped = bool(system.ldev_luns(ldev_id))
+        if (ldevOption == "luMapped" and not mapped) or (ldevOption == "luUnmapped" and mapped):
+            continue
+        if poolId is not None and ldev.pool_id != poolId:
+            continue
+        if journal_ldevs is not None and ldev_id not in journal_ldevs:
+            continue
+        if resourceGroupId not in (None, 0):
+            continue
+        out.append(view(ctx, ldev))
+    return data(out)
+
+
+@router.get("/ldevs/{ldevId}")
+async def get_ldev(ldevId: int, ctx: Ctx, _s: Auth) -> dict[str, Any]:
+    if not 0 <= ldevId <= MAX_LDEV_ID:
+        raise VspError("INVALID_OBJECT_ID", object_id=ldevId)
+    ldev = ctx.system.ldevs.get(ldevId)
+    return undefined_view(ldevId) if ldev is None else view(ctx, ldev)
+
+
+@router.api_route("/ldevs/{ldevId}", methods=["PATCH", "PUT"])
+async def update_ldev(ldevId: int, request: Request, body: LdevUpdate, ctx: Ctx, session: Auth) -> JSONResponse:
+    ctx.system.get_ldev(ldevId)
+
+    def update() -> list[str]:
+        if body.label is not None:
+            ctx.system.set_label(ldevId, body.label)
+        if body.dataReductionMode is not None:
+            ldev = ctx.system.get_ldev(ldevId)
+            ldev.data_reduction_mode = body.dataReductionMode
+            ctx.system.save_ldev(ldev)
+        return [f"ldevs/{ldevId}"]
+
+    return await job_response(request, session, sync_work(update), key=f"ldev:{ldevId}")
+
+
+@router.delete("/ldevs/{ldevId}")
+async def delete_ldev(ldevId: int, request: Request, ctx: Ctx, session: Auth,
+                      body: LdevDelete | None = None) -> JSONResponse:
+    ctx.system.get_ldev(ldevId)
+
+    def delete() -> list[str]:
+        ctx.system.delete_ldev(ldevId)
+        return [f"ldevs/{ldevId}"]
+
+    return await job_response(request, session, sync_work(delete), key=f"ldev:{ldevId}")
+
+
+@router.api_route("/ldevs/{ldevId}/actions/expand/invoke", methods=["POST", "PUT"])
+async def expand_ldev(ldevId: int, request: Request, body: ExpandBody, ctx: Ctx, session: Auth) -> JSONResponse:
+    ctx.system.get_ldev(ldevId)
+    p = body.parameters
+    if (p.additionalByteFormatCapacity is None) == (p.additionalBlockCapacity is None):
+        raise VspError("MISSING_PARAMETER",
+                       attribute="additionalByteFormatCapacity or additionalBlockCapacity (exactly one)")
+    if p.additionalByteFormatCapacity is not None:
+        extra = parse_byte_capacity(p.additionalByteFormatCapacity, "additionalByteFormatCapacity")
+    else:
+        assert p.additionalBlockCapacity is not None
+        extra = p.additionalBlockCapacity * BLOCK
+
+    def expand() -> list[str]:
+        ctx.system.expand_ldev(ldevId, extra)
+        return [f"ldevs/{ldevId}"]
+
+    return await job_response(request, session, sync_work(expand), key=f"ldev:{ldevId}")

@@ -1,0 +1,125 @@
+"""The ``vspemu`` command: run storage systems (``serve``, ``up``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER, storage_device_id
+
+app = typer.Typer(help="vspemu: Hitachi VSP storage systems in software, with TrueCopy and Universal "
+                       "Replicator.", no_args_is_help=True, add_completion=False)
+console = Console()
+
+LAB = [  # (role, serial, REST port, NBD port)
+    ("primary", 410001, 8443, 10809),
+    ("secondary", 410002, 8444, 10810),
+]
+
+
+@app.command()
+def serve(
+    serial: Annotated[int, typer.Option(help="Serial number of this storage system.")],
+    data_dir: Annotated[Path, typer.Option(help="Where configuration and volume data live.")],
+    rest_port: Annotated[int, typer.Option(help="HTTPS port of the REST API.")] = 8443,
+    rest_host: Annotated[str, typer.Option(help="Address the REST API listens on.")] = "127.0.0.1",
+    nbd_port: Annotated[int, typer.Option(help="NBD port for host I/O (0 = off).")] = 10809,
+    nbd_host: Annotated[str, typer.Option(help="Address the NBD server listens on.")] = "127.0.0.1",
+    model: Annotated[str, typer.Option(help="Model name, e.g. 'VSP 5500H'.")] = "VSP 5500H",
+    user: Annotated[str, typer.Option(help="Account created at first start.")] = DEFAULT_USER,
+    password: Annotated[str, typer.Option(help="Password of that account (stored hashed).")] = DEFAULT_PASSWORD,
+    cert: Annotated[Path | None, typer.Option(help="TLS certificate (default: self-signed, made once).")] = None,
+    key: Annotated[Path | None, typer.Option(help="TLS private key for --cert.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Run one storage system in this process."""
+    from vspemu.server import ServerConfig, run
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if (cert is None) != (key is None):
+        raise typer.BadParameter("--cert and --key go together")
+    run(ServerConfig(serial=serial, data_dir=data_dir, rest_host=rest_host, rest_port=rest_port,
+                     nbd_host=nbd_host, nbd_port=nbd_port or None, model=model, user=user, password=password,
+                     cert=cert, key=key))
+
+
+def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+@app.command()
+def up(
+    data_dir: Annotated[Path, typer.Option(help="Data directory of the lab.")] = Path("vspemu-data"),
+    model: Annotated[str, typer.Option(help="Model of both systems.")] = "VSP 5500H",
+    host: Annotated[str, typer.Option(help="Address every service listens on.")] = "127.0.0.1",
+) -> None:
+    """Run the two-system lab (primary 410001 on :8443, secondary 410002 on :8444) until Ctrl-C."""
+    procs: list[subprocess.Popen[bytes]] = []
+    table = Table(title="vspemu lab")
+    for col in ("role", "storageDeviceId", "REST", "host I/O (NBD)", "account", "data"):
+        table.add_column(col)
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        for role, serial, rest_port, nbd_port in LAB:
+            d = data_dir / str(serial)
+            cmd = [sys.executable, "-m", "vspemu", "serve", "--serial", str(serial), "--data-dir", str(d),
+                   "--rest-port", str(rest_port), "--rest-host", host, "--nbd-port", str(nbd_port),
+                   "--nbd-host", host, "--model", model, "--log-level", "warning"]
+            procs.append(subprocess.Popen(cmd, start_new_session=True))
+            if not _wait_port(host, rest_port, procs[-1]):
+                console.print(f"[red]the {role} system did not start (port {rest_port} in use?)[/red]")
+                raise typer.Exit(1)
+            table.add_row(role, storage_device_id(model, serial), f"https://{host}:{rest_port}",
+                          f"nbd://{host}:{nbd_port}/<ldevId>", f"{DEFAULT_USER} / {DEFAULT_PASSWORD}", str(d))
+        console.print(table)
+        console.print("Press Ctrl-C to stop both systems.")
+        while not stopping:
+            for p in procs:
+                if p.poll() is not None:
+                    console.print(f"[red]a storage system exited with code {p.returncode}[/red]")
+                    stopping = True
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        console.print("lab stopped")
+    if any(p.returncode not in (0, -signal.SIGTERM) for p in procs):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

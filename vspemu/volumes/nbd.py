@@ -1,0 +1,553 @@
+"""The NBD server: host I/O to LDEVs (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md).
+
+Export names are LDEV ids in decimal. Fixed newstyle handshake only (``NBD_FLAG_C_NO_ZEROES`` accepted);
+options ``EXPORT_NAME``, ``GO``, ``INFO`` (``NBD_INFO_EXPORT``, ``NBD_INFO_NAME``, ``NBD_INFO_BLOCK_SIZE``),
+``LIST`` and ``ABORT``; anything else is answered ``NBD_REP_ERR_UNSUP`` (so simple replies only). Commands
+``READ``, ``WRITE`` (``FUA``), ``FLUSH``, ``TRIM``, ``WRITE_ZEROES`` and ``DISC``; the export advertises
+``SEND_FLUSH | SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES | CAN_MULTI_CONN``.
+
+Each connection is one :class:`asyncio.BufferedProtocol`. Requests are parsed straight out of a fixed
+receive buffer; a large WRITE payload is received directly into a pooled buffer (one copy from the socket,
+one into the page cache). Reads, and writes to an unpaired volume, complete synchronously inside the
+receive callback (``Volume.write`` is driven by hand until it finishes or first suspends), so the hot path
+creates no task. Anything that suspends (FLUSH, FUA, a replicator) continues as a task while the next
+requests are read; its reply is sent when it finishes (replies may come out of order, as NBD allows).
+
+Memory bound: a connection stops reading from its socket while the payload of its unfinished writes plus
+its unsent reply bytes reach ``INFLIGHT_LIMIT`` (32 MiB); at most one more request (``MAX_REQUEST``, 32 MiB)
+can be accepted beyond that, so a connection holds at most 64 MiB of request/reply data plus its 256 KiB
+receive buffer, whatever the client does. Free payload buffers are pooled server-wide up to 64 MiB.
+
+Durability: a WRITE/TRIM/WRITE_ZEROES with ``FUA`` and every FLUSH are answered only after
+``Volume.flush`` (fdatasync) returned. One flush covers all connections (one file per LDEV), hence
+``CAN_MULTI_CONN``.
+
+Errors: ``WriteRefused`` -> ``NBD_EPERM``, ``VolumeIOError`` and other I/O errors -> ``NBD_EIO``, a range
+past the end -> ``NBD_EINVAL`` (``NBD_ENOSPC`` for WRITE / WRITE_ZEROES), unknown command -> ``NBD_EINVAL``.
+A bad request magic or a broken handshake closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import struct
+import sys
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from typing import Any, cast
+
+from vspemu.volumes.volume import Volume, VolumeIOError, WriteRefused
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 32 << 20  # largest READ / WRITE payload accepted
+INFLIGHT_LIMIT = 32 << 20  # per connection: unfinished write payload + unsent replies before we stop reading
+POOL_LIMIT = 64 << 20  # server-wide: free payload buffers kept for reuse
+RX_SIZE = 256 << 10  # per connection receive buffer (headers, options, small payloads)
+SMALL_WRITE = 64 << 10  # payloads up to this size are taken from the receive buffer (copied)
+MAX_OPTION = 64 << 10  # largest option payload accepted during the handshake
+
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+REPLY_MAGIC_OPT = 0x0003E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+
+FLAG_FIXED_NEWSTYLE = 1
+FLAG_NO_ZEROES = 2
+
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_LIST = 3
+OPT_INFO = 6
+OPT_GO = 7
+
+REP_ACK = 1
+REP_SERVER = 2
+REP_INFO = 3
+REP_ERR_UNSUP = (1 << 31) + 1
+REP_ERR_INVALID = (1 << 31) + 3
+REP_ERR_UNKNOWN = (1 << 31) + 6
+
+INFO_EXPORT = 0
+INFO_NAME = 1
+INFO_BLOCK_SIZE = 3
+
+TF_HAS_FLAGS = 1 << 0
+TF_SEND_FLUSH = 1 << 2
+TF_SEND_FUA = 1 << 3
+TF_SEND_TRIM = 1 << 5
+TF_SEND_WRITE_ZEROES = 1 << 6
+TF_CAN_MULTI_CONN = 1 << 8
+TRANSMISSION_FLAGS = (
+    TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_CAN_MULTI_CONN
+)
+
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_TRIM = 4
+CMD_WRITE_ZEROES = 6
+CMD_FLAG_FUA = 1 << 0
+
+NBD_EPERM = 1
+NBD_EIO = 5
+NBD_EINVAL = 22
+NBD_ENOSPC = 28
+
+_REQ = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length (28 bytes)
+_REPLY = struct.Struct(">IIQ")  # magic, error, handle (16 bytes)
+_OPT = struct.Struct(">QII")  # IHAVEOPT, option, length
+_OPT_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_GREETING = struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+
+_CLIENT_FLAGS, _OPTIONS, _TRANSMISSION, _DONE = range(4)
+
+
+def _nbd_errno(exc: BaseException) -> int:
+    if isinstance(exc, WriteRefused):
+        return NBD_EPERM
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return NBD_ENOSPC
+    if not isinstance(exc, VolumeIOError | OSError):
+        log.exception("NBD request failed", exc_info=exc)
+    return NBD_EIO
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Go on awaiting ``coro``, which was stepped by hand and yielded ``yielded`` (a future)."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:  # a cancellation: hand it to the coroutine
+            step, arg = coro.throw, exc
+        else:
+            step, arg = coro.send, sent
+        try:
+            yielded = step(arg)
+        except StopIteration as stop:
+            return stop.value
+
+
+class _BufferPool:
+    """Power-of-two sized bytearrays for WRITE payloads.
+
+    A returned buffer is handed out again only if nothing references it any more (a replicator may keep a
+    view of the data after answering); the check is made in :meth:`get`, when no request frame holds it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._bytes = 0
+        self._limit = limit
+
+    def get(self, length: int) -> bytearray:
+        size = 1 << max(length - 1, 0).bit_length()
+        free = self._free.get(size)
+        while free:
+            buf = free.pop()
+            self._bytes -= size
+            if sys.getrefcount(buf) == 2:  # our variable and getrefcount's argument
+                return buf
+        return bytearray(size)
+
+    def put(self, buf: bytearray) -> None:
+        if self._bytes + len(buf) <= self._limit:
+            self._bytes += len(buf)
+            self._free.setdefault(len(buf), []).append(buf)
+
+
+class _Connection(asyncio.BufferedProtocol):
+    def __init__(self, server: NbdServer) -> None:
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._rx = bytearray(RX_SIZE)
+        self._rxv = memoryview(self._rx)
+        self._start = 0  # unparsed bytes are self._rx[self._start:self._end]
+        self._end = 0
+        self._phase = _CLIENT_FLAGS
+        self._no_zeroes = False
+        self._volume: Volume | None = None
+        # a large WRITE payload being received directly into a pooled buffer
+        self._payload: bytearray | None = None
+        self._payload_view: memoryview | None = None
+        self._payload_got = 0
+        self._payload_req: tuple[int, int, int] = (0, 0, 0)  # flags, handle, offset
+        self._skip = 0  # payload bytes of a refused WRITE still to be discarded
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending = 0  # payload bytes of unfinished writes
+        self._paused = False
+        self._parsing = False
+        self._closed = False
+
+    # -- asyncio callbacks ----------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self._transport = transport
+        transport.set_write_buffer_limits(high=INFLIGHT_LIMIT // 2, low=INFLIGHT_LIMIT // 8)
+        self._server._connections.add(self)
+        transport.write(_GREETING)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._phase = _DONE
+        self._server._connections.discard(self)
+        self._payload = self._payload_view = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._payload_view is not None:
+            return self._payload_view[self._payload_got :]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif RX_SIZE - self._end < SMALL_WRITE + _REQ.size:
+            n = self._end - self._start
+            self._rx[:n] = bytes(self._rxv[self._start : self._end])
+            self._start, self._end = 0, n
+        return self._rxv[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._payload_view is not None:
+            self._payload_got += nbytes
+            if self._payload_got < len(self._payload_view):
+                return
+            buf, view = self._payload, self._payload_view
+            self._payload = self._payload_view = None
+            flags, handle, offset = self._payload_req
+            assert buf is not None
+            self._write(flags, handle, offset, view, buf)
+            del view, buf
+        else:
+            self._end += nbytes
+        self._parse()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport
+
+    def pause_writing(self) -> None:
+        pass  # the unsent reply bytes are counted by _parse, which stops reading
+
+    def resume_writing(self) -> None:
+        self._maybe_resume()
+
+    # -- parsing ---------------------------------------------------------------------------------------
+    def _parse(self) -> None:
+        if self._parsing or self._paused:
+            return
+        self._parsing = True
+        try:
+            if self._phase < _TRANSMISSION:
+                self._handshake()
+            if self._phase == _TRANSMISSION:
+                self._requests()
+        finally:
+            self._parsing = False
+
+    def _requests(self) -> None:
+        rx, rxv = self._rx, self._rxv
+        transport = self._transport
+        assert transport is not None
+        while self._phase == _TRANSMISSION:
+            start, end = self._start, self._end
+            if self._skip:
+                n = min(self._skip, end - start)
+                self._skip -= n
+                self._start = start + n
+                if self._skip:
+                    return
+                continue
+            if end - start < 28:
+                return
+            if self._pending + transport.get_write_buffer_size() >= INFLIGHT_LIMIT:
+                self._paused = True
+                transport.pause_reading()
+                return
+            magic, flags, cmd, handle, offset, length = _REQ.unpack_from(rx, start)
+            if magic != REQUEST_MAGIC:
+                log.info("NBD: bad request magic %#x, closing the connection", magic)
+                self._close()
+                return
+            if cmd == CMD_WRITE:
+                if length > MAX_REQUEST:
+                    self._reply(handle, NBD_EINVAL)
+                    self._start = start + 28
+                    self._skip = length
+                    continue
+                total = 28 + length
+                if end - start >= total:
+                    self._start = start + total
+                    self._write(flags, handle, offset, bytes(rxv[start + 28 : start + total]), None)
+                elif length <= SMALL_WRITE:
+                    return  # wait for the rest (get_buffer keeps room for it)
+                else:  # receive the payload directly into its own buffer
+                    buf = self._server._pool.get(length)
+                    view = memoryview(buf)[:length]
+                    have = end - start - 28
+                    view[:have] = rxv[start + 28 : end]
+                    self._payload, self._payload_view, self._payload_got = buf, view, have
+                    self._payload_req = (flags, handle, offset)
+                    self._start = self._end = 0
+                    return
+            else:
+                self._start = start + 28
+                self._command(flags, cmd, handle, offset, length)
+
+    def _command(self, flags: int, cmd: int, handle: int, offset: int, length: int) -> None:
+        volume = self._volume
+        assert volume is not None
+        if cmd == CMD_READ:
+            if length > MAX_REQUEST or not volume.check_range(offset, length):
+                self._reply(handle, NBD_EINVAL)
+                return
+            try:
+                data = volume.read(offset, length)
+                if len(data) != length:
+                    raise VolumeIOError(f"short read at {offset}")
+            except Exception as exc:
+                self._reply(handle, _nbd_errno(exc))
+                return
+            if not self._closed:
+                assert self._transport is not None
+                self._transport.writelines((_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), data))
+        elif cmd == CMD_FLUSH:
+            self._run(volume.flush(), handle, 0, None)
+        elif cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES:
+            if not volume.check_range(offset, length):
+                self._reply(handle, NBD_ENOSPC if cmd == CMD_WRITE_ZEROES else NBD_EINVAL)
+                return
+            fua = bool(flags & CMD_FLAG_FUA)
+            self._run(volume.discard(offset, length, cmd == CMD_WRITE_ZEROES, fua), handle, 0, None)
+        elif cmd == CMD_DISC:
+            self._phase = _DONE
+            if not self._tasks:
+                self._close()
+        else:
+            self._reply(handle, NBD_EINVAL)
+
+    def _write(
+        self, flags: int, handle: int, offset: int, data: bytes | memoryview, buf: bytearray | None
+    ) -> None:
+        volume = self._volume
+        assert volume is not None
+        if not volume.check_range(offset, len(data)):
+            self._reply(handle, NBD_ENOSPC)
+        else:
+            self._run(volume.write(offset, data, bool(flags & CMD_FLAG_FUA)), handle, len(data), buf)
+            return
+        del data
+        if buf is not None:
+            self._server._pool.put(buf)
+
+    def _run(self, coro: Coroutine[Any, Any, None], handle: int, nbytes: int, buf: bytearray | None) -> None:
+        """Run a volume operation; answer now if it completes without suspending, else from a task."""
+        volume = self._volume
+        assert volume is not None
+        awaitable: Awaitable[None]
+        if volume.replicator is None:
+            # No replicator: the operation is synchronous unless it flushes. Step it here, which saves a
+            # task and a loop iteration per request. (Paired volumes always get a real task, so replicators
+            # may rely on asyncio.current_task(), e.g. for asyncio.timeout().)
+            try:
+                yielded = coro.send(None)
+            except StopIteration:
+                self._reply(handle, 0)
+                if buf is not None:
+                    del coro
+                    self._server._pool.put(buf)
+                return
+            except Exception as exc:
+                self._reply(handle, _nbd_errno(exc))
+                if buf is not None:
+                    del coro
+                    self._server._pool.put(buf)
+                return
+            awaitable = _resume(coro, yielded)
+        else:
+            awaitable = coro
+        self._pending += nbytes
+        task = self._loop.create_task(self._finish(awaitable, handle, nbytes, buf))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _finish(
+        self, awaitable: Awaitable[None], handle: int, nbytes: int, buf: bytearray | None
+    ) -> None:
+        try:
+            await awaitable
+            err = 0
+        except Exception as exc:
+            err = _nbd_errno(exc)
+        del awaitable
+        self._pending -= nbytes
+        self._reply(handle, err)
+        if buf is not None:
+            self._server._pool.put(buf)
+        if self._phase == _DONE and len(self._tasks) <= 1:  # DISC received: close after the last reply
+            self._close()
+        else:
+            self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        transport = self._transport
+        if not self._paused or self._closed or transport is None:
+            return
+        if self._pending + transport.get_write_buffer_size() < INFLIGHT_LIMIT:
+            self._paused = False
+            transport.resume_reading()
+            self._parse()  # requests already in the receive buffer
+
+    def _reply(self, handle: int, error: int) -> None:
+        if not self._closed:
+            assert self._transport is not None
+            self._transport.write(_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle))
+
+    def _close(self) -> None:
+        self._phase = _DONE
+        if self._transport is not None and not self._closed:
+            self._transport.close()
+
+    # -- handshake ------------------------------------------------------------------------------------
+    def _handshake(self) -> None:
+        rx = self._rx
+        while self._phase < _TRANSMISSION:
+            start, avail = self._start, self._end - self._start
+            if self._phase == _CLIENT_FLAGS:
+                if avail < 4:
+                    return
+                (cflags,) = _U32.unpack_from(rx, start)
+                self._start = start + 4
+                if cflags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES):
+                    self._close()
+                    return
+                self._no_zeroes = bool(cflags & FLAG_NO_ZEROES)
+                self._phase = _OPTIONS
+                continue
+            if avail < 16:
+                return
+            magic, option, length = _OPT.unpack_from(rx, start)
+            if magic != IHAVEOPT or length > MAX_OPTION:
+                self._close()
+                return
+            if avail < 16 + length:
+                return
+            data = bytes(rx[start + 16 : start + 16 + length])
+            self._start = start + 16 + length
+            self._option(option, data)
+
+    def _option(self, option: int, data: bytes) -> None:
+        if option == OPT_EXPORT_NAME:
+            volume = self._lookup(data.decode("utf-8", "replace"))
+            if volume is None:  # no way to report an error to this option
+                self._close()
+                return
+            reply = struct.pack(">QH", volume.size, TRANSMISSION_FLAGS)
+            self._send(reply if self._no_zeroes else reply + bytes(124))
+            self._start_transmission(volume)
+        elif option == OPT_ABORT:
+            self._opt_reply(option, REP_ACK)
+            self._close()
+        elif option == OPT_LIST:
+            if data:
+                self._opt_reply(option, REP_ERR_INVALID, b"LIST takes no data")
+                return
+            try:
+                names = self._server._list_exports()
+            except Exception:
+                log.exception("NBD: list_exports failed")
+                names = []
+            for name in names:
+                raw = name.encode()
+                self._opt_reply(option, REP_SERVER, _U32.pack(len(raw)) + raw)
+            self._opt_reply(option, REP_ACK)
+        elif option == OPT_INFO or option == OPT_GO:
+            self._info_or_go(option, data)
+        else:
+            self._opt_reply(option, REP_ERR_UNSUP, b"option not supported")
+
+    def _info_or_go(self, option: int, data: bytes) -> None:
+        if len(data) < 6:
+            self._opt_reply(option, REP_ERR_INVALID, b"option too short")
+            return
+        (name_len,) = _U32.unpack_from(data, 0)
+        if 4 + name_len + 2 > len(data):
+            self._opt_reply(option, REP_ERR_INVALID, b"bad name length")
+            return
+        raw_name = data[4 : 4 + name_len]
+        (n_info,) = _U16.unpack_from(data, 4 + name_len)
+        if 4 + name_len + 2 + 2 * n_info != len(data):
+            self._opt_reply(option, REP_ERR_INVALID, b"bad information request count")
+            return
+        requests = struct.unpack_from(f">{n_info}H", data, 6 + name_len)
+        name = raw_name.decode("utf-8", "replace")
+        volume = self._lookup(name)
+        if volume is None:
+            self._opt_reply(option, REP_ERR_UNKNOWN, f"no such export: {name!r}".encode())
+            return
+        self._opt_reply(option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, volume.size, TRANSMISSION_FLAGS))
+        if INFO_NAME in requests:
+            self._opt_reply(option, REP_INFO, _U16.pack(INFO_NAME) + raw_name)
+        self._opt_reply(option, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096, MAX_REQUEST))
+        self._opt_reply(option, REP_ACK)
+        if option == OPT_GO:
+            self._start_transmission(volume)
+
+    def _lookup(self, name: str) -> Volume | None:
+        try:
+            return self._server._lookup(name)
+        except Exception:
+            log.exception("NBD: export lookup failed for %r", name)
+            return None
+
+    def _start_transmission(self, volume: Volume) -> None:
+        self._volume = volume
+        self._phase = _TRANSMISSION
+
+    def _opt_reply(self, option: int, reply: int, data: bytes = b"") -> None:
+        self._send(_OPT_REPLY.pack(REPLY_MAGIC_OPT, option, reply, len(data)) + data)
+
+    def _send(self, data: bytes) -> None:
+        if not self._closed:
+            assert self._transport is not None
+            self._transport.write(data)
+
+
+class NbdServer:
+    """Serves LDEVs over NBD; the export name is the LDEV id in decimal."""
+
+    def __init__(self, lookup: Callable[[str], Volume | None], list_exports: Callable[[], list[str]]) -> None:
+        self._lookup = lookup
+        self._list_exports = list_exports
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[_Connection] = set()
+        self._pool = _BufferPool(POOL_LIMIT)
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful after ``start(host, 0)``)."""
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host, port, reuse_address=True, backlog=128
+        )
+
+    async def close(self) -> None:
+        """Stop listening, close every connection and let volume operations already started finish."""
+        if self._server is not None:
+            self._server.close()
+        tasks = [t for c in self._connections for t in c._tasks]
+        for conn in list(self._connections):
+            conn._close()
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None

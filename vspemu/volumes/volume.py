@@ -1,0 +1,209 @@
+"""File-backed LDEVs: the bytes of one volume live in one sparse file.
+
+Every host write passes one gate and one hook (see docs/architecture.md):
+
+* the *gate* (:attr:`Volume.write_gate`) answers "may this volume be written now?"; it raises
+  :class:`WriteRefused` (NBD answers ``NBD_EPERM``) for an S-VOL in PAIR or a fenced P-VOL;
+* the *replicator* (:attr:`Volume.replicator`), when the volume is in a pair, takes over the write and
+  decides who else must see it (TC: forward and wait; UR: journal; suspended: mark the bitmap). It calls
+  :meth:`Volume.write_local` for the local part.
+
+With no gate and no replicator (an unpaired volume) a write is a plain ``os.pwrite``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+BLOCK = 512
+SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+class WriteRefused(Exception):
+    """The volume may not be written now (S-VOL of an active pair, fenced P-VOL, journal volume)."""
+
+
+class VolumeIOError(Exception):
+    """A write could not be made safe (e.g. a TC pair with fence DATA lost its S-VOL)."""
+
+
+class Replicator(Protocol):
+    async def write(self, volume: Volume, offset: int, data: bytes | memoryview, fua: bool) -> None: ...
+
+    async def discard(self, volume: Volume, offset: int, length: int, zero: bool, fua: bool) -> None: ...
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a byte range (it then reads as zeros)."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS):  # filesystem cannot punch: write zeros instead
+            _write_zeros(fd, offset, length)
+            return
+        raise OSError(err, os.strerror(err))
+
+
+def _write_zeros(fd: int, offset: int, length: int) -> None:
+    chunk = bytes(min(length, 1 << 20))
+    while length > 0:
+        n = min(length, len(chunk))
+        os.pwrite(fd, chunk[:n], offset)
+        offset += n
+        length -= n
+
+
+class Volume:
+    """The data of one LDEV: a sparse file of ``size`` bytes."""
+
+    def __init__(self, ldev_id: int, path: Path, size: int) -> None:
+        self.ldev_id = ldev_id
+        self.path = path
+        self.size = size
+        self._fd: int | None = None
+        self.write_gate: Callable[[Volume], None] | None = None
+        self.replicator: Replicator | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, ldev_id: int, path: Path, size: int) -> Volume:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(path.parent)
+        return cls(ldev_id, path, size)
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def resize(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        os.fsync(self.fd)
+        self.size = size
+
+    def remove(self) -> None:
+        self.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        _fsync_dir(self.path.parent)
+
+    # -- host I/O -----------------------------------------------------------------------------------
+    def check_range(self, offset: int, length: int) -> bool:
+        return 0 <= offset and 0 <= length and offset + length <= self.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def check_writable(self) -> None:
+        gate = self.write_gate
+        if gate is not None:
+            gate(self)
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        """A host write: gate, then the replicator (if paired) or the local write."""
+        gate = self.write_gate
+        if gate is not None:
+            gate(self)
+        rep = self.replicator
+        if rep is None:
+            self.write_local(offset, data)
+            if fua:
+                await self.flush()
+        else:
+            await rep.write(self, offset, data, fua)
+
+    async def discard(self, offset: int, length: int, zero: bool = True, fua: bool = False) -> None:
+        """TRIM or WRITE_ZEROES: the range reads as zeros afterwards (we never leave stale data)."""
+        gate = self.write_gate
+        if gate is not None:
+            gate(self)
+        rep = self.replicator
+        if rep is None:
+            self.discard_local(offset, length)
+            if fua:
+                await self.flush()
+        else:
+            await rep.discard(self, offset, length, zero, fua)
+
+    def write_local(self, offset: int, data: bytes | memoryview) -> None:
+        fd = self.fd
+        n = os.pwrite(fd, data, offset)
+        while n < len(data):  # short writes are rare on regular files, but possible
+            n += os.pwrite(fd, memoryview(data)[n:], offset + n)
+
+    def discard_local(self, offset: int, length: int) -> None:
+        punch_hole(self.fd, offset, length)
+
+    def flush_sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    async def flush(self) -> None:
+        await asyncio.to_thread(os.fdatasync, self.fd)
+
+    # -- what holds data ----------------------------------------------------------------------------
+    def allocated_bytes(self) -> int:
+        try:
+            return os.stat(self.path).st_blocks * 512
+        except FileNotFoundError:
+            return 0
+
+    def data_extents(self, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+        """The (offset, length) ranges that hold data, found with SEEK_DATA / SEEK_HOLE."""
+        end = self.size if end is None else min(end, self.size)
+        out: list[tuple[int, int]] = []
+        fd = self.fd
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            if data >= end:
+                break
+            hole = os.lseek(fd, data, SEEK_HOLE)
+            hole = min(hole, end)
+            out.append((data, hole - data))
+            pos = hole
+        return out
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
