@@ -58,7 +58,8 @@ async def serve(cfg: ServerConfig) -> None:
     app = create_app(ctx)
     config = uvicorn.Config(app, host=cfg.rest_host, port=cfg.rest_port, ssl_certfile=str(cert),
                             ssl_keyfile=str(key), log_level="warning", access_log=False,
-                            lifespan="off", timeout_keep_alive=30)
+                            lifespan="off", timeout_keep_alive=30,
+                            timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     nbd = None
     if cfg.nbd_port is not None:

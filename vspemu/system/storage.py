@@ -116,6 +116,11 @@ class Port:
     wwn: str = ""
 
 
+def check_ldev_size(size: int) -> None:
+    if not 0 < size <= MAX_LDEV_BYTES:
+        raise invalid("capacity", size, "Specify a capacity from 1 block to 256 TiB for a DP volume.")
+
+
 class StorageSystem:
     """The configuration of one storage system and the volumes it holds."""
 
@@ -219,8 +224,7 @@ class StorageSystem:
             raise invalid("ldevId", ldev_id, f"Specify a value from 0 to {MAX_LDEV_ID}.")
         elif ldev_id in self.ldevs:
             raise VspError("ALREADY_EXISTS", object_id=f"ldev {ldev_id}")
-        if size > MAX_LDEV_BYTES:
-            raise invalid("capacity", size, "The capacity exceeds the maximum for a DP volume (256 TiB).")
+        check_ldev_size(size)
         ldev = Ldev(ldev_id, pool_id, size // BLOCK, label, data_reduction_mode)
         vol = Volume.create(ldev_id, self._ldev_path(ldev_id), ldev.size)
         try:
@@ -263,8 +267,7 @@ class StorageSystem:
         if additional_bytes <= 0:
             raise invalid("additionalByteFormatCapacity", additional_bytes, "Specify a positive capacity.")
         new_size = ldev.size + additional_bytes
-        if new_size > MAX_LDEV_BYTES:
-            raise invalid("capacity", new_size, "The capacity exceeds the maximum for a DP volume (256 TiB).")
+        check_ldev_size(new_size)
         self.volumes[ldev_id].resize(new_size)
         ldev.block_capacity = new_size // BLOCK
         self.save_ldev(ldev)

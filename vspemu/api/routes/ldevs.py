@@ -12,7 +12,7 @@ from vspemu.api.common import Auth, Body, Ctx, data, job_response, sync_work
 from vspemu.context import StorageContext
 from vspemu.errors import VspError
 from vspemu.system.capacity import BLOCK, format_byte_capacity, parse_byte_capacity
-from vspemu.system.storage import MAX_LDEV_ID, Ldev
+from vspemu.system.storage import MAX_LDEV_ID, Ldev, check_ldev_size
 
 router = APIRouter(tags=["ldevs"])
 LdevId = Field(default=None, ge=0, le=MAX_LDEV_ID)
@@ -104,6 +104,7 @@ async def create_ldev(request: Request, body: LdevCreate, ctx: Ctx, session: Aut
     else:
         assert body.blockCapacity is not None
         size = body.blockCapacity * BLOCK
+    check_ldev_size(size)
     pool_id = body.poolId
     ctx.system.check_pool(pool_id)
 

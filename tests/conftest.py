@@ -1,0 +1,45 @@
+"""Fixtures: real storage-system processes over HTTPS on free ports, each with its own data dir."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from vspemu.client import VspClient
+from vspemu.lab import SystemProcess
+
+_serials = itertools.count(420001)
+
+MakeSystem = Callable[..., SystemProcess]
+
+
+@pytest.fixture
+def make_system(tmp_path: Path) -> Iterator[MakeSystem]:
+    """Start storage systems: ``make_system()`` or ``make_system(serial=410001)``; all stop at the end."""
+    started: list[SystemProcess] = []
+
+    def make(serial: int | None = None, **kwargs: object) -> SystemProcess:
+        serial = serial or next(_serials)
+        proc = SystemProcess(tmp_path / f"sys-{serial}", serial, **kwargs)  # type: ignore[arg-type]
+        started.append(proc)
+        return proc.start()
+
+    yield make
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def system(make_system: MakeSystem) -> SystemProcess:
+    """One running storage system."""
+    return make_system()
+
+
+@pytest.fixture
+def api(system: SystemProcess) -> Iterator[VspClient]:
+    """A logged-in SDK client of ``system``."""
+    with system.client() as c:
+        yield c

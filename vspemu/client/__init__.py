@@ -1,0 +1,207 @@
+"""The vspemu Python SDK: talk to a storage system's REST API (vspemu or a real VSP) the way clients do.
+
+>>> from vspemu.client import VspClient
+>>> with VspClient("https://127.0.0.1:8443") as p:          # logs in with the default account
+...     ldev = p.create_ldev("1G")                            # POST ldevs, waits for the job
+...     p.add_lun(ldev)                                       # map it so hosts see it over NBD
+...     print(p.get(f"ldevs/{ldev}")["byteFormatCapacity"])
+
+Every error the array answers becomes :class:`ApiError`, carrying the array's ``messageId``. A job that
+ends in ``Failed`` raises :class:`JobFailed` (an ApiError) with the job's error body.
+"""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER
+
+__all__ = ["ApiError", "JobFailed", "VspClient"]
+
+
+class ApiError(Exception):
+    """An error answer of the array (HTTP status >= 400) or a failed job."""
+
+    def __init__(self, status: int, body: dict[str, Any] | None, text: str = "") -> None:
+        self.status = status
+        self.body = body or {}
+        self.message_id: str = self.body.get("messageId", "")
+        self.message: str = self.body.get("message", text)
+        super().__init__(f"{status} {self.message_id} {self.message}".strip())
+
+
+class JobFailed(ApiError):
+    """A job that completed with state Failed; ``job`` is the whole job record."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.job = job
+        super().__init__(0, job.get("error"))
+
+
+class VspClient:
+    """A logged-in REST client for one storage system.
+
+    ``scoped=True`` sends object requests in the storage-scoped form
+    (``/v1/objects/storages/{storageDeviceId}/...``), as cinder does; the default is the short form, as
+    the Ansible collection uses.
+    """
+
+    def __init__(self, base_url: str, user: str = DEFAULT_USER, password: str = DEFAULT_PASSWORD, *,
+                 verify: bool = False, timeout: float = 60.0, login: bool = True, scoped: bool = False,
+                 alive_time: int | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.user = user
+        self.password = password
+        self.http = httpx.Client(base_url=f"{self.base_url}/ConfigurationManager", verify=verify,
+                                 timeout=timeout)
+        self.token: str | None = None
+        self.session_id: int | None = None
+        self.scoped = scoped
+        self._device_id: str | None = None
+        if login:
+            self.login(alive_time)
+
+    # -- plumbing -----------------------------------------------------------------------------------
+    def __enter__(self) -> VspClient:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if self.token is not None:
+                self.logout()
+        except (httpx.HTTPError, ApiError):
+            pass
+        self.http.close()
+
+    @property
+    def storage_device_id(self) -> str:
+        if self._device_id is None:
+            self._device_id = self.get("storages")["data"][0]["storageDeviceId"]
+        return self._device_id
+
+    def objects_path(self, path: str) -> str:
+        path = path.lstrip("/")
+        if self.scoped and not path.startswith("storages"):
+            return f"v1/objects/storages/{self.storage_device_id}/{path}"
+        return f"v1/objects/{path}"
+
+    def headers(self, remote: VspClient | None = None, nowait: bool = False,
+                wait_completed: bool = False) -> dict[str, str]:
+        h = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.token:
+            h["Authorization"] = f"Session {self.token}"
+        if remote is not None and remote.token:
+            h["Remote-Authorization"] = f"Session {remote.token}"
+        if nowait:
+            h["Job-Mode-Wait-Configuration-Change"] = "NoWait"
+        if wait_completed:
+            h["Response-Job-Status"] = "Completed"
+        return h
+
+    def raw(self, method: str, url: str, *, json: Any = None, content: bytes | None = None,
+            headers: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> httpx.Response:
+        """Send a request to a path below /ConfigurationManager/ and return the response as it is."""
+        return self.http.request(method, url, json=json, content=content, headers=headers, params=params)
+
+    def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
+                remote: VspClient | None = None, nowait: bool = False, wait_completed: bool = False,
+                objects: bool = True) -> Any:
+        url = self.objects_path(path) if objects else path
+        r = self.raw(method, url, json=json, params=params,
+                     headers=self.headers(remote, nowait, wait_completed))
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = None
+            raise ApiError(r.status_code, body if isinstance(body, dict) else None, r.text)
+        if not r.content:
+            return None
+        return r.json()
+
+    # -- sessions -----------------------------------------------------------------------------------
+    def login(self, alive_time: int | None = None) -> str:
+        body = {"aliveTime": alive_time} if alive_time is not None else None
+        path = f"v1/objects/storages/{self._device_id}/sessions" if self.scoped and self._device_id else \
+            "v1/objects/sessions"
+        r = self.http.post(path, json=body, auth=(self.user, self.password))
+        if r.status_code >= 400:
+            raise ApiError(r.status_code, r.json() if r.content else None, r.text)
+        data = r.json()
+        self.token, self.session_id = data["token"], data["sessionId"]
+        return data["token"]
+
+    def logout(self) -> None:
+        if self.session_id is not None:
+            self.request("DELETE", f"sessions/{self.session_id}")
+        self.token = self.session_id = None
+
+    # -- reading ------------------------------------------------------------------------------------
+    def get(self, path: str, remote: VspClient | None = None, **params: Any) -> Any:
+        """GET an object path (e.g. ``"ldevs/5"`` or ``"ldevs"`` with filters as keyword arguments)."""
+        return self.request("GET", path, params=params or None, remote=remote)
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    def job(self, job_id: int) -> dict[str, Any]:
+        return self.get(f"jobs/{job_id}")  # type: ignore[no-any-return]
+
+    def wait_job(self, job: dict[str, Any], timeout: float = 600.0, interval: float = 0.05) -> dict[str, Any]:
+        """Poll a job until it is Completed; raise JobFailed if it failed."""
+        deadline = time.monotonic() + timeout
+        while job.get("status") != "Completed":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job.get('jobId')} not completed after {timeout} s")
+            time.sleep(interval)
+            interval = min(interval * 1.5, 1.0)
+            job = self.job(job["jobId"])
+        if job.get("state") != "Succeeded":
+            raise JobFailed(job)
+        return job
+
+    def invoke(self, method: str, path: str, body: Any = None, *, remote: VspClient | None = None,
+               nowait: bool = False, wait: bool = True, timeout: float = 600.0) -> dict[str, Any]:
+        """Send a state-changing request, then wait for its job (unless ``wait=False``)."""
+        job = self.request(method, path, json=body, remote=remote, nowait=nowait)
+        return self.wait_job(job, timeout) if wait else job  # type: ignore[no-any-return]
+
+    @staticmethod
+    def resource_id(job: dict[str, Any]) -> str:
+        """The id of the object a job created: the last segment of affectedResources[0] (or self)."""
+        url = (job.get("affectedResources") or [job["self"]])[0]
+        return str(url).rsplit("/", 1)[-1]
+
+    # -- LDEVs and LU paths -------------------------------------------------------------------------
+    def create_ldev(self, capacity: str | int = "1G", ldev_id: int | None = None, pool_id: int = 0,
+                    label: str | None = None) -> int:
+        """Create a DP volume; ``capacity`` is a byte-format string ("10G") or a number of 512-byte blocks."""
+        body: dict[str, Any] = {"poolId": pool_id}
+        if isinstance(capacity, str):
+            body["byteFormatCapacity"] = capacity
+        else:
+            body["blockCapacity"] = capacity
+        if ldev_id is not None:
+            body["ldevId"] = ldev_id
+        if label is not None:
+            body["label"] = label
+        return int(self.resource_id(self.invoke("POST", "ldevs", body)))
+
+    def delete_ldev(self, ldev_id: int) -> None:
+        self.invoke("DELETE", f"ldevs/{ldev_id}")
+
+    def add_lun(self, ldev_id: int, port_id: str = "CL1-A", host_group_number: int = 0,
+                lun: int | None = None) -> str:
+        """Map an LDEV to a host group (so it is exported over NBD); returns the LUN id."""
+        body: dict[str, Any] = {"portId": port_id, "hostGroupNumber": host_group_number, "ldevId": ldev_id}
+        if lun is not None:
+            body["lun"] = lun
+        return self.resource_id(self.invoke("POST", "luns", body))
+
+    def delete_lun(self, lun_id: str) -> None:
+        self.invoke("DELETE", f"luns/{lun_id}")
