@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from vspemu.jobs import Jobs
+from vspemu.system.journals import Journals
 from vspemu.system.sessions import Sessions
 from vspemu.system.storage import StorageSystem
+
+if TYPE_CHECKING:
+    from vspemu.replication.engine import Replication
+    from vspemu.replication.link import Link
+    from vspemu.system.remotes import Remotes
 
 
 @dataclass
@@ -18,7 +25,15 @@ class StorageContext:
     rest_port: int = 443
     nbd_host: str = "127.0.0.1"
     nbd_port: int | None = None
+    journals: Journals = field(init=False)
+    # the replication link and the remote systems (set by the server; None when built without a link)
+    link: Link | None = None
+    remotes: Remotes | None = None
+    replication: Replication | None = None  # pairs and copy groups (set by the server)
+
+    def __post_init__(self) -> None:
+        self.journals = Journals(self.system)
 
     def journal_ldevs(self, journal_id: int) -> list[int]:
-        """The LDEVs that are journal volumes of a journal (none until journals exist)."""
-        return []
+        """The LDEVs that are journal volumes of a journal."""
+        return self.journals.ldevs_of(journal_id)

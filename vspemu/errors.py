@@ -126,6 +126,30 @@ MESSAGES: dict[str, Message] = {
         "KART40064-E", 412,
         "The pool does not have enough free capacity. (pool = {pool}, requested = {requested})",
         "Free capacity in the pool, and then retry the operation."),
+    # --- remote storage systems and journals (issue 4; emulator ids from KART40101-E on) -----------
+    "REMOTE_IS_SELF": Message(
+        "KART40101-E", 400,
+        "The specified storage system is the local storage system. (storageDeviceId = {device})",
+        "Specify the storage device ID and REST server of another storage system."),
+    "REMOTE_MISMATCH": Message(
+        "KART40102-E", 412,
+        "The storage system at the specified REST server is not the specified storage system. "
+        "(specified = {expected}, found = {found})",
+        "Check the storage device ID, the REST server address and the Remote-Authorization token."),
+    "JOURNAL_ID_IN_USE": Message(  # seen: cinder matches KART40054-E when it picks a journal id
+        "KART40054-E", 409,
+        "The specified journal ID is already in use. (journal = {journal})",
+        "Specify an unused journal ID.",
+        ssb=("2E23", "5001")),
+    "JOURNAL_VOLUMES_MAX": Message(
+        "KART40103-E", 412,
+        "The journal already has the maximum number of journal volumes. (journal = {journal}, maximum = "
+        "{maximum})",
+        "Remove a journal volume, or use another journal."),
+    "JOURNAL_VOLUME_INVALID": Message(
+        "KART40104-E", 412,
+        "The LDEV cannot be used as a journal volume. (ldev = {ldev}, reason = {reason})",
+        "Specify a DP volume that has no LU path, is not paired and is not in another journal."),
     # --- busy / limits (503) ----------------------------------------------------------------------
     "SESSION_LIMIT": Message(
         "KART40055-E", 503,

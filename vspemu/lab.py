@@ -27,7 +27,7 @@ class SystemProcess:
 
     def __init__(self, data_dir: Path, serial: int, model: str = "VSP 5500H", host: str = "127.0.0.1",
                  rest_port: int | None = None, nbd_port: int | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, link_ports: list[int] | None = None) -> None:
         self.data_dir = data_dir
         self.serial = serial
         self.model = model
@@ -35,6 +35,9 @@ class SystemProcess:
         self.rest_port = rest_port or free_port()
         self.nbd_port = nbd_port or free_port()
         self.extra_args = extra_args or []
+        # replication ports (CL3-A, CL4-A, CL3-B, CL4-B): fixed for the life of this object, so a restarted
+        # system answers on the same addresses
+        self.link_ports = link_ports or [free_port() for _ in range(4)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
         self.storage_device_id = storage_device_id(model, serial)
@@ -47,7 +50,8 @@ class SystemProcess:
         return [sys.executable, "-m", "vspemu", "serve", "--serial", str(self.serial),
                 "--data-dir", str(self.data_dir), "--rest-port", str(self.rest_port),
                 "--rest-host", self.host, "--nbd-port", str(self.nbd_port), "--nbd-host", self.host,
-                "--model", self.model, "--log-level", "info", *self.extra_args]
+                "--model", self.model, "--log-level", "info",
+                "--link-ports", ",".join(map(str, self.link_ports)), *self.extra_args]
 
     def start(self, timeout: float = 30.0) -> SystemProcess:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -81,12 +85,22 @@ class SystemProcess:
         """SIGTERM and wait: a clean shutdown."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGCONT)  # a paused process cannot handle SIGTERM
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: the process hangs (its sockets stay open, nothing answers)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: a crash, nothing flushed or closed."""
@@ -105,3 +119,12 @@ class SystemProcess:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
         return 0
+
+
+def link_systems(primary: VspClient, secondary: VspClient, path_group_id: int = 0, timeout: float = 30.0) -> None:
+    """Register the two systems with each other and create path groups in both directions (CL3-A, CL4-A)."""
+    primary.register_remote(secondary, mutual=True)
+    for local, remote in ((primary, secondary), (secondary, primary)):
+        gid = local.create_path_group(remote, path_group_id, "CL3-A", "CL3-A")
+        local.add_remote_path(gid, "CL4-A", "CL4-A")
+        local.wait_path_status(gid, "NML_01", timeout)

@@ -1,4 +1,4 @@
-"""One storage system process: REST over HTTPS, NBD host I/O (and later the replication ports)."""
+"""One storage system process: REST over HTTPS, NBD host I/O and the replication ports (the link)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ from vspemu.api.app import create_app
 from vspemu.certs import ensure_certificate
 from vspemu.context import StorageContext
 from vspemu.jobs import Jobs
+from vspemu.replication.engine import Replication
+from vspemu.replication.link import Link
+from vspemu.system.remotes import MIN_TIMEOUT_FOR_REMOTE_IO, Remotes
 from vspemu.system.sessions import Sessions
-from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER, StorageSystem
+from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER, REPLICATION_PORTS, StorageSystem
 
 log = logging.getLogger("vspemu")
 
@@ -34,6 +37,12 @@ class ServerConfig:
     cert: Path | None = None
     key: Path | None = None
     pool_capacity: int | None = None
+    # replication ports: explicit TCP ports (one per CL3-A, CL4-A, CL3-B, CL4-B), or base + i, or (default)
+    # free ports chosen at the first start and kept in the configuration for later starts
+    link_host: str | None = None
+    link_ports: list[int] | None = None
+    link_port_base: int | None = None
+    min_remote_io_timeout: int = MIN_TIMEOUT_FOR_REMOTE_IO
 
 
 def raise_fd_limit() -> None:
@@ -44,12 +53,46 @@ def raise_fd_limit() -> None:
 
 def build_context(cfg: ServerConfig) -> StorageContext:
     system = StorageSystem(cfg.data_dir, cfg.serial, cfg.model, cfg.user, cfg.password, cfg.pool_capacity)
-    return StorageContext(system=system, sessions=Sessions(), jobs=Jobs(), rest_host=cfg.rest_host,
-                          rest_port=cfg.rest_port, nbd_host=cfg.nbd_host, nbd_port=cfg.nbd_port)
+    ctx = StorageContext(system=system, sessions=Sessions(), jobs=Jobs(), rest_host=cfg.rest_host,
+                         rest_port=cfg.rest_port, nbd_host=cfg.nbd_host, nbd_port=cfg.nbd_port)
+    link = Link(system.storage_device_id, system.serial, lambda _d: None, lambda _d, _p: None,
+                host=cfg.link_host or cfg.rest_host, ports=link_port_plan(cfg, system))
+    ctx.link = link
+    ctx.remotes = Remotes(system, link, cfg.rest_host, cfg.rest_port, cfg.min_remote_io_timeout)
+    ctx.replication = Replication(system, link, ctx.remotes, cfg.data_dir)
+    return ctx
+
+
+def link_port_plan(cfg: ServerConfig, system: StorageSystem) -> dict[str, int]:
+    if cfg.link_ports:
+        if len(cfg.link_ports) != len(REPLICATION_PORTS):
+            raise ValueError(f"give {len(REPLICATION_PORTS)} link ports ({', '.join(REPLICATION_PORTS)})")
+        return dict(zip(REPLICATION_PORTS, cfg.link_ports, strict=True))
+    if cfg.link_port_base is not None:
+        return {p: cfg.link_port_base + i for i, p in enumerate(REPLICATION_PORTS)}
+    saved = system.store.get("system", "link_ports") or {}
+    return {p: int(saved.get(p, 0)) for p in REPLICATION_PORTS}
+
+
+async def start_link(cfg: ServerConfig, ctx: StorageContext) -> None:
+    assert ctx.link is not None and ctx.remotes is not None
+    explicit = bool(cfg.link_ports) or cfg.link_port_base is not None
+    try:
+        await ctx.link.start()
+    except OSError:
+        if explicit:
+            raise
+        await ctx.link.close()  # a saved port is taken now: choose new free ones
+        ctx.link.ports = dict.fromkeys(REPLICATION_PORTS, 0)
+        await ctx.link.start()
+    if not explicit:
+        ctx.system.store.put("system", "link_ports", dict(ctx.link.ports))
+    await ctx.remotes.start()
 
 
 async def serve(cfg: ServerConfig) -> None:
     raise_fd_limit()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # calls to remote systems: no line per request
     ctx = build_context(cfg)
     cert = cfg.cert or cfg.data_dir / "tls" / "server.crt"
     key = cfg.key or cfg.data_dir / "tls" / "server.key"
@@ -67,12 +110,18 @@ async def serve(cfg: ServerConfig) -> None:
 
         nbd = NbdServer(ctx.system.exported_volume, ctx.system.export_names)
         await nbd.start(cfg.nbd_host, cfg.nbd_port)
-    log.info("storage %s (serial %s) REST https://%s:%s NBD %s", ctx.system.storage_device_id,
+    await start_link(cfg, ctx)
+    assert ctx.link is not None and ctx.replication is not None
+    ctx.replication.start()
+    log.info("storage %s (serial %s) REST https://%s:%s NBD %s link %s", ctx.system.storage_device_id,
              ctx.system.serial, cfg.rest_host, cfg.rest_port,
-             f"nbd://{cfg.nbd_host}:{cfg.nbd_port}" if nbd else "off")
+             f"nbd://{cfg.nbd_host}:{cfg.nbd_port}" if nbd else "off",
+             " ".join(f"{p}={h}:{n}" for p, (h, n) in ctx.link.addresses().items()))
     try:
         await server.serve()
     finally:
+        await ctx.replication.close()
+        await ctx.link.close()
         if nbd is not None:
             await nbd.close()
         ctx.system.close()

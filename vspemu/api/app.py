@@ -7,10 +7,24 @@ from fastapi import APIRouter, Depends, FastAPI
 from vspemu import __version__
 from vspemu.api import errors
 from vspemu.api.common import API_ROOT, OBJECTS, check_device
-from vspemu.api.routes import jobs, ldevs, pools, ports, services, sessions, storages
+from vspemu.api.routes import (
+    jobs,
+    journals,
+    ldevs,
+    pools,
+    ports,
+    remote_pairs,
+    remote_storages,
+    remotepath_groups,
+    services,
+    sessions,
+    storages,
+)
 from vspemu.context import StorageContext
 
-OBJECT_ROUTERS: list[APIRouter] = [sessions.router, jobs.router, ldevs.router, pools.router, ports.router]
+OBJECT_ROUTERS: list[APIRouter] = [sessions.router, jobs.router, ldevs.router, pools.router, ports.router,
+                                   remote_storages.router, remotepath_groups.router, journals.router,
+                                   remote_pairs.router]
 
 
 def create_app(ctx: StorageContext) -> FastAPI:
@@ -32,4 +46,7 @@ def create_app(ctx: StorageContext) -> FastAPI:
     app.include_router(storages.version_router)
     app.include_router(services.router, prefix=API_ROOT)
     app.include_router(services.router, prefix=f"{API_ROOT}/{{storageDeviceId}}", dependencies=scoped)
+    # vspemu-private routes (outside the documented API): what the replication link needs
+    app.include_router(remote_storages.private_router, prefix="/ConfigurationManager/vspemu/v1")
+    app.include_router(remote_pairs.private_router, prefix="/ConfigurationManager/vspemu/v1")
     return app

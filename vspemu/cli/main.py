@@ -22,9 +22,9 @@ app = typer.Typer(help="vspemu: Hitachi VSP storage systems in software, with Tr
                        "Replicator.", no_args_is_help=True, add_completion=False)
 console = Console()
 
-LAB = [  # (role, serial, REST port, NBD port)
-    ("primary", 410001, 8443, 10809),
-    ("secondary", 410002, 8444, 10810),
+LAB = [  # (role, serial, REST port, NBD port, first replication-link port)
+    ("primary", 410001, 8443, 10809, 17001),
+    ("secondary", 410002, 8444, 10810, 17101),
 ]
 
 
@@ -42,6 +42,14 @@ def serve(
     cert: Annotated[Path | None, typer.Option(help="TLS certificate (default: self-signed, made once).")] = None,
     key: Annotated[Path | None, typer.Option(help="TLS private key for --cert.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    link_host: Annotated[str | None, typer.Option(help="Address the replication ports listen on "
+                                                       "(default: --rest-host).")] = None,
+    link_port_base: Annotated[int | None, typer.Option(help="Replication port i (CL3-A, CL4-A, CL3-B, CL4-B) "
+                                                            "listens on TCP port BASE+i.")] = None,
+    link_ports: Annotated[str | None, typer.Option(help="Comma-separated TCP ports of CL3-A,CL4-A,CL3-B,CL4-B "
+                                                        "(default: free ports chosen once and kept).")] = None,
+    min_remote_io_timeout: Annotated[int, typer.Option(help="Lowest timeoutValueForRemoteIOInSeconds accepted "
+                                                            "(the array's is 10; lower only for fast tests).")] = 10,
 ) -> None:
     """Run one storage system in this process."""
     from vspemu.server import ServerConfig, run
@@ -49,9 +57,20 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if (cert is None) != (key is None):
         raise typer.BadParameter("--cert and --key go together")
+    ports = None
+    if link_ports:
+        try:
+            ports = [int(x) for x in link_ports.split(",")]
+        except ValueError:
+            raise typer.BadParameter("--link-ports takes four comma-separated numbers") from None
+        if len(ports) != 4:
+            raise typer.BadParameter("--link-ports takes four comma-separated numbers")
+    if min_remote_io_timeout < 1:
+        raise typer.BadParameter("--min-remote-io-timeout must be at least 1")
     run(ServerConfig(serial=serial, data_dir=data_dir, rest_host=rest_host, rest_port=rest_port,
                      nbd_host=nbd_host, nbd_port=nbd_port or None, model=model, user=user, password=password,
-                     cert=cert, key=key))
+                     cert=cert, key=key, link_host=link_host, link_ports=ports, link_port_base=link_port_base,
+                     min_remote_io_timeout=min_remote_io_timeout))
 
 
 def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> bool:
@@ -73,10 +92,12 @@ def up(
     model: Annotated[str, typer.Option(help="Model of both systems.")] = "VSP 5500H",
     host: Annotated[str, typer.Option(help="Address every service listens on.")] = "127.0.0.1",
 ) -> None:
-    """Run the two-system lab (primary 410001 on :8443, secondary 410002 on :8444) until Ctrl-C."""
+    """Run the two-system lab (primary 410001 on :8443, secondary 410002 on :8444) until Ctrl-C.
+
+    Replication ports: primary 17001-17004, secondary 17101-17104."""
     procs: list[subprocess.Popen[bytes]] = []
     table = Table(title="vspemu lab")
-    for col in ("role", "storageDeviceId", "REST", "host I/O (NBD)", "account", "data"):
+    for col in ("role", "storageDeviceId", "REST", "host I/O (NBD)", "replication ports", "account", "data"):
         table.add_column(col)
     stopping = False
 
@@ -87,17 +108,20 @@ def up(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        for role, serial, rest_port, nbd_port in LAB:
+        for role, serial, rest_port, nbd_port, link_base in LAB:
             d = data_dir / str(serial)
             cmd = [sys.executable, "-m", "vspemu", "serve", "--serial", str(serial), "--data-dir", str(d),
                    "--rest-port", str(rest_port), "--rest-host", host, "--nbd-port", str(nbd_port),
-                   "--nbd-host", host, "--model", model, "--log-level", "warning"]
+                   "--nbd-host", host, "--model", model, "--log-level", "warning",
+                   "--link-port-base", str(link_base)]
             procs.append(subprocess.Popen(cmd, start_new_session=True))
             if not _wait_port(host, rest_port, procs[-1]):
                 console.print(f"[red]the {role} system did not start (port {rest_port} in use?)[/red]")
                 raise typer.Exit(1)
             table.add_row(role, storage_device_id(model, serial), f"https://{host}:{rest_port}",
-                          f"nbd://{host}:{nbd_port}/<ldevId>", f"{DEFAULT_USER} / {DEFAULT_PASSWORD}", str(d))
+                          f"nbd://{host}:{nbd_port}/<ldevId>",
+                          f"CL3-A/CL4-A/CL3-B/CL4-B = {link_base}-{link_base + 3}",
+                          f"{DEFAULT_USER} / {DEFAULT_PASSWORD}", str(d))
         console.print(table)
         console.print("Press Ctrl-C to stop both systems.")
         while not stopping:

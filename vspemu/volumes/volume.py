@@ -46,6 +46,8 @@ class Replicator(Protocol):
 
     async def discard(self, volume: Volume, offset: int, length: int, zero: bool, fua: bool) -> None: ...
 
+    async def flush(self, volume: Volume) -> None: ...
+
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate a byte range (it then reads as zeros)."""
@@ -137,7 +139,7 @@ class Volume:
         if rep is None:
             self.write_local(offset, data)
             if fua:
-                await self.flush()
+                await self.flush_local()
         else:
             await rep.write(self, offset, data, fua)
 
@@ -150,7 +152,7 @@ class Volume:
         if rep is None:
             self.discard_local(offset, length)
             if fua:
-                await self.flush()
+                await self.flush_local()
         else:
             await rep.discard(self, offset, length, zero, fua)
 
@@ -167,6 +169,14 @@ class Volume:
         os.fdatasync(self.fd)
 
     async def flush(self) -> None:
+        """A host FLUSH: this volume's data is durable (and, in a pair, the other side's too)."""
+        rep = self.replicator
+        if rep is None:
+            await self.flush_local()
+        else:
+            await rep.flush(self)
+
+    async def flush_local(self) -> None:
         await asyncio.to_thread(os.fdatasync, self.fd)
 
     # -- what holds data ----------------------------------------------------------------------------

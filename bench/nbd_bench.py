@@ -1,0 +1,189 @@
+"""Benchmark the vspemu NBD server against ``nbdkit file`` with fio (ioengine=nbd). Not a test.
+
+    python bench/nbd_bench.py [--dir /tmp/nbd-bench] [--size-mib 1024] [--runtime 10] [--repeat 1]
+
+Both servers serve an equal, pre-filled file in the same directory; every fio job runs with the same
+parameters against each server (alternating), and the table shows the median of ``--repeat`` runs and the
+ratio vspemu / nbdkit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Job:
+    title: str
+    rw: str
+    bs: str
+    iodepth: int
+    metric: str  # "bw" (MiB/s) or "iops"
+
+
+JOBS = [
+    Job("1 MiB seq write, iodepth 8", "write", "1M", 8, "bw"),
+    Job("1 MiB seq read, iodepth 8", "read", "1M", 8, "bw"),
+    Job("4 KiB rand write, iodepth 1", "randwrite", "4k", 1, "iops"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def prefill(path: Path, size: int) -> None:
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(chunk)
+        f.truncate(size)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def start_vspemu(path: Path, size: int, pin: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    cmd = [*pin, sys.executable, "-m", "vspemu.volumes.nbd_main", "--file", str(path), "--size", str(size)]
+    proc = subprocess.Popen([*cmd, "--port", str(port), "--name", "0"], cwd=ROOT, stdout=subprocess.DEVNULL)
+    wait_port(port, proc)
+    return proc, f"nbd://127.0.0.1:{port}/0"
+
+
+def start_nbdkit(path: Path, pin: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen([*pin, "nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "file", str(path)])
+    wait_port(port, proc)
+    return proc, f"nbd://127.0.0.1:{port}/"
+
+
+def run_fio(uri: str, job: Job, runtime: int, pin: list[str]) -> dict[str, float]:
+    cmd = [
+        *pin,
+        "fio",
+        "--name=bench",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        f"--rw={job.rw}",
+        f"--bs={job.bs}",
+        f"--iodepth={job.iodepth}",
+        f"--runtime={runtime}",
+        "--time_based",
+        "--ramp_time=1",
+        "--randrepeat=0",
+        "--output-format=json",
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    result = json.loads(out[out.index("{") :])["jobs"][0]
+    side = result["read" if job.rw == "read" else "write"]
+    return {
+        "bw": side["bw_bytes"] / (1 << 20),
+        "iops": side["iops"],
+        "lat_us": side["lat_ns"]["mean"] / 1000,
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default="/tmp/nbd-bench")
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--runtime", type=int, default=10, help="seconds per fio run")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per job and server (median is shown)")
+    parser.add_argument(
+        "--pin",
+        choices=["none", "split", "same"],
+        default="none",
+        help="CPU placement: none (the scheduler decides), split (servers on CPU 0, fio on CPU 1), same (all on CPU 0)",
+    )
+    args = parser.parse_args()
+    for tool in ("fio", "nbdkit"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is not installed")
+
+    work = Path(args.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    size = args.size_mib << 20
+    files = {"vspemu": work / "vspemu.img", "nbdkit": work / "nbdkit.img"}
+    for path in files.values():
+        prefill(path, size)
+
+    server_pin = [] if args.pin == "none" else ["taskset", "-c", "0"]
+    fio_pin = {"none": [], "split": ["taskset", "-c", "1"], "same": ["taskset", "-c", "0"]}[args.pin]
+    servers = {
+        "vspemu": start_vspemu(files["vspemu"], size, server_pin),
+        "nbdkit": start_nbdkit(files["nbdkit"], server_pin),
+    }
+    results: dict[tuple[str, str], list[dict[str, float]]] = {}
+    try:
+        for job in JOBS:
+            for _ in range(args.repeat):
+                for name, (_proc, uri) in servers.items():
+                    results.setdefault((job.title, name), []).append(run_fio(uri, job, args.runtime, fio_pin))
+    finally:
+        for proc, _uri in servers.values():
+            proc.terminate()
+            proc.wait()
+        for path in files.values():
+            path.unlink(missing_ok=True)
+
+    def med(job: Job, name: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[(job.title, name)])
+
+    print(f"date: {datetime.date.today().isoformat()}   nproc: {os.cpu_count()}   cpu: {cpu_model()}")
+    print(
+        f"python {platform.python_version()}, fio runtime {args.runtime}s x {args.repeat} (median), "
+        f"files in {args.dir}, CPU placement: {args.pin}"
+    )
+    print()
+    print("| test | vspemu | nbdkit file | ratio |")
+    print("|---|---|---|---|")
+    for job in JOBS:
+        v, n = med(job, "vspemu", job.metric), med(job, "nbdkit", job.metric)
+        if job.metric == "bw":
+            print(f"| {job.title} | {v:.0f} MiB/s | {n:.0f} MiB/s | {v / n:.2f} |")
+        else:
+            vl, nl = med(job, "vspemu", "lat_us"), med(job, "nbdkit", "lat_us")
+            print(f"| {job.title} | {v:.0f} IOPS ({vl:.1f} us) | {n:.0f} IOPS ({nl:.1f} us) | {v / n:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

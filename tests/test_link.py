@@ -1,0 +1,287 @@
+"""The replication link: frames, handshake, concurrency, big payloads, errors, failover, foreign peers.
+
+The first tests run two :class:`Link` objects in this process (fast, deterministic); the last ones talk to
+real ``vspemu serve`` processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from vspemu.client import VspClient
+from vspemu.lab import SystemProcess
+from vspemu.replication import link as L
+from vspemu.replication.link import ECHO, Link, LinkDown, PathGroup, PeerInfo, RemoteError
+
+A_ID, B_ID = "900000000001", "900000000002"
+SECRET = bytes(range(32))
+PORTS = ["CL3-A", "CL4-A"]
+
+
+def make_pair(secret_b_has: bytes | None = SECRET, secret_a_has: bytes | None = SECRET) -> tuple[Link, Link]:
+    b_ports: dict[str, int] = {p: 0 for p in PORTS}
+    a = Link(A_ID, 1, lambda d: secret_a_has if d == B_ID else None,
+             lambda d, p: ("127.0.0.1", b.ports[p]) if d == B_ID and p in b.ports else None,
+             ports={p: 0 for p in PORTS}, max_backoff=0.2)
+    b = Link(B_ID, 2, lambda d: secret_b_has if d == A_ID else None, lambda d, p: None, ports=b_ports)
+    return a, b
+
+
+async def started(*paths: tuple[str, str], timeout: float = 15.0, **kw: Any) -> tuple[Link, Link, PathGroup]:
+    a, b = make_pair(**kw)
+    await a.start()
+    await b.start()
+    group = a.ensure_group(2, B_ID, 0, timeout)
+    for lp, rp in paths or (("CL3-A", "CL3-A"),):
+        await group.add_path(lp, rp)
+    await group.wait_attempted(5)
+    return a, b, group
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro(), 60))
+
+
+def test_echo_round_trip_and_handshake() -> None:
+    async def main() -> None:
+        a, b, group = await started()
+        try:
+            assert group.status == "NML_01" and len(group.active_paths) == 1
+            header, payload = await group.call(ECHO, {"x": 1}, b"hello")
+            assert payload == b"hello" and header["from"] == A_ID and header["port"] == "CL3-A"
+            assert a.path_group(2, 0) is group and a.path_group(2, 1) is None
+        finally:
+            await a.close()
+            await b.close()
+
+    run(main)
+
+
+def test_big_payloads_and_many_concurrent_calls() -> None:
+    async def main() -> None:
+        a, b, group = await started(("CL3-A", "CL3-A"), ("CL4-A", "CL4-A"))
+        try:
+            data = os.urandom(4 << 20)
+            digest = hashlib.sha256(data).hexdigest()
+
+            async def one() -> str:
+                header, echoed = await group.call(ECHO, {}, memoryview(data))
+                assert echoed == data
+                return str(header["sha256"])
+
+            results = await asyncio.gather(*(one() for _ in range(100)))
+            assert results == [digest] * 100
+        finally:
+            await a.close()
+            await b.close()
+
+    run(main)
+
+
+def test_remote_handler_error_keeps_the_connection() -> None:
+    async def main() -> None:
+        a, b, group = await started()
+
+        async def boom(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+            raise ValueError(f"bad request from {peer.storage_device_id}")
+
+        b.register_handler("test.boom", boom)
+        try:
+            with pytest.raises(RemoteError) as e:
+                await group.call("test.boom", {})
+            assert e.value.kind == "ValueError" and A_ID in e.value.remote_message
+            with pytest.raises(RemoteError) as e:
+                await group.call("test.unknown", {})
+            assert e.value.kind == "LookupError"
+            conn = group.active_paths[0].conn
+            assert (await group.call(ECHO, {}, b"still up"))[1] == b"still up"
+            assert group.active_paths[0].conn is conn  # the same connection survived
+        finally:
+            await a.close()
+            await b.close()
+
+    run(main)
+
+
+def test_slow_handlers_run_concurrently_and_timeouts() -> None:
+    async def main() -> None:
+        a, b, group = await started()
+        try:
+            start = time.monotonic()
+            await asyncio.gather(*(group.call(ECHO, {"delay": 0.5}) for _ in range(50)))
+            assert time.monotonic() - start < 2.0  # 50 x 0.5 s handlers in parallel
+            with pytest.raises(L.LinkTimeout):
+                await group.call(ECHO, {"delay": 2}, timeout=0.3)
+            assert (await group.call(ECHO, {}, b"x"))[1] == b"x"
+        finally:
+            await a.close()
+            await b.close()
+
+    run(main)
+
+
+def test_failover_to_another_path_and_reconnect() -> None:
+    async def main() -> None:
+        a, b, group = await started(("CL3-A", "CL3-A"), ("CL4-A", "CL4-A"))
+        try:
+            assert len(group.active_paths) == 2
+            # requests in flight on the failing port are retried on the other path
+            calls = [asyncio.ensure_future(group.call(ECHO, {"delay": 0.3}, b"p")) for _ in range(20)]
+            await asyncio.sleep(0.1)
+            await b.set_port_enabled("CL3-A", False)
+            results = await asyncio.gather(*calls)
+            assert all(p == b"p" for _, p in results)
+            assert await group.wait_status("NML_01", 0.1) is False
+            statuses = {p.remote_port_id: p.status for p in group.paths.values()}
+            assert statuses["CL4-A"] == "NML_01" and statuses["CL3-A"].startswith("ERR_")
+            await b.set_port_enabled("CL3-A", True)
+            assert await group.wait_status("NML_01", 5)
+            await b.set_port_enabled("CL3-A", False)
+            await b.set_port_enabled("CL4-A", False)
+            await asyncio.sleep(0.2)
+            with pytest.raises(LinkDown):
+                await group.call(ECHO, {})
+        finally:
+            await a.close()
+            await b.close()
+
+    run(main)
+
+
+def test_wrong_secret_is_refused_both_ways() -> None:
+    async def main() -> None:
+        # the listener does not know us
+        a, b, group = await started(secret_b_has=None)
+        try:
+            assert group.status == "ERR_04" and not group.active_paths
+            assert b.rejected_connections >= 1
+        finally:
+            await a.close()
+            await b.close()
+        # the listener knows another secret: it cannot prove itself, we disconnect
+        a, b, group = await started(secret_b_has=b"x" * 32)
+        try:
+            assert group.status == "ERR_04"
+        finally:
+            await a.close()
+            await b.close()
+
+    run(main)
+
+
+def test_dead_peer_detected_by_keepalive() -> None:
+    async def main() -> None:
+        # a "peer" that completes the handshake and then goes silent
+        silent_ready = asyncio.Event()
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            _, _, hello, _ = await L.read_frame(reader, 4096)
+            nb = "ab" * 32
+            pr = L.proof(SECRET, hello["from"], B_ID, hello["localPortId"], hello["remotePortId"], hello["nonce"], nb,
+                         "server")
+            writer.write(L.encode_frame(L.CHALLENGE, 0, {"nonce": nb, "proof": pr}))
+            await L.read_frame(reader, 4096)
+            writer.write(L.encode_frame(L.WELCOME, 0, {}))
+            silent_ready.set()
+            await asyncio.sleep(30)
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        a = Link(A_ID, 1, lambda d: SECRET, lambda d, p: ("127.0.0.1", port), ports={"CL3-A": 0})
+        await a.start()
+        group = a.ensure_group(2, B_ID, 0, timeout=2.0)
+        await group.add_path("CL3-A", "CL3-A")
+        try:
+            await asyncio.wait_for(silent_ready.wait(), 5)
+            await group.wait_attempted(5)
+            assert group.status == "NML_01"
+            start = time.monotonic()
+            while group.status == "NML_01":
+                await asyncio.sleep(0.05)
+            assert time.monotonic() - start <= 2.0
+            assert group.status == "ERR_03"
+        finally:
+            await a.close()
+            server.close()
+
+    run(main)
+
+
+# -- against real processes ------------------------------------------------------------------------------
+@pytest.fixture
+def linked(make_system: Callable[..., SystemProcess]) -> tuple[SystemProcess, SystemProcess, VspClient, VspClient]:
+    p, s = make_system(), make_system()
+    cp, cs = p.client(), s.client()
+    cp.register_remote(cs)
+    gid = cp.create_path_group(cs, 0, "CL3-A", "CL3-A")
+    cp.add_remote_path(gid, "CL4-A", "CL4-A")
+    cp.wait_path_status(gid, timeout=10)
+    return p, s, cp, cs
+
+
+def test_path_group_call_4mib_x100_between_processes(linked: tuple[SystemProcess, SystemProcess, VspClient,
+                                                                    VspClient]) -> None:
+    p, s, cp, cs = linked
+    result = cp.link_test(s.serial, 0, size=4 << 20, count=100, concurrency=100)
+    assert result["succeeded"] == 100, result
+    assert set(result["remotePorts"]) == {"CL3-A", "CL4-A"}  # both paths carried traffic
+    small = cp.link_test(s.serial, 0, size=512, count=2000, concurrency=200)
+    assert small["succeeded"] == 2000, small
+
+
+def _send_raw(addr: tuple[str, int], data: bytes) -> bytes:
+    with socket.create_connection(addr, timeout=10) as sock:
+        sock.sendall(data)
+        sock.settimeout(10)
+        chunks = []
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except (ConnectionResetError, TimeoutError):
+            pass
+        return b"".join(chunks)
+
+
+def test_foreign_peers_are_rejected_and_the_server_keeps_serving(
+        linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient]) -> None:
+    p, s, cp, cs = linked
+    port = next(x["port"] for x in cs.link_info()["linkPorts"] if x["portId"] == "CL3-B")
+    addr = ("127.0.0.1", port)
+    # garbage bytes, an oversized frame, a truncated frame
+    assert _send_raw(addr, os.urandom(5000)) == b""
+    assert _send_raw(addr, struct.pack("!IBBHQI", 1 << 30, 1, 0, 0, 0, 0)) == b""
+    assert _send_raw(addr, b"\x00\x00") == b""
+    # a well-formed HELLO claiming to be the primary, then a wrong proof
+    hello = {"v": 1, "from": p.storage_device_id, "fromSerial": p.serial, "to": s.storage_device_id,
+             "localPortId": "CL3-B", "remotePortId": "CL3-B", "nonce": "00" * 32, "keepalive": 15}
+    with socket.create_connection(addr, timeout=10) as sock:
+        sock.sendall(L.encode_frame(L.HELLO, 0, hello))
+        reply = sock.recv(4096)
+        assert reply[4] == L.CHALLENGE
+        sock.sendall(L.encode_frame(L.AUTH, 0, {"proof": "00" * 32}))
+        reply = sock.recv(4096)
+        assert reply[4] == L.REJECT
+        assert sock.recv(4096) == b""  # and disconnected
+    # an unknown system
+    with socket.create_connection(addr, timeout=10) as sock:
+        sock.sendall(L.encode_frame(L.HELLO, 0, {**hello, "from": "900000999999"}))
+        assert sock.recv(4096)[4] == L.REJECT
+    # a REQUEST without a handshake
+    assert _send_raw(addr, L.encode_frame(L.REQUEST, 1, {"m": ECHO, "h": {}}, 0)) == b""
+    # the real paths are still up and the server still serves REST and the link
+    assert cp.link_test(s.serial, 0, size=1024, count=10)["succeeded"] == 10
+    assert all(x == "NML_01" for x in cp.path_statuses(f"{s.serial},R9,0"))
+    diag = cs.private("GET", "link/paths")
+    assert diag["rejectedConnections"] >= 5

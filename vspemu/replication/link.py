@@ -1,0 +1,734 @@
+"""The replication link: authenticated, multiplexed request/reply over TCP between replication ports.
+
+Every storage system listens on one TCP port per replication port (CL3-A, CL4-A, CL3-B, CL4-B). A *remote
+path* is a live, authenticated connection from a local replication port to a port of a remote system; a
+*path group* bundles the paths to one remote system (remotepath-groups in the REST API).
+
+Frame (all integers big-endian)::
+
+    u32 length        bytes that follow this field (16 + header length + payload length)
+    u8  type          HELLO, CHALLENGE, AUTH, WELCOME, REJECT, REQUEST, REPLY, ERROR, PING, GOAWAY
+    u8  flags         0 (reserved)
+    u16 reserved      0
+    u64 request id    pairs a REPLY / ERROR with its REQUEST (0 for other frames)
+    u32 header length
+    JSON header       UTF-8
+    payload           raw bytes (e.g. a 4 MiB copy chunk), never copied into the JSON
+
+Handshake (HMAC-SHA256 with the secret the two systems agreed when they registered each other; see
+docs/remote.md): the connecting side sends HELLO {from, to, ports, nonce}; the listening side answers
+CHALLENGE {nonce, proof} where proof = HMAC(secret, transcript + "server"); the connecting side checks it
+and sends AUTH {proof} = HMAC(secret, transcript + "client"); the listening side checks it and answers
+WELCOME. Either side drops the connection as soon as something is wrong. Before WELCOME no frame may be
+larger than :data:`MAX_HANDSHAKE_FRAME` and the whole handshake must finish within
+:data:`HANDSHAKE_TIMEOUT` seconds.
+
+After the handshake both sides may send REQUESTs: many may be in flight (request ids), each is served by
+its own task, and a handler exception comes back as an ERROR frame (:class:`RemoteError` on the caller)
+without harming the connection. Both sides send PING every ``keepalive/5`` seconds; a side that hears
+nothing for ``0.6 * keepalive`` seconds declares the connection dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import itertools
+import json
+import logging
+import os
+import secrets
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+PREFIX = struct.Struct("!IBBHQI")  # length, type, flags, reserved, request id, header length
+FIXED = PREFIX.size - 4  # the bytes of the fixed part counted in "length"
+
+HELLO, CHALLENGE, AUTH, WELCOME, REJECT = 1, 2, 3, 4, 5
+REQUEST, REPLY, ERROR = 16, 17, 18
+PING, GOAWAY = 32, 34
+FRAME_TYPES = {HELLO, CHALLENGE, AUTH, WELCOME, REJECT, REQUEST, REPLY, ERROR, PING, GOAWAY}
+
+MAX_HANDSHAKE_FRAME = 4096
+MAX_HEADER = 1 << 20
+MAX_PAYLOAD = 64 << 20
+HANDSHAKE_TIMEOUT = 5.0
+MAX_PENDING_HANDSHAKES = 64
+MAX_CONCURRENT_HANDLERS = 256
+DEFAULT_KEEPALIVE = 15.0
+
+# remote path status codes (pathStatus), in the array's style; see docs/remote.md
+PATH_NORMAL = "NML_01"
+PATH_INIT_FAILED = "ERR_02"  # the remote port cannot be reached (refused, unreachable, local port offline)
+PATH_TIMEOUT = "ERR_03"  # the remote stopped answering (no frame within the time-out), or connect timed out
+PATH_REJECTED = "ERR_04"  # the handshake failed: the peer does not share our secret
+PATH_SERIAL_MISMATCH = "ERR_06"  # another storage system answers on that address
+PATH_INVALID_PORT = "ERR_10"  # the remote port is not a replication port of the remote system
+PATH_COMMUNICATION_FAILED = "ERR_13"  # the connection broke (reset, closed, protocol error)
+PATH_STATUS_TEXT = {
+    PATH_NORMAL: "Normal",
+    PATH_INIT_FAILED: "Initialization Failed",
+    PATH_TIMEOUT: "Communication Time Out",
+    PATH_REJECTED: "Port Rejected",
+    PATH_SERIAL_MISMATCH: "Serial Number Mismatch",
+    PATH_INVALID_PORT: "Invalid Port",
+    PATH_COMMUNICATION_FAILED: "Communication Failed",
+}
+
+ECHO = "vspemu.echo"  # a message type every system serves: used by tests and diagnostics
+
+
+class LinkError(Exception):
+    """Base of the link's errors."""
+
+
+class LinkDown(LinkError):
+    """No working path: the request could not be delivered or its answer was lost."""
+
+
+class LinkTimeout(LinkDown):
+    """The request's deadline passed before an answer arrived."""
+
+
+class RemoteError(LinkError):
+    """The remote handler raised; ``kind`` is its exception class name, ``detail`` what it sent."""
+
+    def __init__(self, kind: str, message: str, detail: dict[str, Any] | None = None) -> None:
+        self.kind = kind
+        self.remote_message = message
+        self.detail = detail or {}
+        super().__init__(f"{kind}: {message}")
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class HandshakeRefused(Exception):
+    def __init__(self, status: str, reason: str) -> None:
+        self.status = status
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """Who is on the other end of a connection."""
+
+    storage_device_id: str
+    serial: int
+    local_port_id: str
+    remote_port_id: str
+    initiator: bool  # True if this side opened the connection (it belongs to one of our path groups)
+
+
+Handler = Callable[[PeerInfo, dict[str, Any], bytes], Awaitable[tuple[dict[str, Any], bytes | bytearray | memoryview]]]
+SecretLookup = Callable[[str], bytes | None]
+AddressLookup = Callable[[str, str], tuple[str, int] | None]
+
+
+def _transcript(initiator_id: str, responder_id: str, local_port: str, remote_port: str, na: str, nb: str,
+                role: str) -> bytes:
+    return f"vspemu-link-v{PROTOCOL_VERSION}|{initiator_id}|{responder_id}|{local_port}|{remote_port}|{na}|{nb}|" \
+           f"{role}".encode()
+
+
+def proof(secret: bytes, initiator_id: str, responder_id: str, local_port: str, remote_port: str, na: str,
+          nb: str, role: str) -> str:
+    mac = hmac.new(secret, _transcript(initiator_id, responder_id, local_port, remote_port, na, nb, role),
+                   hashlib.sha256)
+    return mac.hexdigest()
+
+
+def encode_frame(ftype: int, request_id: int, header: dict[str, Any], payload_len: int = 0) -> bytes:
+    hdr = json.dumps(header, separators=(",", ":")).encode()
+    return PREFIX.pack(FIXED + len(hdr) + payload_len, ftype, 0, 0, request_id, len(hdr)) + hdr
+
+
+async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> tuple[int, int, dict[str, Any], bytes]:
+    """One frame: (type, request id, header, payload). Raises ProtocolError on anything malformed."""
+    prefix = await reader.readexactly(PREFIX.size)
+    length, ftype, _flags, _res, request_id, header_len = PREFIX.unpack(prefix)
+    if ftype not in FRAME_TYPES:
+        raise ProtocolError(f"unknown frame type {ftype}")
+    if length < FIXED or length - FIXED > max_frame or header_len > length - FIXED or header_len > MAX_HEADER:
+        raise ProtocolError(f"bad frame length {length} / header {header_len}")
+    raw_header = await reader.readexactly(header_len) if header_len else b"{}"
+    payload_len = length - FIXED - header_len
+    payload = await reader.readexactly(payload_len) if payload_len else b""
+    try:
+        header = json.loads(raw_header)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError("header is not JSON") from e
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a JSON object")
+    return ftype, request_id, header, payload
+
+
+def keepalive_timing(keepalive: float) -> tuple[float, float]:
+    """(ping interval, dead after) for a path time-out of ``keepalive`` seconds."""
+    return max(0.1, min(keepalive / 5.0, 2.0)), max(0.5, keepalive * 0.6)
+
+
+class Connection:
+    """One authenticated connection; symmetric: both ends may send requests and serve handlers."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: PeerInfo,
+                 handlers: dict[str, Handler], keepalive: float) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+        self.handlers = handlers
+        self.keepalive = keepalive
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
+        self._wlock = asyncio.Lock()
+        self._handler_slots = asyncio.Semaphore(MAX_CONCURRENT_HANDLERS)
+        self._handler_tasks: set[asyncio.Task[None]] = set()
+        self.closed = asyncio.Event()
+        self.close_status = PATH_COMMUNICATION_FAILED
+        self.close_reason = ""
+        self.last_rx = time.monotonic()
+        self.requests_sent = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read_loop()), loop.create_task(self._watchdog())]
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closed.is_set()
+
+    async def _send(self, ftype: int, request_id: int, header: dict[str, Any],
+                    payload: bytes | bytearray | memoryview = b"") -> None:
+        if self.closed.is_set():
+            raise LinkDown(f"connection to {self.peer.storage_device_id} is closed ({self.close_reason})")
+        view = memoryview(payload)
+        frame = encode_frame(ftype, request_id, header, view.nbytes)
+        try:
+            async with self._wlock:
+                if view.nbytes:
+                    self.writer.writelines([frame, view])
+                else:
+                    self.writer.write(frame)
+                await self.writer.drain()
+        except (ConnectionError, OSError, RuntimeError) as e:
+            self.close(PATH_COMMUNICATION_FAILED, f"send failed: {e}")
+            raise LinkDown(str(e)) from e
+
+    async def request(self, msg_type: str, header: dict[str, Any], payload: bytes | bytearray | memoryview = b"",
+                      timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
+        request_id = next(self._ids)
+        fut: asyncio.Future[tuple[dict[str, Any], bytes]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = fut
+        self.requests_sent += 1
+        try:
+            await self._send(REQUEST, request_id, {"m": msg_type, "h": header}, payload)
+            if timeout is None:
+                return await fut
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise LinkTimeout(f"no answer to {msg_type} within {timeout} s") from None
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                ftype, request_id, header, payload = await read_frame(self.reader, MAX_PAYLOAD + MAX_HEADER)
+                self.last_rx = time.monotonic()
+                if ftype == REQUEST:
+                    await self._handler_slots.acquire()
+                    task = asyncio.get_running_loop().create_task(self._serve(request_id, header, payload))
+                    self._handler_tasks.add(task)
+                    task.add_done_callback(self._handler_tasks.discard)
+                elif ftype in (REPLY, ERROR):
+                    fut = self._pending.get(request_id)
+                    if fut is None or fut.done():
+                        continue  # the caller gave up (time-out)
+                    if ftype == REPLY:
+                        h = header.get("h", {})
+                        fut.set_result((h if isinstance(h, dict) else {}, payload))
+                    else:
+                        err = header.get("error", {})
+                        fut.set_exception(RemoteError(str(err.get("type", "Error")), str(err.get("message", "")),
+                                                      err if isinstance(err, dict) else {}))
+                elif ftype == PING:
+                    continue
+                elif ftype == GOAWAY:
+                    self.close(PATH_COMMUNICATION_FAILED, f"peer closed: {header.get('reason', '')}")
+                    return
+                else:
+                    raise ProtocolError(f"unexpected frame type {ftype} after the handshake")
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            self.close(PATH_COMMUNICATION_FAILED, f"connection lost: {type(e).__name__}")
+        except ProtocolError as e:
+            self.close(PATH_COMMUNICATION_FAILED, f"protocol error: {e}")
+        except asyncio.CancelledError:
+            self.close(PATH_COMMUNICATION_FAILED, "closed")
+            raise
+
+    async def _serve(self, request_id: int, header: dict[str, Any], payload: bytes) -> None:
+        try:
+            msg_type = str(header.get("m", ""))
+            handler = self.handlers.get(msg_type)
+            try:
+                if handler is None:
+                    raise LookupError(f"no handler for message type {msg_type!r}")
+                h = header.get("h", {})
+                reply_header, reply_payload = await handler(self.peer, h if isinstance(h, dict) else {}, payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                err: dict[str, Any] = {"type": type(e).__name__, "message": str(e)}
+                for attr in ("key", "message_id", "status"):  # a VspError keeps its identity
+                    value = getattr(e, attr, None)
+                    if isinstance(value, (str, int)):
+                        err[attr] = value
+                with contextlib.suppress(LinkDown):
+                    await self._send(ERROR, request_id, {"error": err})
+                return
+            with contextlib.suppress(LinkDown):
+                await self._send(REPLY, request_id, {"h": reply_header}, reply_payload)
+        finally:
+            self._handler_slots.release()
+
+    async def _watchdog(self) -> None:
+        while not self.closed.is_set():
+            interval, dead_after = keepalive_timing(self.keepalive)
+            try:
+                await asyncio.wait_for(self.closed.wait(), interval)
+                return
+            except TimeoutError:
+                pass
+            if time.monotonic() - self.last_rx > dead_after:
+                self.close(PATH_TIMEOUT, f"no frame from the peer for {dead_after:.1f} s")
+                return
+            if not self._wlock.locked():  # data is flowing otherwise; that is proof of life enough
+                try:
+                    await asyncio.wait_for(self._send(PING, 0, {}), interval)
+                except (LinkDown, TimeoutError):
+                    pass
+
+    def close(self, status: str = PATH_COMMUNICATION_FAILED, reason: str = "closed") -> None:
+        if self.closed.is_set():
+            return
+        self.close_status, self.close_reason = status, reason
+        self.closed.set()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(LinkDown(f"path {self.peer.local_port_id}->{self.peer.remote_port_id} "
+                                           f"failed: {reason}"))
+        self.writer.transport.abort()
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        for task in list(self._handler_tasks):
+            task.cancel()
+
+
+class RemotePath:
+    """One path of a group: keeps a connection from a local port to a remote port up, reconnecting."""
+
+    def __init__(self, group: PathGroup, local_port_id: str, remote_port_id: str) -> None:
+        self.group = group
+        self.local_port_id = local_port_id
+        self.remote_port_id = remote_port_id
+        self.status = PATH_INIT_FAILED
+        self.reason = "not connected yet"
+        self.conn: Connection | None = None
+        self.attempted = asyncio.Event()  # set after the first connection attempt concluded
+        self.changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.local_port_id, self.remote_port_id
+
+    @property
+    def is_up(self) -> bool:
+        return self.conn is not None and self.conn.is_open
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.conn is not None:
+            self.conn.close(PATH_COMMUNICATION_FAILED, "path removed")
+
+    def _set(self, status: str, reason: str) -> None:
+        if status != self.status:
+            log.info("path %s -> %s/%s: %s (%s)", self.local_port_id, self.group.remote_device_id,
+                     self.remote_port_id, status, reason)
+        self.status, self.reason = status, reason
+        self.changed.set()
+
+    async def _supervise(self) -> None:
+        link = self.group.link
+        backoff = 0.1
+        while True:
+            try:
+                conn = await self._connect()
+            except HandshakeRefused as e:
+                self._set(e.status, str(e))
+            except TimeoutError:
+                self._set(PATH_TIMEOUT, "connection attempt timed out")
+            except (OSError, asyncio.IncompleteReadError, ProtocolError) as e:
+                self._set(PATH_INIT_FAILED, f"{type(e).__name__}: {e}")
+            else:
+                self.conn = conn
+                self._set(PATH_NORMAL, "connected")
+                self.attempted.set()
+                backoff = 0.1
+                await conn.closed.wait()
+                self.conn = None
+                self._set(conn.close_status, conn.close_reason)
+            self.attempted.set()
+            await asyncio.sleep(backoff * (0.75 + secrets.randbelow(50) / 100))
+            backoff = min(backoff * 2, link.max_backoff)
+
+    async def _connect(self) -> Connection:
+        link = self.group.link
+        if not link.port_enabled(self.local_port_id):
+            raise HandshakeRefused(PATH_INIT_FAILED, f"local port {self.local_port_id} is offline")
+        address = link.address_of(self.group.remote_device_id, self.remote_port_id)
+        if address is None:
+            raise HandshakeRefused(PATH_INVALID_PORT, f"{self.remote_port_id} is not a replication port of "
+                                                      f"{self.group.remote_device_id}")
+        secret = link.secret_for(self.group.remote_device_id)
+        if secret is None:
+            raise HandshakeRefused(PATH_REJECTED, f"no secret for {self.group.remote_device_id}")
+        timeout = min(HANDSHAKE_TIMEOUT, self.group.timeout)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(address[0], address[1]), timeout)
+        try:
+            await asyncio.wait_for(self._handshake(reader, writer, secret), timeout)
+        except BaseException:
+            writer.transport.abort()
+            raise
+        peer = PeerInfo(self.group.remote_device_id, self.group.remote_serial, self.local_port_id,
+                        self.remote_port_id, True)
+        conn = Connection(reader, writer, peer, link.handlers, self.group.timeout)
+        conn.start()
+        return conn
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes) -> None:
+        link = self.group.link
+        na = secrets.token_hex(32)
+        hello = {"v": PROTOCOL_VERSION, "from": link.storage_device_id, "fromSerial": link.serial,
+                 "to": self.group.remote_device_id, "localPortId": self.local_port_id,
+                 "remotePortId": self.remote_port_id, "nonce": na, "keepalive": self.group.timeout}
+        writer.write(encode_frame(HELLO, 0, hello))
+        await writer.drain()
+        ftype, _, header, _ = await read_frame(reader, MAX_HANDSHAKE_FRAME)
+        if ftype == REJECT:
+            raise HandshakeRefused(str(header.get("status", PATH_REJECTED)), str(header.get("reason", "rejected")))
+        if ftype != CHALLENGE:
+            raise HandshakeRefused(PATH_REJECTED, f"unexpected frame {ftype} in the handshake")
+        nb = str(header.get("nonce", ""))
+        expected = proof(secret, link.storage_device_id, self.group.remote_device_id, self.local_port_id,
+                         self.remote_port_id, na, nb, "server")
+        if len(nb) < 32 or not hmac.compare_digest(expected, str(header.get("proof", ""))):
+            raise HandshakeRefused(PATH_REJECTED, "the remote system could not prove that it knows the secret")
+        mine = proof(secret, link.storage_device_id, self.group.remote_device_id, self.local_port_id,
+                     self.remote_port_id, na, nb, "client")
+        writer.write(encode_frame(AUTH, 0, {"proof": mine}))
+        await writer.drain()
+        ftype, _, header, _ = await read_frame(reader, MAX_HANDSHAKE_FRAME)
+        if ftype == REJECT:
+            raise HandshakeRefused(str(header.get("status", PATH_REJECTED)), str(header.get("reason", "rejected")))
+        if ftype != WELCOME:
+            raise HandshakeRefused(PATH_REJECTED, f"unexpected frame {ftype} in the handshake")
+
+    def view(self) -> dict[str, Any]:
+        return {"localPortId": self.local_port_id, "remotePortId": self.remote_port_id,
+                "pathStatus": self.status, "reason": self.reason}
+
+
+class PathGroup:
+    """The paths from this system to one remote system under one path group id."""
+
+    def __init__(self, link: Link, remote_serial: int, remote_device_id: str, path_group_id: int,
+                 timeout: float = DEFAULT_KEEPALIVE) -> None:
+        self.link = link
+        self.remote_serial = remote_serial
+        self.remote_device_id = remote_device_id
+        self.path_group_id = path_group_id
+        self.timeout = float(timeout)
+        self.paths: dict[tuple[str, str], RemotePath] = {}
+        self._rr = itertools.count()
+
+    # -- state -------------------------------------------------------------------------------------
+    @property
+    def active_paths(self) -> list[RemotePath]:
+        return [p for p in self.paths.values() if p.is_up]
+
+    @property
+    def status(self) -> str:
+        """NML_01 if every path is up; otherwise the status of the first failed path."""
+        for p in self.paths.values():
+            if p.status != PATH_NORMAL:
+                return p.status
+        return PATH_NORMAL
+
+    def set_timeout(self, timeout: float) -> None:
+        self.timeout = float(timeout)
+        for p in self.paths.values():
+            if p.conn is not None:
+                p.conn.keepalive = self.timeout
+
+    async def add_path(self, local_port_id: str, remote_port_id: str) -> RemotePath:
+        path = self.paths.get((local_port_id, remote_port_id))
+        if path is None:
+            path = RemotePath(self, local_port_id, remote_port_id)
+            self.paths[path.key] = path
+            path.start()
+        return path
+
+    async def remove_path(self, local_port_id: str, remote_port_id: str) -> None:
+        path = self.paths.pop((local_port_id, remote_port_id), None)
+        if path is not None:
+            await path.stop()
+
+    async def close(self) -> None:
+        for key in list(self.paths):
+            await self.remove_path(*key)
+
+    async def wait_attempted(self, timeout: float) -> None:
+        """Wait until every path made its first connection attempt (or ``timeout``)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(p.attempted.wait() for p in self.paths.values())), timeout)
+
+    async def wait_status(self, status: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.paths and all(p.status == status for p in self.paths.values()):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(0.05, left))
+
+    # -- requests ----------------------------------------------------------------------------------
+    async def call(self, msg_type: str, header: dict[str, Any], payload: bytes | bytearray | memoryview = b"",
+                   timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
+        """Send a request on a working path and return the reply (header, payload).
+
+        If the path fails before the answer arrives, the request is sent again on another working path of
+        the group (handlers must therefore be idempotent). ``timeout`` bounds the whole call (default: the
+        group's timeoutValueForRemoteIOInSeconds). Raises :class:`LinkDown` when no path works,
+        :class:`LinkTimeout` when the deadline passes, :class:`RemoteError` when the remote handler raised.
+        """
+        budget = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        tried: set[tuple[str, str]] = set()
+        last: Exception | None = None
+        while True:
+            candidates = [p for p in self.active_paths if p.key not in tried]
+            if not candidates:
+                if last is not None:
+                    raise LinkDown(f"every path to {self.remote_device_id} failed; last: {last}") from last
+                raise LinkDown(f"no working path to {self.remote_device_id} in path group {self.path_group_id}")
+            path = candidates[next(self._rr) % len(candidates)]
+            conn = path.conn
+            if conn is None:
+                tried.add(path.key)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LinkTimeout(f"no answer to {msg_type} from {self.remote_device_id} within {budget} s")
+            try:
+                return await conn.request(msg_type, header, payload, left)
+            except LinkTimeout:
+                raise
+            except LinkDown as e:
+                tried.add(path.key)
+                last = e
+
+    def view(self) -> list[dict[str, Any]]:
+        return [p.view() for p in self.paths.values()]
+
+
+class Link:
+    """The replication ports of one storage system: listeners, path groups and message handlers."""
+
+    def __init__(self, storage_device_id: str, serial: int, secret_for: SecretLookup, address_of: AddressLookup,
+                 host: str = "127.0.0.1", ports: dict[str, int] | None = None, max_backoff: float = 2.0) -> None:
+        self.storage_device_id = storage_device_id
+        self.serial = serial
+        self.secret_for = secret_for
+        self.address_of = address_of
+        self.host = host
+        self.ports: dict[str, int] = dict(ports or {})
+        self.max_backoff = max_backoff
+        self.handlers: dict[str, Handler] = {}
+        self.groups: dict[tuple[int, int], PathGroup] = {}
+        self._servers: dict[str, asyncio.Server] = {}
+        self._inbound: dict[str, set[Connection]] = {}
+        self._pending_handshakes = 0
+        self.rejected_connections = 0
+        self.register_handler(ECHO, _echo)
+
+    # -- handlers ----------------------------------------------------------------------------------
+    def register_handler(self, msg_type: str, handler: Handler) -> None:
+        """Serve requests of ``msg_type``: ``await handler(peer, header, payload) -> (header, payload)``."""
+        self.handlers[msg_type] = handler
+
+    # -- listeners ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for port_id, port in list(self.ports.items()):
+            await self._listen(port_id, port)
+
+    async def _listen(self, port_id: str, port: int) -> None:
+        server = await asyncio.start_server(lambda r, w: self._accept(port_id, r, w), self.host, port,
+                                            reuse_address=True)
+        sock_port = server.sockets[0].getsockname()[1]
+        self.ports[port_id] = int(sock_port)
+        self._servers[port_id] = server
+
+    def port_enabled(self, port_id: str) -> bool:
+        return port_id in self._servers
+
+    async def set_port_enabled(self, port_id: str, enabled: bool) -> None:
+        """Take a replication port offline (listener closed, its connections dropped) or back online."""
+        if enabled:
+            if port_id not in self._servers:
+                await self._listen(port_id, self.ports[port_id])
+            return
+        server = self._servers.pop(port_id, None)
+        if server is not None:
+            server.close()
+        for conn in list(self._inbound.get(port_id, ())):
+            conn.close(PATH_COMMUNICATION_FAILED, f"port {port_id} taken offline")
+        for group in self.groups.values():
+            for path in group.paths.values():
+                if path.local_port_id == port_id and path.conn is not None:
+                    path.conn.close(PATH_INIT_FAILED, f"local port {port_id} taken offline")
+
+    def addresses(self) -> dict[str, tuple[str, int]]:
+        return {p: (self.host, n) for p, n in self.ports.items()}
+
+    def drop_peer(self, storage_device_id: str) -> None:
+        """Close every inbound connection from a system (its registration was removed)."""
+        for conns in self._inbound.values():
+            for conn in list(conns):
+                if conn.peer.storage_device_id == storage_device_id:
+                    conn.close(PATH_REJECTED, "registration removed")
+
+    async def _accept(self, port_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._pending_handshakes >= MAX_PENDING_HANDSHAKES:
+            writer.transport.abort()
+            return
+        self._pending_handshakes += 1
+        try:
+            peer, keepalive = await asyncio.wait_for(self._answer_handshake(port_id, reader, writer),
+                                                     HANDSHAKE_TIMEOUT)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ProtocolError, HandshakeRefused) as e:
+            self.rejected_connections += 1
+            log.warning("replication port %s: connection from %s refused: %s: %s", port_id,
+                        writer.get_extra_info("peername"), type(e).__name__, e)
+            writer.transport.abort()
+            return
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
+        finally:
+            self._pending_handshakes -= 1
+        if port_id not in self._servers:  # the port went offline meanwhile
+            writer.transport.abort()
+            return
+        conn = Connection(reader, writer, peer, self.handlers, keepalive)
+        conns = self._inbound.setdefault(port_id, set())
+        conns.add(conn)
+        conn.start()
+        await conn.closed.wait()
+        conns.discard(conn)
+
+    async def _answer_handshake(self, port_id: str, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> tuple[PeerInfo, float]:
+        ftype, _, hello, _ = await read_frame(reader, MAX_HANDSHAKE_FRAME)
+        if ftype != HELLO or hello.get("v") != PROTOCOL_VERSION:
+            raise ProtocolError("the first frame is not a HELLO of protocol version 1")
+
+        async def reject(status: str, reason: str) -> HandshakeRefused:
+            writer.write(encode_frame(REJECT, 0, {"status": status, "reason": reason}))
+            with contextlib.suppress(OSError):
+                await writer.drain()
+            return HandshakeRefused(status, reason)
+
+        initiator = str(hello.get("from", ""))
+        na = str(hello.get("nonce", ""))
+        local_port = str(hello.get("localPortId", ""))
+        if hello.get("to") != self.storage_device_id:
+            raise await reject(PATH_SERIAL_MISMATCH, f"this is {self.storage_device_id}, not {hello.get('to')}")
+        if hello.get("remotePortId") != port_id:
+            raise await reject(PATH_INVALID_PORT, f"this is port {port_id}, not {hello.get('remotePortId')}")
+        secret = self.secret_for(initiator)
+        if secret is None or len(na) < 32:
+            raise await reject(PATH_REJECTED, "authentication failed")
+        nb = secrets.token_hex(32)
+        mine = proof(secret, initiator, self.storage_device_id, local_port, port_id, na, nb, "server")
+        writer.write(encode_frame(CHALLENGE, 0, {"nonce": nb, "proof": mine}))
+        await writer.drain()
+        ftype, _, auth, _ = await read_frame(reader, MAX_HANDSHAKE_FRAME)
+        expected = proof(secret, initiator, self.storage_device_id, local_port, port_id, na, nb, "client")
+        if ftype != AUTH or not hmac.compare_digest(expected, str(auth.get("proof", ""))):
+            raise await reject(PATH_REJECTED, "authentication failed")
+        writer.write(encode_frame(WELCOME, 0, {"serial": self.serial}))
+        await writer.drain()
+        keepalive = hello.get("keepalive", DEFAULT_KEEPALIVE)
+        if not isinstance(keepalive, (int, float)) or not 0.1 <= keepalive <= 3600:
+            keepalive = DEFAULT_KEEPALIVE
+        serial = hello.get("fromSerial")
+        peer = PeerInfo(initiator, serial if isinstance(serial, int) else 0, port_id, local_port, False)
+        return peer, float(keepalive)
+
+    # -- path groups -------------------------------------------------------------------------------
+    def path_group(self, remote_serial: int, path_group_id: int) -> PathGroup | None:
+        return self.groups.get((remote_serial, path_group_id))
+
+    def ensure_group(self, remote_serial: int, remote_device_id: str, path_group_id: int,
+                     timeout: float = DEFAULT_KEEPALIVE) -> PathGroup:
+        group = self.groups.get((remote_serial, path_group_id))
+        if group is None:
+            group = PathGroup(self, remote_serial, remote_device_id, path_group_id, timeout)
+            self.groups[(remote_serial, path_group_id)] = group
+        return group
+
+    async def remove_group(self, remote_serial: int, path_group_id: int) -> None:
+        group = self.groups.pop((remote_serial, path_group_id), None)
+        if group is not None:
+            await group.close()
+
+    async def close(self) -> None:
+        for key in list(self.groups):
+            await self.remove_group(*key)
+        for port_id in list(self._servers):
+            await self.set_port_enabled(port_id, False)
+
+
+async def _echo(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """Echo: answers the payload and its SHA-256; ``delay`` (s) waits first, ``fail`` raises."""
+    delay = header.get("delay")
+    if isinstance(delay, (int, float)) and 0 < delay <= 60:
+        await asyncio.sleep(delay)
+    if header.get("fail"):
+        raise RuntimeError(str(header["fail"]))
+    return {"sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload), "from": peer.storage_device_id,
+            "port": peer.local_port_id}, payload
+
+
+def random_payload(size: int) -> bytes:
+    return os.urandom(size)

@@ -1,0 +1,485 @@
+"""Remote storage systems and remote path groups: registration, the link secret, Remote-Authorization.
+
+A remote system is registered with ``POST remote-storages`` on the local system, carrying a session token of
+the remote system (``Remote-Authorization``). The local system checks that token against the remote's
+REST API before anything changes, learns the remote's replication-port addresses (vspemu-private route
+``GET /ConfigurationManager/vspemu/v1/link``) and hands it a fresh link secret (``POST
+/ConfigurationManager/vspemu/v1/link-peers``, authenticated with the same remote token). Both sides keep a
+*peer record* for each other: the secret authenticates replication-link connections in both directions.
+A peer record is *registered* (visible in ``GET remote-storages`` with dkcType "Remote") when the local
+administrator registered the remote, or when the remote registered us with ``isMutualDiscovery``.
+
+This module knows nothing about HTTP frameworks; it talks to remote systems with httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+
+from vspemu.errors import MESSAGES, VspError, invalid, not_found
+from vspemu.replication.link import Link, PathGroup
+from vspemu.system.storage import REPLICATION_PORTS, StorageSystem, storage_type_id
+
+PRIVATE_ROOT = "/ConfigurationManager/vspemu/v1"
+REMOTE_TIMEOUT = 10.0
+MIN_TIMEOUT_FOR_REMOTE_IO = 10
+MAX_TIMEOUT_FOR_REMOTE_IO = 80
+DEFAULT_TIMEOUT_FOR_REMOTE_IO = 15
+MAX_PATHS_PER_GROUP = 8
+DEVICE_ID_RE = re.compile(r"^[0-9A-F]{6}\d{6}$")
+
+
+@dataclass
+class RemoteStorage:
+    """What this system knows about another one (a peer record)."""
+
+    storage_device_id: str
+    serial: int
+    model: str
+    rest_server_ip: str
+    rest_server_port: int
+    secret: str  # hex; authenticates the replication link between the two systems
+    link_ports: dict[str, list[Any]] = field(default_factory=dict)  # port id -> [host, tcp port]
+    registered: bool = True  # visible in GET remote-storages
+
+    @property
+    def storage_type_id(self) -> str:
+        return storage_type_id(self.storage_device_id)
+
+
+@dataclass
+class PathGroupConfig:
+    remote_serial: int
+    remote_storage_type_id: str
+    path_group_id: int
+    remote_storage_device_id: str
+    paths: list[list[str]] = field(default_factory=list)  # [local port, remote port]
+    timeout: int = DEFAULT_TIMEOUT_FOR_REMOTE_IO
+    round_trip_ms: int = 1
+    min_paths: int = 1
+
+    @property
+    def object_id(self) -> str:
+        return f"{self.remote_serial},{self.remote_storage_type_id},{self.path_group_id}"
+
+
+def _session_headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Session {token}", "Content-Type": "application/json", "Accept": "application/json"}
+
+
+def _base(ip: str, port: int) -> str:
+    host = f"[{ip}]" if ":" in ip and not ip.startswith("[") else ip
+    return f"https://{host}:{port}"
+
+
+class RemoteApi:
+    """Calls to another storage system's REST API with a token of a session there."""
+
+    def __init__(self, ip: str, port: int, token: str, device_hint: str = "") -> None:
+        self.ip, self.port, self.token = ip, port, token
+        self.device_hint = device_hint
+
+    async def _request(self, method: str, path: str, json: Any = None) -> httpx.Response:
+        try:
+            async with httpx.AsyncClient(base_url=_base(self.ip, self.port), verify=False,
+                                         timeout=REMOTE_TIMEOUT) as http:
+                return await http.request(method, path, json=json, headers=_session_headers(self.token))
+        except httpx.HTTPError as e:
+            raise VspError("REMOTE_UNREACHABLE", cause=f"{type(e).__name__}: {e}",
+                           detail=f"REST server {self.ip}:{self.port}") from None
+
+    def _check(self, r: httpx.Response, what: str) -> Any:
+        if r.status_code == 401:
+            raise VspError("REMOTE_AUTH_INVALID", remote=self.device_hint or f"{self.ip}:{self.port}")
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if r.status_code >= 400:
+            msg = body.get("message", "") if isinstance(body, dict) else r.text[:200]
+            mid = body.get("messageId") if isinstance(body, dict) else None
+            key = next((k for k, m in MESSAGES.items() if m.message_id == mid), None)
+            if key is not None and key not in ("TOKEN_INVALID", "URL_NOT_FOUND", "METHOD_NOT_ALLOWED"):
+                # the remote system refused in the array's vocabulary: pass its refusal on
+                err = VspError(key, cause=f"Refused by the remote storage system: {msg}")
+                err.message = msg or err.message
+                raise err
+            if r.status_code == 404 and what.startswith("vspemu"):
+                raise VspError("REMOTE_UNREACHABLE", cause="The remote system does not offer the vspemu "
+                               "replication link.", detail=f"{what}: HTTP 404")
+            raise VspError("REMOTE_UNREACHABLE", cause=msg, detail=f"{what}: HTTP {r.status_code}")
+        return body
+
+    async def storage(self) -> dict[str, Any]:
+        """GET storages on the remote: proves the token and tells who answers there."""
+        body = self._check(await self._request("GET", "/ConfigurationManager/v1/objects/storages"), "storages")
+        try:
+            item = body["data"][0]
+            return {"storageDeviceId": str(item["storageDeviceId"]), "serialNumber": int(item["serialNumber"]),
+                    "model": str(item.get("model", ""))}
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise VspError("REMOTE_UNREACHABLE", cause="The remote REST server answered an unexpected body.",
+                           detail="GET storages") from None
+
+    async def link_info(self) -> dict[str, Any]:
+        return self._check(await self._request("GET", f"{PRIVATE_ROOT}/link"), "vspemu link")  # type: ignore
+
+    async def put_peer(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return self._check(await self._request("POST", f"{PRIVATE_ROOT}/link-peers", doc),  # type: ignore
+                           "vspemu link-peers")
+
+    async def forget_peer(self, device_id: str, mutual: bool, check_only: bool = False) -> dict[str, Any]:
+        body = {"isMutualDeletion": mutual, "checkOnly": check_only}
+        return self._check(await self._request("POST", f"{PRIVATE_ROOT}/link-peers/{device_id}/forget", body),
+                           "vspemu link-peers forget")  # type: ignore
+
+
+def link_ports_of(info: dict[str, Any], rest_ip: str) -> dict[str, list[Any]]:
+    """The remote's replication-port addresses from its link info (a wildcard host means: the REST host)."""
+    out: dict[str, list[Any]] = {}
+    for item in info.get("linkPorts", []):
+        host = item.get("host") or rest_ip
+        if host in ("0.0.0.0", "::", ""):
+            host = rest_ip
+        out[str(item["portId"])] = [str(host), int(item["port"])]
+    return out
+
+
+class Remotes:
+    """Peer records, path groups and the link wiring of one storage system."""
+
+    def __init__(self, system: StorageSystem, link: Link, rest_host: str, rest_port: int,
+                 min_timeout: int = MIN_TIMEOUT_FOR_REMOTE_IO) -> None:
+        self.system = system
+        self.link = link
+        self.rest_host = rest_host
+        self.rest_port = rest_port
+        self.min_timeout = min_timeout
+        self.peers: dict[str, RemoteStorage] = {
+            k: RemoteStorage(**v) for k, v in system.store.load("remote_storages").items()
+        }
+        self.groups: dict[str, PathGroupConfig] = {
+            k: PathGroupConfig(**v) for k, v in system.store.load("remotepath_groups").items()
+        }
+        self._lock = asyncio.Lock()
+        link.secret_for = self.secret_for
+        link.address_of = self.address_of
+
+    # -- link callbacks ----------------------------------------------------------------------------
+    def secret_for(self, device_id: str) -> bytes | None:
+        peer = self.peers.get(device_id)
+        return bytes.fromhex(peer.secret) if peer is not None else None
+
+    def address_of(self, device_id: str, port_id: str) -> tuple[str, int] | None:
+        peer = self.peers.get(device_id)
+        if peer is None or port_id not in peer.link_ports:
+            return None
+        host, port = peer.link_ports[port_id]
+        return str(host), int(port)
+
+    async def start(self) -> None:
+        """Bring back the path groups of the stored configuration (after a restart)."""
+        for cfg in self.groups.values():
+            await self._configure_link(cfg)
+
+    # -- peers ------------------------------------------------------------------------------------
+    def registered(self) -> list[RemoteStorage]:
+        return sorted((p for p in self.peers.values() if p.registered), key=lambda p: p.storage_device_id)
+
+    def get(self, device_id: str) -> RemoteStorage:
+        peer = self.peers.get(device_id)
+        if peer is None or not peer.registered:
+            raise not_found("remote storage", device_id)
+        return peer
+
+    def by_serial(self, serial: int) -> RemoteStorage | None:
+        return next((p for p in self.peers.values() if p.serial == serial and p.registered), None)
+
+    def _save_peer(self, peer: RemoteStorage) -> None:
+        self.system.store.put("remote_storages", peer.storage_device_id, asdict(peer))
+        self.peers[peer.storage_device_id] = peer
+
+    def _drop_peer(self, device_id: str) -> None:
+        self.system.store.delete("remote_storages", device_id)
+        self.peers.pop(device_id, None)
+        self.link.drop_peer(device_id)
+
+    def link_info(self) -> dict[str, Any]:
+        s = self.system
+        return {"storageDeviceId": s.storage_device_id, "serialNumber": s.serial, "model": s.model,
+                "restServerIp": self.rest_host, "restServerPort": self.rest_port,
+                "linkPorts": [{"portId": p, "host": h, "port": n, "enabled": self.link.port_enabled(p)}
+                              for p, (h, n) in self.link.addresses().items()]}
+
+    async def verify_token(self, device_id: str, token: str) -> RemoteStorage:
+        """Remote-Authorization for an operation on a registered remote: its REST API must accept the token."""
+        peer = self.get(device_id)
+        api = RemoteApi(peer.rest_server_ip, peer.rest_server_port, token, device_id)
+        found = await api.storage()
+        if found["storageDeviceId"] != device_id:
+            raise VspError("REMOTE_MISMATCH", expected=device_id, found=found["storageDeviceId"])
+        return peer
+
+    async def check_registration(self, device_id: str, ip: str, port: int, token: str) -> dict[str, Any]:
+        """Everything that can refuse a registration, before anything changes (no side effects)."""
+        if not DEVICE_ID_RE.match(device_id):
+            raise invalid("storageDeviceId", device_id, "Specify the 12-character storage device ID.")
+        if device_id == self.system.storage_device_id:
+            raise VspError("REMOTE_IS_SELF", device=device_id)
+        existing = self.peers.get(device_id)
+        if existing is not None and existing.registered:
+            raise VspError("ALREADY_EXISTS", object_id=f"remote storage {device_id}")
+        found = await RemoteApi(ip, port, token, device_id).storage()
+        if found["storageDeviceId"] == self.system.storage_device_id:
+            raise VspError("REMOTE_IS_SELF", device=device_id)
+        if found["storageDeviceId"] != device_id:
+            raise VspError("REMOTE_MISMATCH", expected=device_id, found=found["storageDeviceId"])
+        return found
+
+    async def register(self, device_id: str, ip: str, port: int, token: str, mutual: bool) -> RemoteStorage:
+        """Register a remote system (the job of POST remote-storages)."""
+        async with self._lock:
+            found = await self.check_registration(device_id, ip, port, token)
+            api = RemoteApi(ip, port, token, device_id)
+            info = await api.link_info()
+            secret = secrets.token_hex(32)
+            me = self.system
+            await api.put_peer({
+                "storageDeviceId": me.storage_device_id, "serialNumber": me.serial, "model": me.model,
+                "restServerIp": self.rest_host, "restServerPort": self.rest_port, "secret": secret,
+                "linkPorts": self.link_info()["linkPorts"], "isMutualDiscovery": mutual,
+            })
+            peer = RemoteStorage(device_id, found["serialNumber"], found["model"], ip, port, secret,
+                                 link_ports_of(info, ip), registered=True)
+            self._save_peer(peer)
+            return peer
+
+    def accept_peer(self, doc: dict[str, Any], client_ip: str) -> None:
+        """The remote side of a registration (vspemu-private route): keep the secret, maybe register."""
+        device_id = str(doc["storageDeviceId"])
+        if device_id == self.system.storage_device_id:
+            raise VspError("REMOTE_IS_SELF", device=device_id)
+        if not DEVICE_ID_RE.match(device_id):
+            raise invalid("storageDeviceId", device_id)
+        existing = self.peers.get(device_id)
+        rest_ip = str(doc.get("restServerIp") or client_ip)
+        if rest_ip in ("0.0.0.0", "::"):
+            rest_ip = client_ip
+        peer = RemoteStorage(
+            device_id, int(doc["serialNumber"]), str(doc.get("model", "")), rest_ip,
+            int(doc.get("restServerPort", 443)), str(doc["secret"]),
+            link_ports_of({"linkPorts": doc.get("linkPorts", [])}, rest_ip),
+            registered=bool(doc.get("isMutualDiscovery")) or (existing is not None and existing.registered),
+        )
+        bytes.fromhex(peer.secret)
+        self._save_peer(peer)
+        # connections made with the old secret must authenticate again
+        self.link.drop_peer(device_id)
+        for cfg in self.groups.values():
+            if cfg.remote_storage_device_id == device_id:
+                group = self.link.path_group(cfg.remote_serial, cfg.path_group_id)
+                for path in group.paths.values() if group else ():
+                    if path.conn is not None:
+                        path.conn.close(reason="link secret changed")
+
+    def groups_to(self, device_id: str) -> list[PathGroupConfig]:
+        return [g for g in self.groups.values() if g.remote_storage_device_id == device_id]
+
+    async def unregister(self, device_id: str, token: str, mutual: bool) -> None:
+        """Remove a registration (the job of DELETE remote-storages)."""
+        async with self._lock:
+            peer = self.get(device_id)
+            if self.groups_to(device_id):
+                raise VspError("IN_USE", detail=f"remote path groups to {device_id} exist; delete them first")
+            api = RemoteApi(peer.rest_server_ip, peer.rest_server_port, token, device_id)
+            keep = False
+            try:
+                if mutual:
+                    await api.forget_peer(self.system.storage_device_id, True, check_only=True)
+                answer = await api.forget_peer(self.system.storage_device_id, mutual)
+                keep = bool(answer.get("keep"))
+            except VspError as e:
+                if mutual or e.key != "REMOTE_UNREACHABLE":
+                    raise
+                keep = True  # cannot tell whether the remote still uses the secret: keep it, hidden
+            if keep:
+                peer.registered = False
+                self._save_peer(peer)
+            else:
+                self._drop_peer(device_id)
+
+    def forget_peer(self, device_id: str, mutual: bool, check_only: bool) -> dict[str, Any]:
+        """The remote side of an unregistration (vspemu-private route). Answers whether we keep the secret."""
+        peer = self.peers.get(device_id)
+        if peer is None:
+            return {"keep": False}
+        if mutual and self.groups_to(device_id):
+            raise VspError("IN_USE", detail=f"remote path groups to {device_id} exist on "
+                                            f"{self.system.storage_device_id}; delete them first")
+        if check_only:
+            return {"keep": peer.registered and not mutual}
+        if peer.registered and not mutual:
+            return {"keep": True}
+        if self.groups_to(device_id):  # hidden peer still used by our path groups: keep it
+            return {"keep": True}
+        self._drop_peer(device_id)
+        return {"keep": False}
+
+    def refresh_ports(self, device_id: str, info: dict[str, Any]) -> None:
+        peer = self.peers.get(device_id)
+        if peer is not None:
+            peer.link_ports = link_ports_of(info, peer.rest_server_ip)
+            self._save_peer(peer)
+
+    # -- path groups ------------------------------------------------------------------------------
+    def get_group(self, object_id: str) -> PathGroupConfig:
+        cfg = self.groups.get(object_id)
+        if cfg is None:
+            raise not_found("remote path group", object_id)
+        return cfg
+
+    def parse_group_id(self, object_id: str) -> str:
+        parts = object_id.split(",")
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[2].isdigit():
+            raise VspError("INVALID_OBJECT_ID", object_id=object_id)
+        return f"{int(parts[0])},{parts[1]},{int(parts[2])}"
+
+    def _check_ports(self, peer: RemoteStorage, local_port: str, remote_port: str) -> None:
+        if local_port not in self.system.ports:
+            raise not_found("port", local_port)
+        if local_port not in REPLICATION_PORTS:
+            raise invalid("localPortId", local_port,
+                          f"Specify a replication port ({', '.join(REPLICATION_PORTS)}).")
+        if remote_port not in peer.link_ports:
+            raise invalid("remotePortId", remote_port,
+                          f"Specify a replication port of the remote storage system "
+                          f"({', '.join(sorted(peer.link_ports)) or 'none known'}).")
+
+    def check_new_group(self, remote_serial: int, type_id: str, path_group_id: int, local_port: str,
+                        remote_port: str) -> RemoteStorage:
+        peer = self.by_serial(remote_serial)
+        if peer is None:
+            raise not_found("remote storage", f"serial {remote_serial}")
+        if type_id != peer.storage_type_id:
+            raise invalid("remoteStorageTypeId", type_id,
+                          f"The remote storage system {peer.storage_device_id} is of type {peer.storage_type_id}.")
+        if not 0 <= path_group_id <= 255:
+            raise invalid("pathGroupId", path_group_id, "Specify a value from 0 to 255.")
+        object_id = f"{remote_serial},{type_id},{path_group_id}"
+        if object_id in self.groups:
+            raise VspError("ALREADY_EXISTS", object_id=f"remote path group {object_id}")
+        self._check_ports(peer, local_port, remote_port)
+        return peer
+
+    async def _configure_link(self, cfg: PathGroupConfig) -> PathGroup:
+        group = self.link.ensure_group(cfg.remote_serial, cfg.remote_storage_device_id, cfg.path_group_id,
+                                       cfg.timeout)
+        group.set_timeout(cfg.timeout)
+        wanted = {(lp, rp) for lp, rp in cfg.paths}
+        for key in list(group.paths):
+            if key not in wanted:
+                await group.remove_path(*key)
+        for lp, rp in cfg.paths:
+            await group.add_path(lp, rp)
+        return group
+
+    def _save_group(self, cfg: PathGroupConfig) -> None:
+        self.system.store.put("remotepath_groups", cfg.object_id, asdict(cfg))
+        self.groups[cfg.object_id] = cfg
+
+    async def create_group(self, remote_serial: int, type_id: str, path_group_id: int, local_port: str,
+                           remote_port: str) -> PathGroupConfig:
+        peer = self.check_new_group(remote_serial, type_id, path_group_id, local_port, remote_port)
+        cfg = PathGroupConfig(remote_serial, type_id, path_group_id, peer.storage_device_id,
+                              [[local_port, remote_port]])
+        self._save_group(cfg)
+        group = await self._configure_link(cfg)
+        await group.wait_attempted(min(5.0, float(cfg.timeout)))
+        return cfg
+
+    def check_path(self, cfg: PathGroupConfig, local_port: str, remote_port: str) -> None:
+        peer = self.get(cfg.remote_storage_device_id)
+        self._check_ports(peer, local_port, remote_port)
+        if [local_port, remote_port] in cfg.paths:
+            raise VspError("ALREADY_EXISTS", object_id=f"remote path {local_port},{remote_port}")
+        if len(cfg.paths) >= MAX_PATHS_PER_GROUP:
+            raise VspError("WRONG_STATE", detail=f"a path group has at most {MAX_PATHS_PER_GROUP} paths")
+
+    async def add_path(self, object_id: str, local_port: str, remote_port: str) -> PathGroupConfig:
+        cfg = self.get_group(object_id)
+        self.check_path(cfg, local_port, remote_port)
+        cfg.paths.append([local_port, remote_port])
+        self._save_group(cfg)
+        group = await self._configure_link(cfg)
+        await group.wait_attempted(min(5.0, float(cfg.timeout)))
+        return cfg
+
+    async def remove_path(self, object_id: str, local_port: str, remote_port: str) -> PathGroupConfig:
+        cfg = self.get_group(object_id)
+        if [local_port, remote_port] not in cfg.paths:
+            raise not_found("remote path", f"{local_port},{remote_port}")
+        if len(cfg.paths) == 1:
+            raise VspError("WRONG_STATE", detail="the last remote path of a group cannot be removed; "
+                                                 "delete the remote path group instead")
+        cfg.paths.remove([local_port, remote_port])
+        self._save_group(cfg)
+        await self._configure_link(cfg)
+        return cfg
+
+    def check_timeout(self, value: int) -> None:
+        if not self.min_timeout <= value <= MAX_TIMEOUT_FOR_REMOTE_IO:
+            raise invalid("timeoutValueForRemoteIOInSeconds", value,
+                          f"Specify a value from {self.min_timeout} to {MAX_TIMEOUT_FOR_REMOTE_IO}.")
+
+    async def update_group(self, object_id: str, timeout: int | None, round_trip_ms: int | None,
+                           min_paths: int | None) -> PathGroupConfig:
+        cfg = self.get_group(object_id)
+        if timeout is not None:
+            self.check_timeout(timeout)
+            cfg.timeout = timeout
+        if round_trip_ms is not None:
+            cfg.round_trip_ms = round_trip_ms
+        if min_paths is not None:
+            cfg.min_paths = min_paths
+        self._save_group(cfg)
+        await self._configure_link(cfg)
+        return cfg
+
+    async def delete_group(self, object_id: str) -> None:
+        cfg = self.get_group(object_id)
+        self.system.store.delete("remotepath_groups", object_id)
+        del self.groups[object_id]
+        await self.link.remove_group(cfg.remote_serial, cfg.path_group_id)
+
+    def group_view(self, cfg: PathGroupConfig) -> dict[str, Any]:
+        peer = self.peers.get(cfg.remote_storage_device_id)
+        group = self.link.path_group(cfg.remote_serial, cfg.path_group_id)
+        paths = []
+        for number, (lp, rp) in enumerate(cfg.paths):
+            live = group.paths.get((lp, rp)) if group else None
+            status = live.status if live else "ERR_02"
+            paths.append({"cuType": "REMOTE", "portType": "FIBRE", "pathNumber": number, "localPortId": lp,
+                          "remotePortId": rp, "pathStatus": status})
+        normal = sum(1 for p in paths if p["pathStatus"] == "NML_01")
+        return {
+            "remotepathGroupId": cfg.object_id,
+            "remoteStorageDeviceId": cfg.remote_storage_device_id,
+            "remoteSerialNumber": str(cfg.remote_serial),
+            "remoteStorageModel": peer.model if peer else "",
+            "remoteStorageTypeId": cfg.remote_storage_type_id,
+            "pathGroupId": cfg.path_group_id,
+            "cuType": "REMOTE",
+            "portType": "FIBRE",
+            "cuStatus": "NML" if normal == len(paths) else ("WAR" if normal >= cfg.min_paths else "ERR"),
+            "minNumOfPaths": cfg.min_paths,
+            "numOfPaths": len(paths),
+            "timeoutValueForRemoteIOInSeconds": cfg.timeout,
+            "roundTripTimeInMilliSeconds": cfg.round_trip_ms,
+            "remotePaths": paths,
+        }
