@@ -51,13 +51,15 @@ class Lab:
             return f"{self.s.storage_device_id},{group},{group}P_,{group}S_,{name}"
         return f"{self.p.storage_device_id},{group},{group}S_,{group}P_,{name}"
 
-    def pair(self, name: str = "p1", group: str = CG) -> dict:
+    def pair(self, name: str = "p1", group: str = CG, local: bool = False) -> dict:
+        if local:  # the primary's own view: no Remote-Authorization (works while the secondary is down)
+            return self.pc.get(f"remote-mirror-copypairs/NotSpecified,{group},{group}P_,NotSpecified,{name}")
         return self.pc.get(f"remote-mirror-copypairs/{self.pair_id(name, group)}", remote=self.sc)
 
-    def wait_status(self, pst: str, sst: str, name: str = "p1", timeout: float = 60.0) -> dict:
+    def wait_status(self, pst: str, sst: str, name: str = "p1", timeout: float = 60.0, local: bool = False) -> dict:
         deadline = time.monotonic() + timeout
         while True:
-            info = self.pair(name)
+            info = self.pair(name, local=local)
             if info["pvolStatus"] == pst and info["svolStatus"] == sst:
                 return info
             if time.monotonic() > deadline:
@@ -283,3 +285,127 @@ def test_nowait_create_reports_copy_progress(lab: Lab) -> None:
     assert rates == sorted(rates) and all(0 <= r < 100 for r in rates)
     assert seen[-1] == ("PAIR", -1)
     assert lab.digest("p", pv, 256 * MiB) == lab.digest("s", sv, 256 * MiB)
+
+
+def set_ports(system: SystemProcess, client: VspClient, enabled: bool) -> None:
+    for port in ("CL3-A", "CL4-A"):
+        r = client.raw("PUT", f"vspemu/v1/link-ports/{port}", json={"enabled": enabled}, headers=client.headers())
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("fence", ["NEVER", "DATA", "STATUS"])
+def test_link_failure_by_fence_level(lab: Lab, fence: str) -> None:
+    (pv, sv), = lab.volumes("16M")
+    with lab.nbd("p", pv) as c:
+        fill_random(c, 16 * MiB)
+    lab.create(pv, sv, fenceLevel=fence)
+    assert lab.pair()["fenceLevel"] == fence
+    set_ports(lab.s, lab.sc, False)  # cut the link: the secondary's replication ports go offline
+    with lab.nbd("p", pv) as c:
+        if fence == "NEVER":
+            c.write(MiB, b"n" * 4096)  # accepted and tracked
+            c.write(2 * MiB, b"n" * 4096)
+        else:
+            with pytest.raises(NbdError) as e:
+                c.write(MiB, b"d" * 4096)  # the failing write is reported to the host
+            assert e.value.errno in (1, 5)
+            with pytest.raises(NbdError) as e:
+                c.write(2 * MiB, b"d" * 4096)  # and the P-VOL is fenced
+            assert e.value.errno == 1
+    info = lab.pc.get(f"remote-mirror-copypairs/NotSpecified,{CG},{CG}P_,NotSpecified,p1")
+    assert info["pvolStatus"] == "PSUE"
+    set_ports(lab.s, lab.sc, True)
+    gid = f"{lab.s.serial},R9,0"
+    lab.pc.wait_path_status(gid, "NML_01", 30)
+    lab.pc.invoke("PUT", f"remote-mirror-copypairs/{lab.pair_id()}/actions/resync/invoke",
+                  {"parameters": {"replicationType": "TC"}}, remote=lab.sc)
+    lab.wait_status("PAIR", "PAIR")
+    with lab.nbd("p", pv) as c:
+        c.write(3 * MiB, b"after" * 100)  # writable again after the resync
+    assert lab.digest("p", pv, 16 * MiB) == lab.digest("s", sv, 16 * MiB)
+
+
+def test_group_operations_and_twenty_concurrent_jobs(lab: Lab) -> None:
+    vols = lab.volumes("8M", count=10)
+    for i, (pv, _) in enumerate(vols):
+        with lab.nbd("p", pv) as c:
+            c.write(0, bytes([i + 1]) * MiB)
+    jobs = []
+    for i, (pv, sv) in enumerate(vols):
+        body = {"copyGroupName": "many", "copyPairName": f"m{i}", "replicationType": "TC",
+                "remoteStorageDeviceId": lab.s.storage_device_id, "pvolLdevId": pv, "svolLdevId": sv,
+                "isNewGroupCreation": i == 0, "copyPace": 15}
+        if i == 0:
+            lab.pc.invoke("POST", "remote-mirror-copypairs", body, remote=lab.sc, nowait=True)
+        else:
+            jobs.append(lab.pc.request("POST", "remote-mirror-copypairs", json=body, remote=lab.sc,
+                                       nowait=i % 2 == 0))
+    for j in jobs:
+        lab.pc.wait_job(j, timeout=120)
+    gid = f"{lab.s.storage_device_id},many,manyP_,manyS_"
+    deadline = time.monotonic() + 60
+    while True:
+        g = lab.pc.get(f"remote-mirror-copygroups/{gid}", remote=lab.sc)
+        if all(p["pvolStatus"] == "PAIR" and p["svolStatus"] == "PAIR" for p in g["copyPairs"]):
+            break
+        assert time.monotonic() < deadline, g
+        time.sleep(0.1)
+    assert len(g["copyPairs"]) == 10
+    lab.pc.invoke("PUT", f"remote-mirror-copygroups/{gid}/actions/split/invoke",
+                  {"parameters": {"replicationType": "TC", "svolAccessMode": "rw"}}, remote=lab.sc)
+    g = lab.pc.get(f"remote-mirror-copygroups/{gid}", remote=lab.sc)
+    assert {(p["pvolStatus"], p["svolStatus"]) for p in g["copyPairs"]} == {("PSUS", "SSUS")}
+    # ten resyncs at once, pair by pair, half of them NoWait; then the group resync is a no-op
+    jobs = [lab.pc.request("PUT", f"remote-mirror-copypairs/{gid},m{i}/actions/resync/invoke",
+                           json={"parameters": {"replicationType": "TC"}}, remote=lab.sc, nowait=i % 2 == 0)
+            for i in range(10)]
+    for j in jobs:
+        lab.pc.wait_job(j, timeout=120)
+    lab.pc.invoke("PUT", f"remote-mirror-copygroups/{gid}/actions/resync/invoke",
+                  {"parameters": {"replicationType": "TC", "isConsistencyGroup": True, "consistencyGroupId": 3}},
+                  remote=lab.sc)
+    with pytest.raises(ApiError) as e:  # CTG registration only in units of copy groups
+        lab.pc.invoke("PUT", f"remote-mirror-copypairs/{gid},m0/actions/resync/invoke",
+                      {"parameters": {"replicationType": "TC", "isConsistencyGroup": True,
+                                      "consistencyGroupId": 3}}, remote=lab.sc)
+    assert e.value.status == 412
+    deadline = time.monotonic() + 60
+    while True:
+        g = lab.pc.get(f"remote-mirror-copygroups/{gid}", remote=lab.sc)
+        if all(p["pvolStatus"] == "PAIR" for p in g["copyPairs"]):
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert {p["consistencyGroupId"] for p in g["copyPairs"]} == {3}
+    for i, (pv, sv) in enumerate(vols):
+        assert lab.digest("p", pv, 8 * MiB) == lab.digest("s", sv, 8 * MiB), i
+    lab.pc.invoke("DELETE", f"remote-mirror-copygroups/{gid}", remote=lab.sc)
+    assert lab.pc.get("remote-copypairs")["data"] == [] and lab.sc.get("remote-copypairs")["data"] == []
+
+
+def test_crash_of_either_side(lab: Lab) -> None:
+    (pv, sv), = lab.volumes("32M")
+    with lab.nbd("p", pv) as c:
+        fill_random(c, 32 * MiB)
+    lab.create(pv, sv)
+    with lab.nbd("p", pv) as c:
+        for i in range(50):
+            c.write(i * 600 * 1024, os.urandom(8192))
+        c.flush()
+    lab.p.kill()  # the primary crashes in PAIR
+    lab.p.start()
+    lab.pc = lab.p.client()
+    lab.pc.wait_path_status(f"{lab.s.serial},R9,0", "NML_01", 30)
+    lab.wait_status("PAIR", "PAIR")
+    assert lab.digest("p", pv, 32 * MiB) == lab.digest("s", sv, 32 * MiB)
+    lab.s.kill()  # now the secondary crashes: the primary suspends (fence NEVER) and tracks writes
+    with lab.nbd("p", pv) as c:
+        c.write(7 * MiB, b"while the secondary is down".ljust(4096))
+    lab.wait_status("PSUE", "PAIR", local=True)  # the primary still knows the S-VOL as it last saw it
+    lab.s.start()
+    lab.sc = lab.s.client()
+    lab.pc.wait_path_status(f"{lab.s.serial},R9,0", "NML_01", 30)
+    lab.pc.invoke("PUT", f"remote-mirror-copypairs/{lab.pair_id()}/actions/resync/invoke",
+                  {"parameters": {"replicationType": "TC"}}, remote=lab.sc)
+    lab.wait_status("PAIR", "PAIR")
+    assert lab.digest("p", pv, 32 * MiB) == lab.digest("s", sv, 32 * MiB)

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 2.0
 ACTIVITY_CLEAR_INTERVAL = 2.0
 STATUS_CALL_TIMEOUT = 5.0
+RESTART_PATH_WAIT = 30.0
 MAX_NAME = 31
 MAX_GROUP_NAME = 29
 EXTENT = struct.Struct("!QQ")
@@ -322,6 +323,7 @@ class Replication:
             rt.tracks_sent += n
 
         try:
+            await self._wait_peer(group, RESTART_PATH_WAIT)
             while pair.status == COPY and pair.role == "P":
                 await copy_marked_tracks(vol, bm, send, lambda: pair.copy_pace, progress)
                 await barrier.hold()
@@ -347,6 +349,15 @@ class Replication:
             bm.sync()
             rt.copy_task = None
             rt.settled.set()
+
+    async def _wait_peer(self, group: CopyGroup, timeout: float) -> None:
+        """Give the paths to the other system a moment to connect (after a restart)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            pg = self.peer(group)
+            if pg is not None and pg.active_paths:
+                return
+            await asyncio.sleep(0.1)
 
     async def wait_settled(self, pairs: list[Pair]) -> None:
         """Wait until no pair is copying (the job of a create or resync without NoWait)."""
