@@ -86,7 +86,13 @@ def start_nbdkit(path: Path, pin: list[str]) -> tuple[subprocess.Popen[bytes], s
     return proc, f"nbd://127.0.0.1:{port}/"
 
 
-def run_fio(uri: str, job: Job, runtime: int, pin: list[str]) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_fio(uri: str, job: Job, runtime: int, pin: list[str], pid: int) -> dict[str, float]:
     cmd = [
         *pin,
         "fio",
@@ -102,13 +108,17 @@ def run_fio(uri: str, job: Job, runtime: int, pin: list[str]) -> dict[str, float
         "--randrepeat=0",
         "--output-format=json",
     ]
+    cpu0 = cpu_seconds(pid)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    cpu = cpu_seconds(pid) - cpu0
     result = json.loads(out[out.index("{") :])["jobs"][0]
     side = result["read" if job.rw == "read" else "write"]
+    ios = side["total_ios"] or 1  # (the ramp is not counted in total_ios, but its CPU is: a small bias)
     return {
         "bw": side["bw_bytes"] / (1 << 20),
         "iops": side["iops"],
         "lat_us": side["lat_ns"]["mean"] / 1000,
+        "cpu_us": cpu / ios * 1e6,  # server CPU per request
     }
 
 
@@ -139,25 +149,24 @@ def main() -> None:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed")
 
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
     size = args.size_mib << 20
     files = {"vspemu": work / "vspemu.img", "nbdkit": work / "nbdkit.img"}
-    for path in files.values():
-        prefill(path, size)
-
     server_pin = [] if args.pin == "none" else ["taskset", "-c", "0"]
     fio_pin = {"none": [], "split": ["taskset", "-c", "1"], "same": ["taskset", "-c", "0"]}[args.pin]
-    servers = {
-        "vspemu": start_vspemu(files["vspemu"], size, server_pin),
-        "nbdkit": start_nbdkit(files["nbdkit"], server_pin),
-    }
+    servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     try:
+        for path in files.values():
+            prefill(path, size)
+        servers["vspemu"] = start_vspemu(files["vspemu"], size, server_pin)
+        servers["nbdkit"] = start_nbdkit(files["nbdkit"], server_pin)
         for job in JOBS:
             for _ in range(args.repeat):
-                for name, (_proc, uri) in servers.items():
-                    results.setdefault((job.title, name), []).append(run_fio(uri, job, args.runtime, fio_pin))
+                for name, (proc, uri) in servers.items():
+                    results.setdefault((job.title, name), []).append(run_fio(uri, job, args.runtime, fio_pin, proc.pid))
     finally:
         for proc, _uri in servers.values():
             proc.terminate()
@@ -169,20 +178,22 @@ def main() -> None:
         return statistics.median(r[key] for r in results[(job.title, name)])
 
     print(f"date: {datetime.date.today().isoformat()}   nproc: {os.cpu_count()}   cpu: {cpu_model()}")
+    print(f"load average before the run: {load}")
     print(
         f"python {platform.python_version()}, fio runtime {args.runtime}s x {args.repeat} (median), "
         f"files in {args.dir}, CPU placement: {args.pin}"
     )
     print()
-    print("| test | vspemu | nbdkit file | ratio |")
-    print("|---|---|---|---|")
+    print("| test | vspemu | nbdkit file | ratio | server CPU per request, vspemu / nbdkit |")
+    print("|---|---|---|---|---|")
     for job in JOBS:
         v, n = med(job, "vspemu", job.metric), med(job, "nbdkit", job.metric)
+        cpu = f"{med(job, 'vspemu', 'cpu_us'):.0f} us / {med(job, 'nbdkit', 'cpu_us'):.0f} us"
         if job.metric == "bw":
-            print(f"| {job.title} | {v:.0f} MiB/s | {n:.0f} MiB/s | {v / n:.2f} |")
+            print(f"| {job.title} | {v:.0f} MiB/s | {n:.0f} MiB/s | {v / n:.2f} | {cpu} |")
         else:
             vl, nl = med(job, "vspemu", "lat_us"), med(job, "nbdkit", "lat_us")
-            print(f"| {job.title} | {v:.0f} IOPS ({vl:.1f} us) | {n:.0f} IOPS ({nl:.1f} us) | {v / n:.2f} |")
+            print(f"| {job.title} | {v:.0f} IOPS ({vl:.1f} us) | {n:.0f} IOPS ({nl:.1f} us) | {v / n:.2f} | {cpu} |")
 
 
 if __name__ == "__main__":

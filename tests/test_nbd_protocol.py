@@ -360,6 +360,19 @@ def test_many_connections_in_parallel(start_server: StartServer, slow: bool) -> 
     assert not errors, errors
 
 
+def test_plain_asyncio_loop(start_server: StartServer) -> None:
+    """uvloop is what we run under, but the server works on the default asyncio loop too."""
+    server = start_server("--no-uvloop")
+    test_read_write_flush_trim_zero(server)
+    errors: list[BaseException] = []
+    threads = [threading.Thread(target=_worker, args=(server, i, errors)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+
+
 def test_memory_bound_under_backpressure(start_server: StartServer) -> None:
     """A client pushing 256 MiB of writes at a slow volume: the server stops reading, RSS stays bounded
     (by 32 MiB in flight + one request; without back-pressure it grows by ~250 MiB)."""
@@ -377,3 +390,56 @@ def test_memory_bound_under_backpressure(start_server: StartServer) -> None:
     sender.join()
     c.close()
     assert peak - base < 72 << 20, f"RSS grew by {(peak - base) >> 20} MiB"
+
+
+# -- the NbdServer contract, in process -----------------------------------------------------------------
+def test_nbd_server_in_process_lookup_and_deleted_ldev(tmp_path: Path) -> None:
+    """Export lookup happens at GO time; a volume deleted later answers EIO; close() ends connections."""
+    import asyncio
+
+    import uvloop
+
+    from vspemu.volumes.nbd import NbdServer
+    from vspemu.volumes.volume import Volume
+
+    volumes = {"5": Volume.create(5, tmp_path / "ldev5", 1 << 20), "6": Volume.create(6, tmp_path / "ldev6", 4096)}
+    loop = uvloop.new_event_loop()
+    server = NbdServer(volumes.get, lambda: sorted(volumes))
+    loop.run_until_complete(server.start("127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def in_loop(fn: Callable[[], object]) -> None:
+        done = threading.Event()
+        loop.call_soon_threadsafe(lambda: (fn(), done.set()))
+        assert done.wait(5)
+
+    try:
+        port = server.port
+        assert nbd.list_exports("127.0.0.1", port) == ["5", "6"]
+        with NbdClient("127.0.0.1", port, "6") as c6:
+            assert c6.size == 4096
+        c = NbdClient("127.0.0.1", port, "5")
+        c.write(0, b"hello", fua=True)
+        assert c.read(0, 5) == b"hello"
+        in_loop(lambda: volumes.pop("5").remove())  # the LDEV is deleted while a host has it open
+        with pytest.raises(NbdError) as e:
+            c.read(0, 5)
+        assert e.value.errno == nbd.EIO
+        with pytest.raises(NbdError) as e:
+            c.write(0, b"x")
+        assert e.value.errno == nbd.EIO
+        with pytest.raises(NbdOptionError):
+            NbdClient("127.0.0.1", port, "5")
+        held = NbdClient("127.0.0.1", port, "6")
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        wait_closed(held.sock)
+        wait_closed(c.sock)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+        for v in volumes.values():
+            v.close()

@@ -266,6 +266,7 @@ def test_two_paths_survive_one_remote_port_going_offline(
     cp.wait_path_status(gid, timeout=10)
 
 
+@pytest.mark.e2e
 def test_third_system_two_remotes_at_once(make_system: MakeSystem) -> None:
     a, b, c = make_system(), make_system(), make_system()
     ca, cb, cc = a.client(), b.client(), c.client()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -185,3 +186,35 @@ def test_sigkill_after_acknowledged_flush(start_server: StartServer, tmp_path: P
         again.proc.wait(10)
         third = start_server(path=server.path)
         run("qemu-io", "-f", "raw", "-c", "read -P 0x5a 999 4097", third.uri)
+
+
+def test_fua_and_flush_call_fdatasync(tmp_path: Path) -> None:
+    """Under strace: each FUA write / FLUSH is one fdatasync before the reply; plain writes none."""
+    need("strace")
+    trace = tmp_path / "trace.txt"
+    cmd = [sys.executable, "-m", "vspemu.volumes.nbd_main", "--file", str(tmp_path / "x.img"), "--size", "1048576"]
+    proc = subprocess.Popen(
+        ["strace", "-f", "-qq", "-e", "trace=fdatasync", "-o", str(trace), *cmd, "--port", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().rsplit(":", 1)[1])
+
+        def syncs() -> int:
+            return trace.read_text().count("fdatasync(")
+
+        with NbdClient("127.0.0.1", port, "0") as c:
+            before = syncs()
+            for i in range(5):
+                c.write(i * 4096, b"p" * 4096)
+            assert syncs() == before
+            c.write(0, b"f" * 4096, fua=True)
+            assert syncs() == before + 1  # the reply came after fdatasync
+            c.flush()
+            assert syncs() == before + 2
+            c.zero(8192, 4096, fua=True)
+            assert syncs() == before + 3
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # strace and the server it runs
+        proc.wait(10)

@@ -32,9 +32,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import struct
 import sys
 import types
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, cast
 
@@ -109,6 +111,15 @@ _GREETING = struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_N
 _CLIENT_FLAGS, _OPTIONS, _TRANSMISSION, _DONE = range(4)
 
 
+def _pread(volume: Volume, view: memoryview, offset: int) -> None:
+    fd, got, length = volume.fd, 0, len(view)
+    while got < length:
+        n = os.preadv(fd, [view[got:] if got else view], offset + got)
+        if n == 0:  # the file is shorter than the volume: truncated or removed under us
+            raise VolumeIOError(f"LDEV {volume.ldev_id}: short read at {offset + got}")
+        got += n
+
+
 def _nbd_errno(exc: BaseException) -> int:
     if isinstance(exc, WriteRefused):
         return NBD_EPERM
@@ -136,31 +147,34 @@ def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any,
 
 
 class _BufferPool:
-    """Power-of-two sized bytearrays for WRITE payloads.
+    """Power-of-two sized bytearrays for WRITE payloads and READ replies.
 
-    A returned buffer is handed out again only if nothing references it any more (a replicator may keep a
-    view of the data after answering); the check is made in :meth:`get`, when no request frame holds it.
+    A returned buffer may still be referenced (the transport holds a READ reply until the socket took it; a
+    replicator may keep a view of written data), so :meth:`put` accepts it as it is and :meth:`get` hands
+    out only buffers nobody else references any more.
     """
 
     def __init__(self, limit: int) -> None:
-        self._free: dict[int, list[bytearray]] = {}
+        self._free: dict[int, deque[bytearray]] = {}
         self._bytes = 0
         self._limit = limit
 
     def get(self, length: int) -> bytearray:
         size = 1 << max(length - 1, 0).bit_length()
         free = self._free.get(size)
-        while free:
-            buf = free.pop()
-            self._bytes -= size
-            if sys.getrefcount(buf) == 2:  # our variable and getrefcount's argument
-                return buf
+        if free:
+            for _ in range(min(len(free), 4)):
+                buf = free.popleft()
+                if sys.getrefcount(buf) == 2:  # our variable and getrefcount's argument
+                    self._bytes -= size
+                    return buf
+                free.append(buf)  # still in use: look again later
         return bytearray(size)
 
     def put(self, buf: bytearray) -> None:
         if self._bytes + len(buf) <= self._limit:
             self._bytes += len(buf)
-            self._free.setdefault(len(buf), []).append(buf)
+            self._free.setdefault(len(buf), deque()).append(buf)
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -180,6 +194,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._payload_view: memoryview | None = None
         self._payload_got = 0
         self._payload_req: tuple[int, int, int] = (0, 0, 0)  # flags, handle, offset
+        self._header_only = False  # get_buffer offers room for one request header only
         self._skip = 0  # payload bytes of a refused WRITE still to be discarded
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending = 0  # payload bytes of unfinished writes
@@ -210,6 +225,9 @@ class _Connection(asyncio.BufferedProtocol):
             n = self._end - self._start
             self._rx[:n] = bytes(self._rxv[self._start : self._end])
             self._start, self._end = 0, n
+        if self._header_only and self._end - self._start < _REQ.size:
+            # after a large WRITE, expect another one: read its header alone, then its payload in place
+            return self._rxv[self._end : self._start + _REQ.size]
         return self._rxv[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -273,6 +291,8 @@ class _Connection(asyncio.BufferedProtocol):
                 log.info("NBD: bad request magic %#x, closing the connection", magic)
                 self._close()
                 return
+            # after a large WRITE, expect another one (see get_buffer)
+            self._header_only = cmd == CMD_WRITE and SMALL_WRITE < length <= MAX_REQUEST
             if cmd == CMD_WRITE:
                 if length > MAX_REQUEST:
                     self._reply(handle, NBD_EINVAL)
@@ -302,19 +322,7 @@ class _Connection(asyncio.BufferedProtocol):
         volume = self._volume
         assert volume is not None
         if cmd == CMD_READ:
-            if length > MAX_REQUEST or not volume.check_range(offset, length):
-                self._reply(handle, NBD_EINVAL)
-                return
-            try:
-                data = volume.read(offset, length)
-                if len(data) != length:
-                    raise VolumeIOError(f"short read at {offset}")
-            except Exception as exc:
-                self._reply(handle, _nbd_errno(exc))
-                return
-            if not self._closed:
-                assert self._transport is not None
-                self._transport.writelines((_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), data))
+            self._read(handle, offset, length)
         elif cmd == CMD_FLUSH:
             self._run(volume.flush(), handle, 0, None)
         elif cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES:
@@ -327,22 +335,41 @@ class _Connection(asyncio.BufferedProtocol):
             self._phase = _DONE
             if not self._tasks:
                 self._close()
+            elif self._transport is not None:
+                self._transport.pause_reading()  # nothing more to read; answer what is in flight
         else:
             self._reply(handle, NBD_EINVAL)
 
-    def _write(
-        self, flags: int, handle: int, offset: int, data: bytes | memoryview, buf: bytearray | None
-    ) -> None:
+    def _read(self, handle: int, offset: int, length: int) -> None:
+        """Volume.read, but into a pooled buffer (a fresh 1 MiB bytes object per request costs page faults)."""
         volume = self._volume
         assert volume is not None
-        if not volume.check_range(offset, len(data)):
-            self._reply(handle, NBD_ENOSPC)
-        else:
-            self._run(volume.write(offset, data, bool(flags & CMD_FLAG_FUA)), handle, len(data), buf)
+        if length > MAX_REQUEST or not volume.check_range(offset, length):
+            self._reply(handle, NBD_EINVAL)
             return
-        del data
-        if buf is not None:
-            self._server._pool.put(buf)
+        pool = self._server._pool
+        buf = pool.get(length)
+        view = memoryview(buf)[:length]
+        try:
+            _pread(volume, view, offset)
+        except Exception as exc:
+            self._reply(handle, _nbd_errno(exc))
+        else:
+            if not self._closed:
+                assert self._transport is not None
+                self._transport.writelines((_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), view))
+        del view
+        pool.put(buf)
+
+    def _write(self, flags: int, handle: int, offset: int, data: bytes | memoryview, buf: bytearray | None) -> None:
+        volume = self._volume
+        assert volume is not None
+        if volume.check_range(offset, len(data)):
+            self._run(volume.write(offset, data, bool(flags & CMD_FLAG_FUA)), handle, len(data), buf)
+        else:
+            self._reply(handle, NBD_ENOSPC)
+            if buf is not None:
+                self._server._pool.put(buf)
 
     def _run(self, coro: Coroutine[Any, Any, None], handle: int, nbytes: int, buf: bytearray | None) -> None:
         """Run a volume operation; answer now if it completes without suspending, else from a task."""
@@ -355,17 +382,10 @@ class _Connection(asyncio.BufferedProtocol):
             # may rely on asyncio.current_task(), e.g. for asyncio.timeout().)
             try:
                 yielded = coro.send(None)
-            except StopIteration:
-                self._reply(handle, 0)
-                if buf is not None:
-                    del coro
-                    self._server._pool.put(buf)
-                return
             except Exception as exc:
-                self._reply(handle, _nbd_errno(exc))
+                self._reply(handle, 0 if isinstance(exc, StopIteration) else _nbd_errno(exc))
                 if buf is not None:
-                    del coro
-                    self._server._pool.put(buf)
+                    self._server._pool.put(buf)  # reused once nothing references it any more
                 return
             awaitable = _resume(coro, yielded)
         else:
@@ -375,9 +395,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _finish(
-        self, awaitable: Awaitable[None], handle: int, nbytes: int, buf: bytearray | None
-    ) -> None:
+    async def _finish(self, awaitable: Awaitable[None], handle: int, nbytes: int, buf: bytearray | None) -> None:
         try:
             await awaitable
             err = 0
@@ -388,8 +406,13 @@ class _Connection(asyncio.BufferedProtocol):
         self._reply(handle, err)
         if buf is not None:
             self._server._pool.put(buf)
-        if self._phase == _DONE and len(self._tasks) <= 1:  # DISC received: close after the last reply
-            self._close()
+        self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+        self._after_completion()
+
+    def _after_completion(self) -> None:
+        if self._phase == _DONE:  # DISC received (or closed): close after the last reply
+            if not self._tasks:
+                self._close()
         else:
             self._maybe_resume()
 
@@ -535,9 +558,7 @@ class NbdServer:
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, reuse_address=True, backlog=128
-        )
+        self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True, backlog=128)
 
     async def close(self) -> None:
         """Stop listening, close every connection and let volume operations already started finish."""

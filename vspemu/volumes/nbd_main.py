@@ -26,13 +26,17 @@ class _SlowReplicator:
         await asyncio.sleep(self.delay)
         volume.write_local(offset, data)
         if fua:
-            await volume.flush()
+            await volume.flush_local()
 
     async def discard(self, volume: Volume, offset: int, length: int, zero: bool, fua: bool) -> None:
         await asyncio.sleep(self.delay)
         volume.discard_local(offset, length)
         if fua:
-            await volume.flush()
+            await volume.flush_local()
+
+    async def flush(self, volume: Volume) -> None:
+        await asyncio.sleep(self.delay)
+        await volume.flush_local()
 
 
 def _refuse(volume: Volume) -> None:
@@ -68,9 +72,7 @@ async def _serve(args: argparse.Namespace, volume: Volume) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--file", required=True)
     parser.add_argument("--size", type=int, required=True)
     parser.add_argument("--port", type=int, default=10809)
