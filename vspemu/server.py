@@ -59,7 +59,7 @@ def build_context(cfg: ServerConfig) -> StorageContext:
                 host=cfg.link_host or cfg.rest_host, ports=link_port_plan(cfg, system))
     ctx.link = link
     ctx.remotes = Remotes(system, link, cfg.rest_host, cfg.rest_port, cfg.min_remote_io_timeout)
-    ctx.replication = Replication(system, link, ctx.remotes, cfg.data_dir)
+    ctx.replication = Replication(system, link, ctx.remotes, cfg.data_dir, ctx.journals)
     return ctx
 
 

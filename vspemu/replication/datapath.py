@@ -112,37 +112,42 @@ class PairVolume:
 
     async def flush(self, volume: Volume) -> None:
         await volume.flush_local()
-        if self.pair.role == "P" and self.pair.status in self.engine.forwarding_statuses(self.pair):
+        mode = self.engine.write_mode(self.pair)
+        if mode == "forward":
             await self.engine.forward_flush(self.pair)
+        elif mode == "journal":
+            await self.engine.ur.flush(self.pair)
 
     async def _update(self, volume: Volume, offset: int, length: int, data: bytes | memoryview | None,
                       fua: bool) -> None:
         await self.barrier.enter()
         try:
             pair = self.pair
-            forward = pair.role == "P" and pair.status in self.engine.forwarding_statuses(pair)
-            if forward:
+            mode = self.engine.write_mode(pair)
+            if mode == "journal":  # UR: the journal entry is the record; the secondary pulls it
+                if await self.engine.ur.journal_write(pair, volume, offset, length, data, fua):
+                    return
+                mode = "local"  # the mirror was suspended while the write waited for journal room
+            if mode == "forward":
                 start = offset - offset % ACTIVITY_EXTENT
                 end = offset + length
                 end += -end % ACTIVITY_EXTENT
                 await self.bitmap.mark(start, end - start)
-            else:
-                await self.bitmap.mark(offset, length)
-            if not forward:
-                self._write_local(volume, offset, length, data)
-                if pair.role == "P" and pair.status == "COPY":
-                    await self.bitmap.mark(offset, length)  # the copier may have cleared it meanwhile
-                if fua:
-                    await volume.flush_local()
+                fut = await self.inflight.begin(offset, offset + length)
+                try:
+                    self._write_local(volume, offset, length, data)
+                    await self.engine.forward_write(pair, self, offset, length, data, fua)
+                    if fua:
+                        await volume.flush_local()
+                finally:
+                    self.inflight.end(fut)
                 return
-            fut = await self.inflight.begin(offset, offset + length)
-            try:
-                self._write_local(volume, offset, length, data)
-                await self.engine.forward_write(pair, self, offset, length, data, fua)
-                if fua:
-                    await volume.flush_local()
-            finally:
-                self.inflight.end(fut)
+            await self.bitmap.mark(offset, length)
+            self._write_local(volume, offset, length, data)
+            if pair.role == "P" and pair.status == "COPY":
+                await self.bitmap.mark(offset, length)  # the copier may have cleared it meanwhile
+            if fua:
+                await volume.flush_local()
         finally:
             self.barrier.leave()
 

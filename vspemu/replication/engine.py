@@ -49,6 +49,8 @@ from vspemu.replication.model import (
     CopyGroup,
     Pair,
 )
+from vspemu.replication.ur import UniversalReplicator
+from vspemu.system.journals import Journals
 from vspemu.system.storage import Ldev, StorageSystem
 from vspemu.volumes.volume import Volume, VolumeIOError, WriteRefused
 
@@ -85,7 +87,7 @@ class PairRuntime:
 
 
 class Replication:
-    def __init__(self, system: StorageSystem, link: Link, remotes: Any, data_dir: Path) -> None:
+    def __init__(self, system: StorageSystem, link: Link, remotes: Any, data_dir: Path, journals: Journals) -> None:
         self.system = system
         self.link = link
         self.remotes = remotes
@@ -106,6 +108,7 @@ class Replication:
                              ("data.extents", self._h_extents)):
             link.register_handler(msg, handler)
         system.ldev_guards.append(self._guard_ldev)
+        self.ur = UniversalReplicator(self, journals)
         for doc in system.store.load("copy_groups").values():
             g = CopyGroup(**doc)
             self.groups[g.name] = g
@@ -187,8 +190,13 @@ class Replication:
             raise not_found("copy pair", f"{group},{name}")
         return p
 
-    def forwarding_statuses(self, pair: Pair) -> frozenset[str]:
-        return frozenset({PAIR}) if self.groups[pair.group].replication_type == "TC" else frozenset()
+    def write_mode(self, pair: Pair) -> str:
+        """How a host write to this pair's volume travels: "forward" (TC PAIR), "journal" (UR), or "local"."""
+        if pair.role != "P":
+            return "local"
+        if self.groups[pair.group].replication_type == "TC":
+            return "forward" if pair.status == PAIR else "local"
+        return "journal" if pair.status in (PAIR, PFUL) else "local"
 
     # -- reaching the other side ------------------------------------------------------------------------
     def peer(self, group: CopyGroup) -> PathGroup | None:
@@ -258,6 +266,8 @@ class Replication:
             return
         log.warning("pair %s suspended by error: %s", pair.key, reason)
         group = self.groups[pair.group]
+        if group.replication_type == "UR":
+            self.ur.purge(group)
         self._set(pair, PSUE)
         told = await self._try_call(group, "pair.set", {"group": group.name, "pairs": [pair.name],
                                                         "status": PSUE}) is not None
@@ -375,15 +385,19 @@ class Replication:
     # -- background: polling and activity-mark clearing ----------------------------------------------------
     def start(self) -> None:
         loop = asyncio.get_running_loop()
+        for group in self.groups.values():
+            if group.replication_type == "UR":
+                self.ur.redo_after_restart(group)
         for pair in self.pairs.values():
-            if pair.role == "P" and pair.status in (PAIR, COPY) and self.groups[pair.group].replication_type == "TC":
+            if pair.role != "P":
+                continue
+            if pair.status == PAIR and self.groups[pair.group].replication_type == "TC" and \
+                    self.bitmaps[pair.local_ldev].count():
                 # after a restart, tracks marked while PAIR may differ: copy them before PAIR again
-                if self.bitmaps[pair.local_ldev].count():
-                    pair.status = COPY
-                    self._save(pair)
-                if pair.status == COPY:
-                    self.start_copy(pair)
-        for coro in (self._poll_loop(), self._activity_loop()):
+                self._set(pair, COPY)
+            if pair.status == COPY:
+                self.start_copy(pair)
+        for coro in (self._poll_loop(), self._activity_loop(), self.ur.monitor()):
             t = loop.create_task(coro)
             self._tasks.add(t)
 
@@ -460,6 +474,9 @@ class Replication:
                 raise invalid(attr, value, f"Specify 1 to {MAX_NAME} characters, no spaces or commas.")
         if "," in group_name:
             raise invalid("copyGroupName", group_name, "Commas are not allowed.")
+        if replication_type == "UR":
+            self.ur.check_journal(pvol_journal if group_name not in self.groups else
+                                  self.groups[group_name].local_journal_id, group_name)
         if replication_type == "TC" and fence not in FENCE_LEVELS:
             raise invalid("fenceLevel", fence, "Specify NEVER, DATA or STATUS for a TrueCopy pair.")
         remote = self.remotes.get(remote_device_id)
@@ -547,14 +564,21 @@ class Replication:
         todo = [p for p in pairs if p.status in ACTIVE]
         if not todo:
             return pairs  # already split: accepted, no change (CCI acceptance rules)
+        if group.replication_type == "UR" and todo[0].role == "S":
+            await self.call(group, "jnl.split", {"group": group.name, "rw": svol_rw}, timeout=180)
+            return pairs
         barrier = self.barriers[group.name]
         await barrier.hold()  # one consistent point across the group
         try:
+            if group.replication_type == "UR" and todo[0].role == "P":
+                # flush mode: the secondary restores everything journaled before the split
+                if not await self.ur.drain(group):
+                    self.ur.purge(group)
             for p in todo:
                 rt = self.runtime[p.key]
                 if rt.copy_task is not None:
                     rt.copy_task.cancel()
-                if p.role == "P" and p.status == PAIR and self.forwarding_statuses(p):
+                if self.write_mode(p) == "forward":
                     # no write is in flight and every earlier one reached the S-VOL: the activity marks
                     # cover nothing that differs, so the resync will copy only what changes from now on
                     self.bitmaps[p.local_ldev].clear_all()
@@ -675,6 +699,8 @@ class Replication:
             await self._resync_after_swap(group, pairs)
         elif all(p.role == "P" for p in pairs):
             # issued on the P side (pairresync -swapp): the other side becomes the primary and copies
+            if group.replication_type == "UR":
+                self.ur.purge(group)
             for p in pairs:
                 bits = self.bitmaps[p.local_ldev].to_bytes()
                 await self.call(group, "pair.bitmap", {"group": group.name, "pair": p.name, "merge": True}, bits)
@@ -749,6 +775,8 @@ class Replication:
                 self.runtime.pop(p.key, None)
                 self.system.store.delete("pairs", p.key)
             if not self.group_pairs(group.name):
+                if group.replication_type == "UR":
+                    self.ur.forget_group(group)
                 self.groups.pop(group.name, None)
                 self.barriers.pop(group.name, None)
                 self.system.store.delete("copy_groups", group.name)
@@ -794,6 +822,8 @@ class Replication:
         if ldev.size != int(h["size"]):
             raise VspError("WRONG_STATE", detail=f"the S-VOL {svol} ({ldev.size} bytes) and the P-VOL "
                                                  f"({h['size']} bytes) differ in size")
+        if incoming.replication_type == "UR":
+            self.ur.check_journal(incoming.local_journal_id, incoming.name)
         pair = Pair(group=incoming.name, name=str(h["pair"]), role="S", local_ldev=svol, remote_ldev=int(h["pvol"]),
                     status=str(h["status"]), peer_status=str(h["status"]), fence=str(h["fence"]),
                     copy_pace=int(h["copy_pace"]))
@@ -803,6 +833,8 @@ class Replication:
                 self._save_group(incoming)
             self._save(pair)
         self._index(pair)
+        if incoming.replication_type == "UR":
+            self.ur.ensure_restore(self.groups[incoming.name])
         return {}, b""
 
     async def _h_set(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
@@ -845,6 +877,8 @@ class Replication:
     async def _h_bitmap(self, peer: PeerInfo, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         group = self._peer_group(peer, h["group"])
         p = self.get_pair(group.name, str(h["pair"]))
+        if group.replication_type == "UR":
+            self.ur.purge(group)  # journaled writes the other side never restored differ too
         bm = self.bitmaps[p.local_ldev]
         if h.get("merge"):
             bm.merge(payload)

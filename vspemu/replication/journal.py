@@ -1,0 +1,269 @@
+"""The master journal of Universal Replicator: a ring buffer of write entries on a journal volume's file.
+
+Layout of the journal volume (its LDEV file)::
+
+    [0, 4096)        header: magic "VSPJNL01", head offset, head sequence number (u64 each)
+    [4096, size)     entries, one after the other, wrapping to 4096 at the end
+
+    entry = magic u32 | flags u32 | seq u64 | ldev u32 | length u32 | offset u64 | crc32 u32 | pad u32 | data
+
+``flags`` bit 0 marks a zero range (no data follows), bit 1 a wrap marker (the rest of the volume is
+unused; the next entry is at 4096). Sequence numbers grow by one per entry, forever (a purge does not
+reset them), and every entry carries a CRC, so after a crash the tail is found by walking from the head
+while the entries are valid and consecutive.
+
+The backlog lives here, on the journal volume, not in memory: memory holds only the head, the tail, the
+next sequence number and a read cursor. Entries are freed (the head moves) when the secondary reports
+them restored. The header is rewritten then without an fsync: after a crash the head may be older, and
+the secondary receives entries it already restored again, which is harmless because it applies them in
+order (a redo log).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+HEADER_SIZE = 4096
+MAGIC = b"VSPJNL01"
+_HDR = struct.Struct("<8sQQ")
+ENTRY = struct.Struct("<IIQIIQII")
+ENTRY_MAGIC = 0x4A4E4C45
+ZERO = 1
+WRAP = 2
+ALIGN = 8
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+@dataclass
+class Entry:
+    seq: int
+    ldev: int
+    offset: int
+    length: int
+    zero: bool
+    data: bytes  # empty for a zero range
+
+    @property
+    def size(self) -> int:
+        return ENTRY.size + (0 if self.zero else _align(self.length))
+
+
+class JournalFull(Exception):
+    pass
+
+
+class MasterJournal:
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+        self.fd = os.open(path, os.O_RDWR)
+        self.head = HEADER_SIZE
+        self.head_seq = 1
+        self.tail = HEADER_SIZE
+        self.next_seq = 1
+        self.count = 0
+        self.used = 0  # bytes between head and tail, wrap gaps included
+        self._cursor: tuple[int, int] | None = None  # (offset, seq) of the next entry to send
+        self._recover()
+
+    @property
+    def capacity(self) -> int:
+        return self.size - HEADER_SIZE
+
+    def usage_rate(self) -> int:
+        return min(100, self.used * 100 // self.capacity) if self.capacity > 0 else 100
+
+    @property
+    def last_seq(self) -> int:
+        return self.next_seq - 1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- header and recovery ------------------------------------------------------------------------
+    def _write_header(self) -> None:
+        os.pwrite(self.fd, _HDR.pack(MAGIC, self.head, self.head_seq), 0)
+
+    def _recover(self) -> None:
+        raw = os.pread(self.fd, _HDR.size, 0)
+        if len(raw) == _HDR.size and raw[:8] == MAGIC:
+            _, head, head_seq = _HDR.unpack(raw)
+            if HEADER_SIZE <= head < self.size:
+                self.head, self.head_seq = head, head_seq
+        self.tail, self.next_seq = self.head, self.head_seq
+        self.count = self.used = 0
+        while True:
+            pos, entry = self._read_at(self.tail, self.next_seq)
+            if entry is None:
+                if pos != self.tail:  # a wrap marker
+                    self.used += self.size - self.tail
+                    self.tail = pos
+                    continue
+                break
+            self.used += entry.size
+            self.tail = pos + entry.size
+            self.next_seq += 1
+            self.count += 1
+        self._write_header()
+
+    def reset(self) -> None:
+        """Drop every entry (a purge: the caller has turned them into bitmap marks)."""
+        self.head = self.tail = HEADER_SIZE
+        self.head_seq = self.next_seq
+        self.count = self.used = 0
+        self._cursor = None
+        self._write_header()
+
+    # -- reading ----------------------------------------------------------------------------------
+    def _read_at(self, pos: int, seq: int, with_data: bool = True) -> tuple[int, Entry | None]:
+        """The entry with sequence ``seq`` at ``pos`` (following a wrap marker), or (pos, None)."""
+        if pos + ENTRY.size > self.size:
+            return (HEADER_SIZE, None) if pos != HEADER_SIZE else (pos, None)
+        raw = os.pread(self.fd, ENTRY.size, pos)
+        if len(raw) < ENTRY.size:
+            return pos, None
+        magic, flags, eseq, ldev, length, offset, crc, _ = ENTRY.unpack(raw)
+        if magic != ENTRY_MAGIC:
+            return pos, None
+        if flags & WRAP:
+            if eseq != seq:
+                return pos, None
+            return HEADER_SIZE, None
+        if eseq != seq:
+            return pos, None
+        zero = bool(flags & ZERO)
+        if not zero and pos + ENTRY.size + length > self.size:
+            return pos, None
+        data = b""
+        if with_data:
+            if not zero:
+                data = os.pread(self.fd, length, pos + ENTRY.size)
+            if zlib.crc32(data, zlib.crc32(raw[:24])) != crc:
+                return pos, None
+        return pos, Entry(eseq, ldev, offset, length, zero, data)
+
+    def read(self, from_seq: int, max_bytes: int) -> list[Entry]:
+        """Entries from ``from_seq`` on (at least one if any), up to about ``max_bytes`` of data."""
+        if from_seq < self.head_seq:
+            from_seq = self.head_seq
+        if from_seq >= self.next_seq:
+            return []
+        if self._cursor is not None and self._cursor[1] == from_seq:
+            pos, seq = self._cursor
+        else:
+            pos, seq = self.head, self.head_seq
+        out: list[Entry] = []
+        total = 0
+        while seq < self.next_seq and (not out or total < max_bytes):
+            npos, entry = self._read_at(pos, seq)
+            if entry is None:
+                if npos != pos:
+                    pos = npos
+                    continue
+                raise RuntimeError(f"journal {self.path.name}: entry {seq} is missing or corrupt")
+            pos = npos + entry.size
+            seq += 1
+            if entry.seq >= from_seq:
+                out.append(entry)
+                total += entry.length if not entry.zero else 0
+        self._cursor = (pos, seq)
+        return out
+
+    # -- writing ----------------------------------------------------------------------------------
+    def _place(self, need: int) -> int | None:
+        """Where an entry of ``need`` bytes goes, or None if it does not fit now."""
+        if need > self.capacity - ENTRY.size:
+            return None
+        if self.count == 0:
+            if self.tail != HEADER_SIZE or self.head != HEADER_SIZE:
+                self.head = self.tail = HEADER_SIZE
+                self._cursor = None
+                self._write_header()
+            self.used = 0
+            return HEADER_SIZE
+        if self.tail > self.head:  # entries in [head, tail): room at the end, then at the start
+            if self.tail + need <= self.size:
+                return self.tail
+            return HEADER_SIZE if HEADER_SIZE + need < self.head else None
+        return self.tail if self.tail + need < self.head else None  # wrapped: room in [tail, head)
+
+    def fits(self, length: int, zero: bool = False) -> bool:
+        return self._place(ENTRY.size + (0 if zero else _align(length))) is not None
+
+    def append(self, ldev: int, offset: int, data: bytes | memoryview | None, length: int) -> int:
+        """Write one entry; returns its sequence number. Raises JournalFull if there is no room."""
+        zero = data is None
+        need = ENTRY.size + (0 if zero else _align(length))
+        pos = self._place(need)
+        if pos is None:
+            raise JournalFull(f"journal {self.path.name} is full ({self.usage_rate()}%)")
+        seq = self.next_seq
+        if pos != self.tail:  # wrap: mark the end as unused
+            if self.tail + ENTRY.size <= self.size:
+                os.pwrite(self.fd, ENTRY.pack(ENTRY_MAGIC, WRAP, seq, 0, 0, 0, 0, 0), self.tail)
+            self.used += self.size - self.tail
+            self.tail = pos
+        head = ENTRY.pack(ENTRY_MAGIC, ZERO if zero else 0, seq, ldev, length, offset, 0, 0)
+        crc = zlib.crc32(b"" if zero else data, zlib.crc32(head[:24]))  # type: ignore[arg-type]
+        head = ENTRY.pack(ENTRY_MAGIC, ZERO if zero else 0, seq, ldev, length, offset, crc, 0)
+        if zero:
+            os.pwrite(self.fd, head, pos)
+        else:
+            pad = _align(length) - length
+            os.pwritev(self.fd, [head, data, b"\0" * pad] if pad else [head, data], pos)  # type: ignore[list-item]
+        self.tail = pos + need
+        self.used += need
+        self.next_seq += 1
+        self.count += 1
+        return seq
+
+    def free(self, upto_seq: int) -> int:
+        """Free every entry up to ``upto_seq`` (restored by the secondary); returns how many."""
+        freed = 0
+        while self.count and self.head_seq <= upto_seq:
+            pos, entry = self._read_at(self.head, self.head_seq, with_data=False)
+            if entry is None:
+                if pos != self.head:  # wrap marker
+                    self.used -= self.size - self.head
+                    self.head = pos
+                    continue
+                break
+            self.head = pos + entry.size
+            self.used -= entry.size
+            self.head_seq += 1
+            self.count -= 1
+            freed += 1
+        if self.count == 0:
+            self.used = 0
+            self.head = self.tail
+        if freed:
+            self._write_header()
+        return freed
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def pending(self) -> list[Entry]:
+        """Every entry not yet freed, in order, without data (to turn them into bitmap marks)."""
+        out: list[Entry] = []
+        pos, seq = self.head, self.head_seq
+        while seq < self.next_seq:
+            npos, entry = self._read_at(pos, seq, with_data=False)
+            if entry is None:
+                if npos != pos:
+                    pos = npos
+                    continue
+                break
+            out.append(entry)
+            pos = npos + entry.size
+            seq += 1
+        return out

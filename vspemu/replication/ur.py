@@ -1,0 +1,416 @@
+"""Universal Replicator: journaled writes, pull and restore in sequence order, journal full, path watch.
+
+On the primary, a host write to a P-VOL in PAIR/PFUL is appended to the **master journal** (the local
+journal of the copy group, a ring buffer on its journal volume, see :mod:`.journal`) and then written to
+the P-VOL; the host is answered without waiting for the secondary. On the secondary a **restore loop**
+pulls entries (``jnl.read``: "send me what follows sequence k; I have restored up to j"), applies them to
+the S-VOLs strictly in sequence order across every volume of the journal, makes them durable, and reports
+the restored sequence number with its next read; only then does the primary free the entries. The S-VOLs
+of a journal are therefore always the image of the P-VOLs at one earlier moment.
+
+- Usage over 80 %: the pairs show PFUL (still copying); with inflow control on, writes are slowed.
+- A write that does not fit waits for room; if the journal stays full for dataOverflowWatchInSeconds the
+  mirror is suspended (PFUS) and the journal's entries become bitmap marks (resync copies them).
+- No read from the secondary for pathBlockadeWatchInMinutes (a cut link): PSUE, entries become marks.
+- Split (flush mode): new writes are held, the secondary restores everything up to the last sequence
+  number, then both sides go PSUS / SSUS: every S-VOL of the mirror shows the same cut.
+
+vspemu keeps no restore-journal copy on the secondary: entries are applied on receipt and acknowledged
+once durable, and a restarted secondary simply receives the unacknowledged entries again (a redo log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from vspemu.errors import VspError
+from vspemu.replication.journal import MasterJournal
+from vspemu.replication.link import PeerInfo
+from vspemu.replication.model import ACTIVE, COPY, PAIR, PFUL, PFUS, PSUE, CopyGroup, Pair
+
+if TYPE_CHECKING:
+    from vspemu.replication.engine import Replication
+    from vspemu.system.journals import Journals
+    from vspemu.volumes.volume import Volume
+
+log = logging.getLogger(__name__)
+
+READ_MAX_BYTES = 8 << 20
+LONG_POLL = 0.5
+MONITOR_INTERVAL = 0.2
+PFUL_THRESHOLD = 80
+FLUSH_TIMEOUT = 120.0
+WIRE = struct.Struct("!QIQIB")  # seq, ldev, offset, length, zero
+
+
+class MirrorRuntime:
+    """What one UR copy group has in memory on this side."""
+
+    def __init__(self) -> None:
+        self.acked = 0  # primary: highest sequence number the secondary restored
+        self.restored = 0  # secondary: highest sequence number applied and durable
+        self.last_read = time.monotonic()  # primary: when the secondary last pulled
+        self.full_since: float | None = None
+        self.new_entries = asyncio.Event()
+        self.acked_event = asyncio.Event()
+        self.restore_task: asyncio.Task[None] | None = None
+        self.samples: deque[tuple[int, float]] = deque(maxlen=4096)  # (seq, time) for the lag
+        self.remote_q_count = 0
+        self.remote_usage = 0
+        self.remote_last_seq = 0
+        self.read_errors_since: float | None = None
+
+
+class UniversalReplicator:
+    def __init__(self, engine: Replication, journals: Journals) -> None:
+        self.engine = engine
+        self.journals = journals
+        self.masters: dict[int, MasterJournal] = {}  # journal id -> open master journal
+        self.mirrors: dict[str, MirrorRuntime] = {}
+        engine.link.register_handler("jnl.read", self._h_read)
+        engine.link.register_handler("jnl.split", self._h_split)
+        journals.users.append(self._journal_user)
+
+    # -- journals ------------------------------------------------------------------------------------
+    def _journal_user(self, journal: Any) -> str | None:
+        for g in self.engine.groups.values():
+            if g.replication_type == "UR" and g.local_journal_id == journal.journal_id:
+                return f"copy group {g.name} (mirror {g.mu_number})"
+        return None
+
+    def check_journal(self, journal_id: int | None, group_name: str) -> None:
+        """A UR group's local journal must exist and not serve another group."""
+        if journal_id is None:
+            raise VspError("MISSING_PARAMETER", attribute="journalId")
+        self.journals.get(journal_id)  # 404 if missing
+        for g in self.engine.groups.values():
+            if g.replication_type == "UR" and g.local_journal_id == journal_id and g.name != group_name:
+                raise VspError("IN_USE", detail=f"journal {journal_id} is used by copy group {g.name} "
+                                                f"(mirror {g.mu_number}); vspemu serves one mirror per journal")
+
+    def master(self, group: CopyGroup) -> MasterJournal:
+        jid = group.local_journal_id
+        assert jid is not None
+        mj = self.masters.get(jid)
+        if mj is None:
+            j = self.journals.get(jid)
+            vol = self.engine.system.volumes[j.ldev_ids[0]]
+            mj = MasterJournal(vol.path, vol.size)
+            self.masters[jid] = mj
+        return mj
+
+    def runtime(self, group: CopyGroup) -> MirrorRuntime:
+        rt = self.mirrors.get(group.name)
+        if rt is None:
+            rt = self.mirrors[group.name] = MirrorRuntime()
+        return rt
+
+    def forget_group(self, group: CopyGroup) -> None:
+        rt = self.mirrors.pop(group.name, None)
+        if rt is not None and rt.restore_task is not None:
+            rt.restore_task.cancel()
+        jid = group.local_journal_id
+        if jid is not None and jid in self.masters:
+            mj = self.masters.pop(jid)
+            mj.reset()
+            mj.close()
+        if jid is not None and jid in self.journals.journals:
+            self.journals.set_runtime(jid, usage_rate=0, q_count=0, num_of_active_paths=0)
+            self.journals.set_runtime(jid, group.mu_number, journal_status="SMPL", is_data_copying=False,
+                                      consistency_group_id=0)
+
+    # -- the write path (primary) ------------------------------------------------------------------------
+    async def journal_write(self, pair: Pair, volume: Volume, offset: int, length: int,
+                            data: bytes | memoryview | None, fua: bool) -> bool:
+        """Journal a host write, then write it locally. False if the mirror was suspended meanwhile."""
+        group = self.engine.groups[pair.group]
+        mj = self.master(group)
+        rt = self.runtime(group)
+        j = self.journals.get(group.local_journal_id)  # type: ignore[arg-type]
+        if j.is_inflow_control_enabled and mj.usage_rate() >= PFUL_THRESHOLD:
+            await asyncio.sleep(0.001 * (mj.usage_rate() - PFUL_THRESHOLD + 1))  # inflow control: slow down
+        while not mj.fits(length, data is None):
+            if pair.status not in (PAIR, PFUL):
+                return False
+            now = time.monotonic()
+            if rt.full_since is None:
+                rt.full_since = now
+            if now - rt.full_since >= j.data_overflow_watch_seconds:
+                await self.suspend_mirror(group, PFUS, "the journal stayed full longer than the overflow watch")
+                return False
+            rt.acked_event.clear()
+            try:
+                await asyncio.wait_for(rt.acked_event.wait(), 0.2)
+            except TimeoutError:
+                pass
+        rt.full_since = None
+        seq = mj.append(pair.local_ldev, offset, data, length)
+        if not rt.samples or time.monotonic() - rt.samples[-1][1] > 0.05:
+            rt.samples.append((seq, time.monotonic()))
+        if data is None:
+            volume.discard_local(offset, length)
+        else:
+            volume.write_local(offset, data)
+        rt.new_entries.set()
+        if fua:
+            await asyncio.to_thread(mj.sync)
+            await volume.flush_local()
+        return True
+
+    async def flush(self, pair: Pair) -> None:
+        group = self.engine.groups[pair.group]
+        await asyncio.to_thread(self.master(group).sync)
+
+    # -- pull (the primary's handler) -------------------------------------------------------------------
+    async def _h_read(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
+        group = self.engine._peer_group(peer, h["group"])
+        if group.role != "P":
+            raise VspError("WRONG_STATE", detail=f"copy group {group.name} is not a primary here")
+        mj = self.master(group)
+        rt = self.runtime(group)
+        rt.last_read = time.monotonic()
+        restored = int(h.get("restored", 0))
+        if restored > rt.acked:
+            rt.acked = restored
+            mj.free(restored)
+            rt.acked_event.set()
+        entries = mj.read(int(h.get("from", 0)), READ_MAX_BYTES)
+        if not entries and not h.get("nowait"):
+            rt.new_entries.clear()
+            try:
+                await asyncio.wait_for(rt.new_entries.wait(), LONG_POLL)
+            except TimeoutError:
+                pass
+            rt.last_read = time.monotonic()
+            entries = mj.read(int(h.get("from", 0)), READ_MAX_BYTES)
+        svols = {p.local_ldev: p.remote_ldev for p in self.engine.group_pairs(group.name)}
+        parts: list[bytes] = []
+        for e in entries:
+            parts.append(WIRE.pack(e.seq, svols.get(e.ldev, 0xFFFFFFFF), e.offset, e.length, 1 if e.zero else 0))
+            if not e.zero:
+                parts.append(e.data)
+        return {"count": len(entries), "lastSeq": mj.last_seq, "qCount": mj.count, "usage": mj.usage_rate(),
+                "headSeq": mj.head_seq}, b"".join(parts)
+
+    async def _h_split(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
+        """A split issued on the secondary: the primary performs it (flush) for the whole mirror."""
+        group = self.engine._peer_group(peer, h["group"])
+        await self.engine.split(group.name, None, svol_rw=bool(h.get("rw")), pvol_write_protect=False)
+        return {}, b""
+
+    # -- restore (the secondary's loop) ----------------------------------------------------------------
+    def ensure_restore(self, group: CopyGroup) -> None:
+        if group.role != "S":
+            return
+        rt = self.runtime(group)
+        if rt.restore_task is None or rt.restore_task.done():
+            rt.restore_task = asyncio.get_running_loop().create_task(self._restore_loop(group))
+
+    async def _restore_loop(self, group: CopyGroup) -> None:
+        rt = self.runtime(group)
+        engine = self.engine
+        while group.name in engine.groups and group.role == "S":
+            pairs = engine.group_pairs(group.name)
+            if not any(p.status in ACTIVE for p in pairs):
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                h, payload = await engine.call(group, "jnl.read", {
+                    "group": group.name, "from": rt.restored + 1, "restored": rt.restored})
+            except VspError as e:
+                now = time.monotonic()
+                if rt.read_errors_since is None:
+                    rt.read_errors_since = now
+                    log.info("journal read for %s failed: %s", group.name, e)
+                if now - rt.read_errors_since >= self.path_watch_seconds(group):
+                    for p in pairs:
+                        if p.status in ACTIVE:
+                            engine._set(p, PSUE)
+                await asyncio.sleep(0.5)
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("restore loop of %s", group.name)
+                await asyncio.sleep(1)
+                continue
+            rt.read_errors_since = None
+            rt.remote_q_count, rt.remote_usage = int(h.get("qCount", 0)), int(h.get("usage", 0))
+            rt.remote_last_seq = int(h.get("lastSeq", 0))
+            if int(h.get("headSeq", 1)) > rt.restored + 1:
+                # entries before the head were restored already or purged into the primary's bitmap
+                rt.restored = int(h["headSeq"]) - 1
+            if payload:
+                touched = self._apply(group, payload, rt)
+                for vol in touched:
+                    await vol.flush_local()
+            for p in pairs:
+                if p.status == PAIR and rt.remote_usage >= PFUL_THRESHOLD:
+                    engine._set(p, PFUL)
+                elif p.status == PFUL and rt.remote_usage < PFUL_THRESHOLD:
+                    engine._set(p, PAIR)
+
+    def _apply(self, group: CopyGroup, payload: bytes, rt: MirrorRuntime) -> list[Volume]:
+        """Apply entries strictly in sequence order; stop at a gap (it would break consistency)."""
+        system = self.engine.system
+        touched: dict[int, Volume] = {}
+        view = memoryview(payload)
+        pos = 0
+        while pos < len(view):
+            seq, ldev, offset, length, zero = WIRE.unpack_from(view, pos)
+            pos += WIRE.size
+            data = None if zero else view[pos:pos + length]
+            if not zero:
+                pos += length
+            if seq <= rt.restored and rt.restored:
+                continue  # already applied (a resent entry)
+            if rt.restored and seq != rt.restored + 1:
+                log.error("journal gap in %s: expected %d, got %d", group.name, rt.restored + 1, seq)
+                break
+            vol = system.volumes.get(ldev)
+            pair = self.engine.by_ldev.get(ldev)
+            if vol is not None and pair is not None and pair.group == group.name and pair.role == "S":
+                if data is None:
+                    vol.discard_local(offset, length)
+                else:
+                    vol.write_local(offset, data)
+                touched[ldev] = vol
+            rt.restored = seq
+        return list(touched.values())
+
+    # -- suspension ------------------------------------------------------------------------------------
+    async def suspend_mirror(self, group: CopyGroup, status: str, reason: str) -> None:
+        """PFUS / PSUE on the primary: the journal's entries become bitmap marks, then tell the secondary."""
+        log.warning("mirror %s suspended (%s): %s", group.name, status, reason)
+        self.purge(group)
+        pairs = [p for p in self.engine.group_pairs(group.name) if p.status in ACTIVE]
+        for p in pairs:
+            self.engine._set(p, status)
+        await self.engine._try_call(group, "pair.set", {"group": group.name, "pairs": [p.name for p in pairs],
+                                                        "status": status})
+
+    def purge(self, group: CopyGroup) -> None:
+        if group.role != "P" or group.local_journal_id is None:
+            return
+        mj = self.master(group)
+        by_ldev = {p.local_ldev: p for p in self.engine.group_pairs(group.name)}
+        for e in mj.pending():
+            p = by_ldev.get(e.ldev)
+            if p is not None:
+                self.engine.bitmaps[p.local_ldev].mark_sync(e.offset, e.length)
+        mj.reset()
+        rt = self.runtime(group)
+        rt.acked = mj.last_seq
+        rt.acked_event.set()
+
+    async def drain(self, group: CopyGroup, timeout: float = FLUSH_TIMEOUT) -> bool:
+        """Flush mode of a split: wait until the secondary restored every journaled write."""
+        mj = self.master(group)
+        rt = self.runtime(group)
+        target = mj.last_seq
+        deadline = time.monotonic() + timeout
+        while rt.acked < target and mj.count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            rt.acked_event.clear()
+            try:
+                await asyncio.wait_for(rt.acked_event.wait(), min(left, 0.5))
+            except TimeoutError:
+                pass
+        return True
+
+    def path_watch_seconds(self, group: CopyGroup) -> float:
+        if group.local_journal_id is None or group.local_journal_id not in self.journals.journals:
+            return 300.0
+        j = self.journals.journals[group.local_journal_id]
+        return 60.0 * j.mirror(group.mu_number).path_blockade_watch_minutes
+
+    # -- monitoring --------------------------------------------------------------------------------------
+    async def monitor(self) -> None:
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL)
+            for group in list(self.engine.groups.values()):
+                if group.replication_type != "UR":
+                    continue
+                try:
+                    await self._monitor_group(group)
+                except Exception:
+                    log.exception("monitoring %s", group.name)
+
+    async def _monitor_group(self, group: CopyGroup) -> None:
+        engine = self.engine
+        pairs = engine.group_pairs(group.name)
+        jid = group.local_journal_id
+        if jid is None or jid not in self.journals.journals or not pairs:
+            return
+        rt = self.runtime(group)
+        pg = engine.peer(group)
+        active_paths = len(pg.active_paths) if pg else 0
+        statuses = {p.status for p in pairs}
+        if group.role == "P":
+            mj = self.master(group)
+            usage = mj.usage_rate()
+            for p in pairs:
+                if p.status == PAIR and usage >= PFUL_THRESHOLD:
+                    engine._set(p, PFUL)
+                elif p.status == PFUL and usage < PFUL_THRESHOLD:
+                    engine._set(p, PAIR)
+            if statuses & {PAIR, PFUL} and time.monotonic() - rt.last_read > max(self.path_watch_seconds(group), 1):
+                await self.suspend_mirror(group, PSUE, "the path was blocked longer than the path watch time")
+                statuses = {p.status for p in pairs}
+            self.journals.set_runtime(jid, usage_rate=usage, q_marker=f"{mj.last_seq:08x}", q_count=mj.count,
+                                      num_of_active_paths=active_paths)
+            status = ("PJNF" if usage >= PFUL_THRESHOLD else "PJNN") if statuses & ACTIVE else \
+                "PJSF" if PFUS in statuses else "PJSE" if PSUE in statuses else "PJSN"
+        else:
+            self.ensure_restore(group)
+            self.journals.set_runtime(jid, usage_rate=0, q_marker=f"{rt.restored:08x}",
+                                      q_count=max(0, rt.remote_last_seq - rt.restored),
+                                      num_of_active_paths=active_paths)
+            status = "SJNN" if statuses & ACTIVE else \
+                "SJSF" if PFUS in statuses else "SJSE" if PSUE in statuses else "SJSN"
+        self.journals.set_runtime(jid, group.mu_number, journal_status=status, consistency_group_id=group.ctg_id,
+                                  is_data_copying=COPY in statuses)
+
+    def lag(self, group: CopyGroup) -> dict[str, Any]:
+        """RPO figures of a mirror on the primary: entries not restored and the age of the oldest."""
+        if group.role != "P" or group.local_journal_id is None:
+            return {}
+        mj = self.master(group)
+        rt = self.runtime(group)
+        oldest = next((t for s, t in rt.samples if s > rt.acked), None)
+        return {"qCount": mj.count, "usageRate": mj.usage_rate(), "lastSeq": mj.last_seq, "restoredSeq": rt.acked,
+                "lagSeconds": 0.0 if oldest is None or mj.count == 0 else round(time.monotonic() - oldest, 3)}
+
+    def redo_after_restart(self, group: CopyGroup) -> None:
+        """A restarted primary writes every journaled entry to its P-VOL again (journal first, then volume)."""
+        if group.role != "P" or group.local_journal_id is None:
+            return
+        mj = self.master(group)
+        if not mj.count:
+            return
+        by_ldev = {p.local_ldev: p for p in self.engine.group_pairs(group.name)}
+        seq = mj.head_seq
+        while seq <= mj.last_seq:
+            batch = mj.read(seq, 64 << 20)
+            if not batch:
+                break
+            for e in batch:
+                vol = self.engine.system.volumes.get(e.ldev)
+                if e.ldev not in by_ldev or vol is None:
+                    continue
+                if e.zero:
+                    vol.discard_local(e.offset, e.length)
+                else:
+                    vol.write_local(e.offset, e.data)
+            seq = batch[-1].seq + 1
+        for vol in {self.engine.system.volumes[x] for x in by_ldev if x in self.engine.system.volumes}:
+            vol.flush_sync()
+        log.info("journal %s: %d entries written to the P-VOLs again after a restart", group.local_journal_id,
+                 mj.count)
