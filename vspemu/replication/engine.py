@@ -258,6 +258,8 @@ class Replication:
                 p.status = PSUS  # the pair was deleted from the S side (array: P -> PSUS)
             if st == SSWS and p.role == "P" and p.status in ACTIVE:
                 p.status = PSUS  # the S side took over
+            if p.role == "S" and p.status in ACTIVE and st in (PSUS, PSUE, PFUS):
+                p.status = SSUS if st == PSUS else st  # the primary suspended while we could not hear it
             self._save(p)
 
     async def suspend_on_error(self, pair: Pair, reason: str) -> None:
@@ -400,6 +402,11 @@ class Replication:
         for coro in (self._poll_loop(), self._activity_loop(), self.ur.monitor()):
             t = loop.create_task(coro)
             self._tasks.add(t)
+
+    def background(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         for t in list(self._tasks):
@@ -790,7 +797,8 @@ class Replication:
             out[key] = {"role": p.role, "status": p.status, "peerStatus": p.peer_status,
                         "tracksSentLastCopy": rt.tracks_sent, "bytesSentLastCopy": rt.bytes_sent,
                         "markedTracks": bm.count() if bm else 0, "copying": rt.copy_task is not None}
-        return {"pairs": out}
+        mirrors = {g.name: self.ur.lag(g) for g in self.groups.values() if g.replication_type == "UR"}
+        return {"pairs": out, "mirrors": mirrors}
 
     # -- handlers: what the other side asks of this one -------------------------------------------------------
     def _peer_group(self, peer: PeerInfo, name: str) -> CopyGroup:

@@ -75,6 +75,7 @@ class UniversalReplicator:
         engine.link.register_handler("jnl.read", self._h_read)
         engine.link.register_handler("jnl.split", self._h_split)
         journals.users.append(self._journal_user)
+        journals.refreshers.append(self.refresh)
 
     # -- journals ------------------------------------------------------------------------------------
     def _journal_user(self, journal: Any) -> str | None:
@@ -150,6 +151,8 @@ class UniversalReplicator:
                 pass
         rt.full_since = None
         seq = mj.append(pair.local_ldev, offset, data, length)
+        if (mj.usage_rate() >= PFUL_THRESHOLD) != (pair.status == PFUL):
+            self.refresh_group(group)  # PAIR <-> PFUL as the usage crosses 80 %
         if not rt.samples or time.monotonic() - rt.samples[-1][1] > 0.05:
             rt.samples.append((seq, time.monotonic()))
         if data is None:
@@ -179,6 +182,7 @@ class UniversalReplicator:
             rt.acked = restored
             mj.free(restored)
             rt.acked_event.set()
+            self.refresh_group(group)
         entries = mj.read(int(h.get("from", 0)), READ_MAX_BYTES)
         if not entries and not h.get("nowait"):
             rt.new_entries.clear()
@@ -291,8 +295,9 @@ class UniversalReplicator:
         pairs = [p for p in self.engine.group_pairs(group.name) if p.status in ACTIVE]
         for p in pairs:
             self.engine._set(p, status)
-        await self.engine._try_call(group, "pair.set", {"group": group.name, "pairs": [p.name for p in pairs],
-                                                        "status": status})
+        # tell the secondary without holding up the host write that found the journal full
+        self.engine.background(self.engine._try_call(group, "pair.set", {
+            "group": group.name, "pairs": [p.name for p in pairs], "status": status}))
 
     def purge(self, group: CopyGroup) -> None:
         if group.role != "P" or group.local_journal_id is None:
@@ -344,6 +349,24 @@ class UniversalReplicator:
                     log.exception("monitoring %s", group.name)
 
     async def _monitor_group(self, group: CopyGroup) -> None:
+        pairs = self.engine.group_pairs(group.name)
+        if group.local_journal_id is None or not pairs:
+            return
+        if group.role == "P":
+            if {p.status for p in pairs} & {PAIR, PFUL} and \
+                    time.monotonic() - self.runtime(group).last_read > max(self.path_watch_seconds(group), 1):
+                await self.suspend_mirror(group, PSUE, "the path was blocked longer than the path watch time")
+        else:
+            self.ensure_restore(group)
+        self.refresh_group(group)
+
+    def refresh(self) -> None:
+        for group in list(self.engine.groups.values()):
+            if group.replication_type == "UR":
+                self.refresh_group(group)
+
+    def refresh_group(self, group: CopyGroup) -> None:
+        """Journal figures and statuses as they are now (journalStatus, usageRate, qMarker, qCount, PFUL)."""
         engine = self.engine
         pairs = engine.group_pairs(group.name)
         jid = group.local_journal_id
@@ -352,7 +375,6 @@ class UniversalReplicator:
         rt = self.runtime(group)
         pg = engine.peer(group)
         active_paths = len(pg.active_paths) if pg else 0
-        statuses = {p.status for p in pairs}
         if group.role == "P":
             mj = self.master(group)
             usage = mj.usage_rate()
@@ -361,15 +383,13 @@ class UniversalReplicator:
                     engine._set(p, PFUL)
                 elif p.status == PFUL and usage < PFUL_THRESHOLD:
                     engine._set(p, PAIR)
-            if statuses & {PAIR, PFUL} and time.monotonic() - rt.last_read > max(self.path_watch_seconds(group), 1):
-                await self.suspend_mirror(group, PSUE, "the path was blocked longer than the path watch time")
-                statuses = {p.status for p in pairs}
+            statuses = {p.status for p in pairs}
             self.journals.set_runtime(jid, usage_rate=usage, q_marker=f"{mj.last_seq:08x}", q_count=mj.count,
                                       num_of_active_paths=active_paths)
             status = ("PJNF" if usage >= PFUL_THRESHOLD else "PJNN") if statuses & ACTIVE else \
                 "PJSF" if PFUS in statuses else "PJSE" if PSUE in statuses else "PJSN"
         else:
-            self.ensure_restore(group)
+            statuses = {p.status for p in pairs}
             self.journals.set_runtime(jid, usage_rate=0, q_marker=f"{rt.restored:08x}",
                                       q_count=max(0, rt.remote_last_seq - rt.restored),
                                       num_of_active_paths=active_paths)

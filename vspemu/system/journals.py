@@ -93,6 +93,8 @@ class Journals:
         }
         # set by the UR code: "is this journal used by pairs?" -> reason or None
         self.users: list[UserCheck] = []
+        # set by the UR code: bring the runtime figures up to date before a view is rendered
+        self.refreshers: list[Callable[[], None]] = []
         system.ldev_guards.append(self._guard)
 
     # -- queries ----------------------------------------------------------------------------------
@@ -287,12 +289,18 @@ class Journals:
             "firstLdevId": j.ldev_ids[0],
         }
 
+    def refresh(self) -> None:
+        for refresh in self.refreshers:
+            refresh()
+
     def basic_views(self, j: Journal) -> list[dict[str, Any]]:
         """One entry per mirror in use; a journal without pairs shows one SMPL entry (mu 0)."""
+        self.refresh()
         used = [m for m in j.mirrors if m.journal_status != "SMPL"]
         return [self._basic(j, m) for m in (used or [j.mirrors[0]])]
 
     def detail_view(self, j: Journal) -> dict[str, Any]:
+        self.refresh()
         return {
             "journalId": j.journal_id,
             "isMainframe": False,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import mmap
 import os
 import struct
 import sys
@@ -147,7 +148,10 @@ def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any,
 
 
 class _BufferPool:
-    """Power-of-two sized bytearrays for WRITE payloads and READ replies.
+    """Power-of-two sized, page-aligned buffers (anonymous mmaps) for WRITE payloads and READ replies.
+
+    Page alignment matters: copying between the page cache and a buffer at a page offset of 16 (where a
+    bytearray's data starts) runs at a third of the speed on this CPU (4K aliasing in ``rep movsb``).
 
     A returned buffer may still be referenced (the transport holds a READ reply until the socket took it; a
     replicator may keep a view of written data), so :meth:`put` accepts it as it is and :meth:`get` hands
@@ -155,12 +159,12 @@ class _BufferPool:
     """
 
     def __init__(self, limit: int) -> None:
-        self._free: dict[int, deque[bytearray]] = {}
+        self._free: dict[int, deque[mmap.mmap]] = {}
         self._bytes = 0
         self._limit = limit
 
-    def get(self, length: int) -> bytearray:
-        size = 1 << max(length - 1, 0).bit_length()
+    def get(self, length: int) -> mmap.mmap:
+        size = max(1 << max(length - 1, 0).bit_length(), mmap.PAGESIZE)
         free = self._free.get(size)
         if free:
             for _ in range(min(len(free), 4)):
@@ -169,9 +173,9 @@ class _BufferPool:
                     self._bytes -= size
                     return buf
                 free.append(buf)  # still in use: look again later
-        return bytearray(size)
+        return mmap.mmap(-1, size)
 
-    def put(self, buf: bytearray) -> None:
+    def put(self, buf: mmap.mmap) -> None:
         if self._bytes + len(buf) <= self._limit:
             self._bytes += len(buf)
             self._free.setdefault(len(buf), deque()).append(buf)
@@ -190,7 +194,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._no_zeroes = False
         self._volume: Volume | None = None
         # a large WRITE payload being received directly into a pooled buffer
-        self._payload: bytearray | None = None
+        self._payload: mmap.mmap | None = None
         self._payload_view: memoryview | None = None
         self._payload_got = 0
         self._payload_req: tuple[int, int, int] = (0, 0, 0)  # flags, handle, offset
@@ -361,7 +365,7 @@ class _Connection(asyncio.BufferedProtocol):
         del view
         pool.put(buf)
 
-    def _write(self, flags: int, handle: int, offset: int, data: bytes | memoryview, buf: bytearray | None) -> None:
+    def _write(self, flags: int, handle: int, offset: int, data: bytes | memoryview, buf: mmap.mmap | None) -> None:
         volume = self._volume
         assert volume is not None
         if volume.check_range(offset, len(data)):
@@ -371,7 +375,7 @@ class _Connection(asyncio.BufferedProtocol):
             if buf is not None:
                 self._server._pool.put(buf)
 
-    def _run(self, coro: Coroutine[Any, Any, None], handle: int, nbytes: int, buf: bytearray | None) -> None:
+    def _run(self, coro: Coroutine[Any, Any, None], handle: int, nbytes: int, buf: mmap.mmap | None) -> None:
         """Run a volume operation; answer now if it completes without suspending, else from a task."""
         volume = self._volume
         assert volume is not None
@@ -395,7 +399,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _finish(self, awaitable: Awaitable[None], handle: int, nbytes: int, buf: bytearray | None) -> None:
+    async def _finish(self, awaitable: Awaitable[None], handle: int, nbytes: int, buf: mmap.mmap | None) -> None:
         try:
             await awaitable
             err = 0

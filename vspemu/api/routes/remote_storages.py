@@ -63,6 +63,19 @@ class RemoteStorageCreate(Body):
     isMutualDiscovery: bool = True
 
 
+def split_rest_address(ip: str, port: int) -> tuple[str, int]:
+    """``restServerIp`` may carry a port ("127.0.0.1:8444", "[::1]:8444"): the Ansible collection sends its
+    connection address verbatim there when the playbook gives no ``rest_server_ip``. The port in the address
+    then wins over ``restServerPort`` (which the collection sets to 443)."""
+    if ip.startswith("[") and "]:" in ip:
+        host, _, tail = ip[1:].partition("]:")
+        return (host, int(tail)) if tail.isdigit() else (ip, port)
+    host, sep, tail = ip.rpartition(":")
+    if sep and host and ":" not in host and tail.isdigit() and 0 < int(tail) < 65536:
+        return host, int(tail)
+    return ip, port
+
+
 class RemoteStorageDelete(Body):
     isMutualDeletion: bool = True
 
@@ -96,12 +109,12 @@ async def get_remote_storage(remoteStorageDeviceId: str, ctx: Ctx, _s: Auth) -> 
 async def register_remote_storage(request: Request, body: RemoteStorageCreate, ctx: Ctx, session: Auth,
                                   token: RemoteToken) -> JSONResponse:
     remotes = remotes_of(ctx)
+    ip, port = split_rest_address(body.restServerIp, body.restServerPort)
     # every refusal (bad token, unreachable, itself, another system, already registered) answers here
-    await remotes.check_registration(body.storageDeviceId, body.restServerIp, body.restServerPort, token)
+    await remotes.check_registration(body.storageDeviceId, ip, port, token)
 
     async def work() -> list[str]:
-        peer = await remotes.register(body.storageDeviceId, body.restServerIp, body.restServerPort, token,
-                                      body.isMutualDiscovery)
+        peer = await remotes.register(body.storageDeviceId, ip, port, token, body.isMutualDiscovery)
         return [f"remote-storages/{peer.storage_device_id}"]
 
     return await job_response(request, session, work, key="remote-storages")
