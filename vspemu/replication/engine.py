@@ -40,6 +40,7 @@ from vspemu.replication.model import (
     FENCE_LEVELS,
     PAIR,
     PFUL,
+    PFUS,
     PSUE,
     PSUS,
     SMPL,
