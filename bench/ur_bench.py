@@ -1,0 +1,183 @@
+"""Universal Replicator benchmarks, each next to a baseline measured in the same run.
+
+Usage: python bench/ur_bench.py [--dir DIR] [--backlog-gib 4] [--burst-gib 1]
+
+- P-VOL 1 MiB sequential write throughput (fio over NBD, iodepth 8) with a UR pair vs an unpaired volume;
+- lag (seconds behind, qCount) under a steady write load at half the link's throughput, the link's
+  throughput being measured first in the same run (an initial copy);
+- time for the S-VOLs to catch up after a burst of writes;
+- resident size of the primary while a backlog builds up in the journal with the link cut (the backlog
+  lives on the journal volume, not in memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from vspemu.client import VspClient
+from vspemu.lab import SystemProcess, link_systems
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "?"
+
+
+def fio(port: int, ldev: int, rw: str, bs: str, depth: int, size: str, runtime: int | None = 8,
+        rate: str | None = None, offset: str = "0") -> dict:
+    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}/{ldev}", f"--rw={rw}", f"--bs={bs}",
+           f"--iodepth={depth}", f"--size={size}", f"--offset={offset}", "--output-format=json"]
+    if runtime:
+        cmd += [f"--runtime={runtime}", "--time_based"]
+    if rate:
+        cmd += [f"--rate={rate}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+    return {"MiBps": job["bw_bytes"] / MiB, "lat_us": job["lat_ns"]["mean"] / 1000}
+
+
+def stats(c: VspClient, group: str) -> dict:
+    return c.raw("GET", "vspemu/v1/replication/stats", headers=c.headers()).json()["mirrors"][group]
+
+
+def ur_pair(pc: VspClient, sc: VspClient, group: str, pv: int, sv: int, jid: int) -> None:
+    pc.invoke("POST", "remote-mirror-copypairs", {
+        "copyGroupName": group, "copyPairName": "u", "replicationType": "UR",
+        "remoteStorageDeviceId": sc.storage_device_id, "pvolLdevId": pv, "svolLdevId": sv,
+        "isNewGroupCreation": True, "fenceLevel": "ASYNC", "muNumber": 0, "pvolJournalId": jid,
+        "svolJournalId": jid}, remote=sc, timeout=3600)
+
+
+def wait_drained(pc: VspClient, group: str, timeout: float = 600) -> float:
+    t0 = time.monotonic()
+    while stats(pc, group)["qCount"]:
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--backlog-gib", type=float, default=4)
+    ap.add_argument("--burst-gib", type=float, default=1)
+    args = ap.parse_args()
+    base = args.dir or Path(tempfile.mkdtemp(prefix="vspemu-urbench-"))
+    p = SystemProcess(base / "p", 482001, extra_args=["--log-level", "warning"]).start()
+    s = SystemProcess(base / "s", 482002, extra_args=["--log-level", "warning"]).start()
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        pc, sc = p.client(), s.client()
+        link_systems(pc, sc)
+        jsize = f"{int(args.backlog_gib * 1024) + 1024}M"
+        for c in (pc, sc):
+            c.create_journal(1, [c.create_ldev(jsize)])
+        vol = f"{max(8, int(args.backlog_gib) + 2)}G"
+        pv, sv = pc.create_ldev(vol), sc.create_ldev(vol)
+        solo = pc.create_ldev(vol)
+        for ldev in (pv, solo):
+            pc.add_lun(ldev)
+        # the link's throughput, from an initial copy of 1 GiB of data
+        subprocess.run(["fio", "--name=f", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{p.nbd_port}/{pv}",
+                        "--rw=write", "--bs=1M", "--size=1G", "--iodepth=8", "--output-format=json"],
+                       capture_output=True, check=True)
+        t0 = time.monotonic()
+        ur_pair(pc, sc, "ur", pv, sv, 1)
+        link_mibps = 1024 / (time.monotonic() - t0)
+        rows.append(("link throughput (initial copy of 1 GiB)", f"{link_mibps:.0f} MiB/s", "", ""))
+        # 1. sequential write with a UR pair vs unpaired
+        base_r = fio(p.nbd_port, solo, "write", "1M", 8, "2G")
+        ur_r = fio(p.nbd_port, pv, "write", "1M", 8, "2G")
+        wait_drained(pc, "ur")
+        rows.append(("1 MiB seq write, iodepth 8, UR P-VOL", f"{ur_r['MiBps']:.0f} MiB/s",
+                     f"unpaired {base_r['MiBps']:.0f} MiB/s", f"{ur_r['MiBps'] / base_r['MiBps']:.2f}x"))
+        # 2. lag under a steady load at half the link's throughput
+        rate = max(1, int(min(link_mibps, ur_r["MiBps"]) / 2))
+        lags: list[float] = []
+        qcounts: list[int] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                st = stats(pc, "ur")
+                lags.append(st["lagSeconds"])
+                qcounts.append(st["qCount"])
+                time.sleep(0.1)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        fio(p.nbd_port, pv, "write", "256k", 4, "2G", runtime=15, rate=f"{rate}m")
+        done.set()
+        sampler.join()
+        lags.sort()
+        rows.append((f"lag at a steady {rate} MiB/s (half the link)",
+                     f"mean {sum(lags) / len(lags):.3f} s, p99 {lags[int(len(lags) * 0.99) - 1]:.3f} s, "
+                     f"max {lags[-1]:.3f} s", f"max qCount {max(qcounts)}", "target < 1 s"))
+        wait_drained(pc, "ur")
+        # 3. catching up after a burst
+        burst = f"{int(args.burst_gib * 1024)}M"
+        t0 = time.monotonic()
+        subprocess.run(["fio", "--name=b", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{p.nbd_port}/{pv}",
+                        "--rw=write", "--bs=1M", f"--size={burst}", "--iodepth=8", "--output-format=json"],
+                       capture_output=True, check=True)
+        burst_s = time.monotonic() - t0
+        catch = wait_drained(pc, "ur")
+        rows.append((f"catch up after a {burst} burst", f"{catch:.2f} s after the burst",
+                     f"the burst took {burst_s:.2f} s", ""))
+        # 4. memory while a backlog builds up with the link cut
+        for port in ("CL3-A", "CL4-A"):
+            pc.raw("PUT", f"vspemu/v1/link-ports/{port}", json={"enabled": False}, headers=pc.headers())
+        rss0 = p.rss_bytes()
+        peak = rss0
+        done.clear()
+
+        def watch() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, p.rss_bytes())
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        size = f"{int(args.backlog_gib * 1024)}M"
+        subprocess.run(["fio", "--name=m", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{p.nbd_port}/{pv}",
+                        "--rw=write", "--bs=1M", f"--size={size}", "--iodepth=8", "--output-format=json"],
+                       capture_output=True, check=True)
+        done.set()
+        watcher.join()
+        q = stats(pc, "ur")
+        rows.append((f"primary RSS while a {size} backlog builds (link cut)",
+                     f"{peak / MiB:.0f} MiB peak (+{(peak - rss0) / MiB:.0f} MiB)",
+                     f"{rss0 / MiB:.0f} MiB before; journal {q['usageRate']}% used, qCount {q['qCount']}",
+                     "target: within 50 MiB"))
+        for port in ("CL3-A", "CL4-A"):
+            pc.raw("PUT", f"vspemu/v1/link-ports/{port}", json={"enabled": True}, headers=pc.headers())
+        pc.close()
+        sc.close()
+    finally:
+        p.stop()
+        s.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"# Universal Replicator benchmark, {datetime.date.today()}, {cpu_model()}, {os.cpu_count()} cores\n")
+    print("| measure | vspemu | baseline / context (same run) | ratio / target |\n|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()
