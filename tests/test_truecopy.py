@@ -409,3 +409,50 @@ def test_crash_of_either_side(lab: Lab) -> None:
                   {"parameters": {"replicationType": "TC"}}, remote=lab.sc)
     lab.wait_status("PAIR", "PAIR")
     assert lab.digest("p", pv, 32 * MiB) == lab.digest("s", sv, 32 * MiB)
+
+
+def test_consistency_group_split_is_one_point(lab: Lab) -> None:
+    """Dependent writes (B only after A is acknowledged, on another volume) while the group is split:
+    the S-VOLs never hold B without A."""
+    import threading
+
+    (pa, sa), (pb, sb) = lab.volumes("8M", count=2)
+    lab.create(pa, sa, name="a", isConsistencyGroup=True, consistencyGroupId=7)
+    lab.create(pb, sb, name="b", new=False)
+    gid = f"{lab.s.storage_device_id},{CG},{CG}P_,{CG}S_"
+    stop = threading.Event()
+    count = [0]
+
+    def writer() -> None:
+        with lab.nbd("p", pa) as a, lab.nbd("p", pb) as b:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                block = n.to_bytes(8, "big") * 64
+                try:
+                    a.write((n % 512) * 512, block)
+                    b.write((n % 512) * 512, block)
+                except NbdError:
+                    return
+                count[0] = n
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(3):
+            time.sleep(0.5)
+            lab.pc.invoke("PUT", f"remote-mirror-copygroups/{gid}/actions/split/invoke",
+                          {"parameters": {"replicationType": "TC"}}, remote=lab.sc)
+            with lab.nbd("s", sa) as a, lab.nbd("s", sb) as b:
+                ia, ib = a.read(0, 256 * 1024), b.read(0, 256 * 1024)
+            for slot in range(512):
+                va = int.from_bytes(ia[slot * 512:slot * 512 + 8], "big")
+                vb = int.from_bytes(ib[slot * 512:slot * 512 + 8], "big")
+                assert vb <= va, (slot, va, vb)
+            lab.pc.invoke("PUT", f"remote-mirror-copygroups/{gid}/actions/resync/invoke",
+                          {"parameters": {"replicationType": "TC"}}, remote=lab.sc)
+    finally:
+        stop.set()
+        t.join()
+    assert count[0] > 50
+    assert lab.pair("a")["consistencyGroupId"] == 7
