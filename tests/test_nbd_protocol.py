@@ -402,7 +402,11 @@ def test_nbd_server_in_process_lookup_and_deleted_ldev(tmp_path: Path) -> None:
     from vspemu.volumes.nbd import NbdServer
     from vspemu.volumes.volume import Volume
 
-    volumes = {"5": Volume.create(5, tmp_path / "ldev5", 1 << 20), "6": Volume.create(6, tmp_path / "ldev6", 4096)}
+    volumes = {
+        "5": Volume.create(5, tmp_path / "ldev5", 1 << 20),
+        "6": Volume.create(6, tmp_path / "ldev6", 4096),
+        "7": Volume.create(7, tmp_path / "ldev7", 1 << 20),
+    }
     loop = uvloop.new_event_loop()
     server = NbdServer(volumes.get, lambda: sorted(volumes))
     loop.run_until_complete(server.start("127.0.0.1", 0))
@@ -416,7 +420,16 @@ def test_nbd_server_in_process_lookup_and_deleted_ldev(tmp_path: Path) -> None:
 
     try:
         port = server.port
-        assert nbd.list_exports("127.0.0.1", port) == ["5", "6"]
+        assert nbd.list_exports("127.0.0.1", port) == ["5", "6", "7"]
+        with NbdClient("127.0.0.1", port, "7") as c7:  # a file shorter than its volume (never happens...)
+            c7.write(0, b"z" * (1 << 20))
+            os.truncate(tmp_path / "ldev7", 100_000)
+            with pytest.raises((NbdError, ConnectionError)):  # ...gives an error or a closed connection
+                c7.read(0, 512 << 10)
+        with NbdClient("127.0.0.1", port, "7") as c7:
+            with pytest.raises(NbdError) as e:
+                c7.read(200_000, 4096)
+            assert e.value.errno == nbd.EIO
         with NbdClient("127.0.0.1", port, "6") as c6:
             assert c6.size == 4096
         c = NbdClient("127.0.0.1", port, "5")

@@ -6,12 +6,15 @@ options ``EXPORT_NAME``, ``GO``, ``INFO`` (``NBD_INFO_EXPORT``, ``NBD_INFO_NAME`
 ``READ``, ``WRITE`` (``FUA``), ``FLUSH``, ``TRIM``, ``WRITE_ZEROES`` and ``DISC``; the export advertises
 ``SEND_FLUSH | SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES | CAN_MULTI_CONN``.
 
-Each connection is one :class:`asyncio.BufferedProtocol`. Requests are parsed straight out of a fixed
-receive buffer; a large WRITE payload is received directly into a pooled buffer (one copy from the socket,
-one into the page cache). Reads, and writes to an unpaired volume, complete synchronously inside the
-receive callback (``Volume.write`` is driven by hand until it finishes or first suspends), so the hot path
-creates no task. Anything that suspends (FLUSH, FUA, a replicator) continues as a task while the next
-requests are read; its reply is sent when it finishes (replies may come out of order, as NBD allows).
+Each connection is one :class:`asyncio.BufferedProtocol` (run it under uvloop; plain asyncio works too).
+Requests are parsed straight out of a fixed receive buffer; a large WRITE payload is received directly into
+a pooled page-aligned buffer (one copy from the socket, one into the page cache). A large READ reply goes
+out with ``sendfile`` (page cache to socket, no copy through our memory) when nothing is queued in the
+transport, else it is ``preadv``-ed into a pooled buffer. Reads, and writes to an unpaired volume, complete
+synchronously inside the receive callback (``Volume.write`` is driven by hand until it finishes or first
+suspends), so the hot path creates no task. Anything that suspends (FLUSH, FUA, a replicator) continues as
+a task while the next requests are read; its reply is sent when it finishes (replies may come out of
+order, as NBD allows). Reads bypass ``Volume.read`` (same ``pread`` semantics, on ``Volume.fd``).
 
 Memory bound: a connection stops reading from its socket while the payload of its unfinished writes plus
 its unsent reply bytes reach ``INFLIGHT_LIMIT`` (32 MiB); at most one more request (``MAX_REQUEST``, 32 MiB)
@@ -34,6 +37,7 @@ import errno
 import logging
 import mmap
 import os
+import socket
 import struct
 import sys
 import types
@@ -50,6 +54,7 @@ INFLIGHT_LIMIT = 32 << 20  # per connection: unfinished write payload + unsent r
 POOL_LIMIT = 64 << 20  # server-wide: free payload buffers kept for reuse
 RX_SIZE = 256 << 10  # per connection receive buffer (headers, options, small payloads)
 SMALL_WRITE = 64 << 10  # payloads up to this size are taken from the receive buffer (copied)
+SENDFILE_MIN = 64 << 10  # READ replies from this size on are sent with sendfile when the socket has room
 MAX_OPTION = 64 << 10  # largest option payload accepted during the handshake
 
 NBDMAGIC = 0x4E42444D41474943
@@ -205,6 +210,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._paused = False
         self._parsing = False
         self._closed = False
+        self._sock: socket.socket | None = None
 
     # -- asyncio callbacks ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -212,6 +218,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport = transport
         transport.set_write_buffer_limits(high=INFLIGHT_LIMIT // 2, low=INFLIGHT_LIMIT // 8)
         self._server._connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a duplicate, for send(MSG_MORE) + sendfile of large READ replies
+            self._sock = socket.socket(fileno=os.dup(sock.fileno()))
         transport.write(_GREETING)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -219,6 +228,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._phase = _DONE
         self._server._connections.discard(self)
         self._payload = self._payload_view = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._payload_view is not None:
@@ -345,23 +357,54 @@ class _Connection(asyncio.BufferedProtocol):
             self._reply(handle, NBD_EINVAL)
 
     def _read(self, handle: int, offset: int, length: int) -> None:
-        """Volume.read, but into a pooled buffer (a fresh 1 MiB bytes object per request costs page faults)."""
+        """What Volume.read does, without its bytes object (a fresh 1 MiB one per request costs page faults)."""
         volume = self._volume
         assert volume is not None
         if length > MAX_REQUEST or not volume.check_range(offset, length):
             self._reply(handle, NBD_EINVAL)
             return
+        transport = self._transport
+        assert transport is not None
+        header = _REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+        sent = 0  # of header + data, sent straight to the socket
+        if length >= SENDFILE_MIN and self._sock is not None and not transport.get_write_buffer_size():
+            # Nothing is queued in the transport, so we may write to the socket ourselves: the data goes from
+            # the page cache to the socket without a copy through our memory.
+            try:
+                fd = volume.fd
+                sent = self._sock.send(header, socket.MSG_MORE)
+                while sent == _REPLY.size and sent < _REPLY.size + length:
+                    n = os.sendfile(self._sock.fileno(), fd, offset + sent - _REPLY.size, length + _REPLY.size - sent)
+                    if n == 0:  # the file is shorter than the volume: truncated under us
+                        raise VolumeIOError(f"LDEV {volume.ldev_id}: short read at {offset + sent - _REPLY.size}")
+                    sent += n
+            except BlockingIOError:
+                pass  # the socket is full: the transport sends the rest
+            except Exception as exc:
+                if not sent:
+                    self._reply(handle, _nbd_errno(exc))
+                else:  # half a reply is out: only closing the connection can tell the client
+                    log.warning("NBD: LDEV %s read failed mid-reply: %s", volume.ldev_id, exc)
+                    self._close()
+                return
+            if sent == _REPLY.size + length:
+                return
+        # the rest (usually all) of the reply: read into a pooled buffer, the transport sends it
+        done = max(sent - _REPLY.size, 0)
         pool = self._server._pool
-        buf = pool.get(length)
-        view = memoryview(buf)[:length]
+        buf = pool.get(length - done)
+        view = memoryview(buf)[: length - done]
         try:
-            _pread(volume, view, offset)
+            _pread(volume, view, offset + done)
         except Exception as exc:
-            self._reply(handle, _nbd_errno(exc))
+            if sent:
+                log.warning("NBD: LDEV %s read failed mid-reply: %s", volume.ldev_id, exc)
+                self._close()
+            else:
+                self._reply(handle, _nbd_errno(exc))
         else:
             if not self._closed:
-                assert self._transport is not None
-                self._transport.writelines((_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), view))
+                transport.writelines((header[sent:], view) if sent < _REPLY.size else (view,))
         del view
         pool.put(buf)
 
