@@ -6,6 +6,7 @@ Every test talks HTTPS to a real ``vspemu serve`` process.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import time
 
 import httpx
@@ -359,3 +360,21 @@ def test_openapi_document(system: SystemProcess) -> None:
     assert "/ConfigurationManager/v1/objects/ldevs" in paths
     assert "/ConfigurationManager/v1/objects/storages/{storageDeviceId}/ldevs" in paths
     assert "/ConfigurationManager/v1/objects/sessions" in paths
+
+
+def test_ldev_data_survives_kill_9(system: SystemProcess) -> None:
+    from vspemu.client.nbd import NbdClient
+
+    c = system.client()
+    ldev = c.create_ldev("64M")
+    c.add_lun(ldev)
+    blob = os.urandom(3 * 1024 * 1024 + 512)
+    with NbdClient("127.0.0.1", system.nbd_port, str(ldev)) as n:
+        n.write(12345 * 512, blob, fua=True)  # durable when acknowledged (FUA)
+        n.write(40 * 1024 * 1024, b"flushed" * 512)
+        n.flush()  # durable when the flush is acknowledged
+    system.kill()
+    system.start()
+    with NbdClient("127.0.0.1", system.nbd_port, str(ldev)) as n:
+        assert n.read(12345 * 512, len(blob)) == blob
+        assert n.read(40 * 1024 * 1024, 7 * 512) == b"flushed" * 512
