@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 API_ROOT = "/ConfigurationManager/v1"
 OBJECTS = f"{API_ROOT}/objects"
 MAX_RESPONSE_WAIT = 1800.0
+# a job that finishes within this many seconds is answered already Completed: clients that poll at long
+# intervals (the Ansible collection polls every 10 s after a first immediate GET) then do not wait for nothing
+JOB_ANSWER_GRACE = 0.5
 
 
 class Body(BaseModel):
@@ -97,6 +100,8 @@ async def job_response(request: Request, session: Session, work: Callable[[], Aw
         except ValueError:
             max_wait = MAX_RESPONSE_WAIT
         await ctx.jobs.wait(job, min(max(max_wait, 0.0), MAX_RESPONSE_WAIT))
+    else:
+        await ctx.jobs.wait(job, JOB_ANSWER_GRACE)
     return JSONResponse(job.view(), status_code=202)
 
 

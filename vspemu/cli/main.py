@@ -16,11 +16,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vspemu.cli.demo import demo
+from vspemu.cli.pair import app as pair_app
 from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER, storage_device_id
 
 app = typer.Typer(help="vspemu: Hitachi VSP storage systems in software, with TrueCopy and Universal "
                        "Replicator.", no_args_is_help=True, add_completion=False)
 console = Console()
+app.add_typer(pair_app, name="pair")
+app.command()(demo)
 
 LAB = [  # (role, serial, REST port, NBD port, first replication-link port)
     ("primary", 410001, 8443, 10809, 17001),

@@ -73,6 +73,7 @@ class VspClient:
         self.close()
 
     def close(self) -> None:
+        """Log out (errors ignored) and close the HTTP connection pool."""
         try:
             if self.token is not None:
                 self.logout()
@@ -82,11 +83,13 @@ class VspClient:
 
     @property
     def storage_device_id(self) -> str:
+        """The 12-digit storageDeviceId of this system (GET storages once, then cached)."""
         if self._device_id is None:
             self._device_id = self.get("storages")["data"][0]["storageDeviceId"]
         return self._device_id
 
     def objects_path(self, path: str) -> str:
+        """The URL path below /ConfigurationManager/ of an object path, short or storage-scoped."""
         path = path.lstrip("/")
         if self.scoped and not path.startswith("storages"):
             return f"v1/objects/storages/{self.storage_device_id}/{path}"
@@ -94,6 +97,8 @@ class VspClient:
 
     def headers(self, remote: VspClient | None = None, nowait: bool = False,
                 wait_completed: bool = False) -> dict[str, str]:
+        """Request headers: the session token, ``remote``'s token as Remote-Authorization, NoWait, and
+        ``Response-Job-Status: Completed`` (the server then answers when the job is done)."""
         h = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.token:
             h["Authorization"] = f"Session {self.token}"
@@ -113,6 +118,11 @@ class VspClient:
     def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
                 remote: VspClient | None = None, nowait: bool = False, wait_completed: bool = False,
                 objects: bool = True) -> Any:
+        """Send a request and return the JSON answer (None when empty); an answer >= 400 raises ApiError.
+
+        ``path`` is an object path (``"ldevs/5"``) unless ``objects=False``; ``remote`` adds its session as
+        Remote-Authorization (needed for pair and copy-group calls); ``nowait`` sends
+        ``Job-Mode-Wait-Configuration-Change: NoWait`` (the job completes before the data copy does)."""
         url = self.objects_path(path) if objects else path
         r = self.raw(method, url, json=json, params=params,
                      headers=self.headers(remote, nowait, wait_completed))
@@ -128,6 +138,7 @@ class VspClient:
 
     # -- sessions -----------------------------------------------------------------------------------
     def login(self, alive_time: int | None = None) -> str:
+        """POST sessions with HTTP Basic; keeps and returns the token (``aliveTime`` in seconds if given)."""
         body = {"aliveTime": alive_time} if alive_time is not None else None
         path = f"v1/objects/storages/{self._device_id}/sessions" if self.scoped and self._device_id else \
             "v1/objects/sessions"
@@ -139,6 +150,7 @@ class VspClient:
         return data["token"]
 
     def logout(self) -> None:
+        """DELETE this client's session."""
         if self.session_id is not None:
             self.request("DELETE", f"sessions/{self.session_id}")
         self.token = self.session_id = None
@@ -150,6 +162,7 @@ class VspClient:
 
     # -- jobs ---------------------------------------------------------------------------------------
     def job(self, job_id: int) -> dict[str, Any]:
+        """GET one job."""
         return self.get(f"jobs/{job_id}")  # type: ignore[no-any-return]
 
     def wait_job(self, job: dict[str, Any], timeout: float = 600.0, interval: float = 0.05) -> dict[str, Any]:
@@ -193,6 +206,7 @@ class VspClient:
         return int(self.resource_id(self.invoke("POST", "ldevs", body)))
 
     def delete_ldev(self, ldev_id: int) -> None:
+        """DELETE an LDEV and wait for the job."""
         self.invoke("DELETE", f"ldevs/{ldev_id}")
 
     def add_lun(self, ldev_id: int, port_id: str = "CL1-A", host_group_number: int = 0,
@@ -204,6 +218,7 @@ class VspClient:
         return self.resource_id(self.invoke("POST", "luns", body))
 
     def delete_lun(self, lun_id: str) -> None:
+        """DELETE a LU path (``"CL1-A,0,5"``) and wait for the job."""
         self.invoke("DELETE", f"luns/{lun_id}")
 
     # -- remote systems, path groups, journals (replication set-up) -------------------------------------
@@ -218,6 +233,7 @@ class VspClient:
         return self.invoke("POST", "remote-storages", body, remote=remote)
 
     def unregister_remote(self, remote: VspClient, mutual: bool = True) -> dict[str, Any]:
+        """DELETE remote-storages/{id} of ``remote`` (its path groups must be deleted first); returns the job."""
         return self.invoke("DELETE", f"remote-storages/{remote.storage_device_id}",
                            {"isMutualDeletion": mutual}, remote=remote)
 
@@ -240,14 +256,17 @@ class VspClient:
         return self.resource_id(self.invoke("POST", "remotepath-groups", body))
 
     def add_remote_path(self, group_id: str, local_port_id: str, remote_port_id: str) -> dict[str, Any]:
+        """Add a path (local port -> remote port) to a remote path group; returns the job."""
         return self.invoke("POST", f"remotepath-groups/{group_id}/actions/add-remotepath/invoke",
                            {"parameters": {"localPortId": local_port_id, "remotePortId": remote_port_id}})
 
     def remove_remote_path(self, group_id: str, local_port_id: str, remote_port_id: str) -> dict[str, Any]:
+        """Remove a path from a remote path group; returns the job."""
         return self.invoke("POST", f"remotepath-groups/{group_id}/actions/remove-remotepath/invoke",
                            {"parameters": {"localPortId": local_port_id, "remotePortId": remote_port_id}})
 
     def path_statuses(self, group_id: str) -> list[str]:
+        """The pathStatus of each path of a remote path group ("NML_01" = normal)."""
         return [p["pathStatus"] for p in self.get(f"remotepath-groups/{group_id}")["remotePaths"]]
 
     def wait_path_status(self, group_id: str, status: str = "NML_01", timeout: float = 30.0,
@@ -263,17 +282,21 @@ class VspClient:
             time.sleep(0.1)
 
     def create_journal(self, journal_id: int, ldev_ids: list[int]) -> int:
+        """POST journals (UR): ``journal_id`` 0-255 on one or two DP volumes; returns the journal id."""
         body = {"journalId": journal_id, "ldevIds": ldev_ids}
         return int(self.resource_id(self.invoke("POST", "journals", body)))
 
     def delete_journal(self, journal_id: int) -> None:
+        """DELETE a journal (it must not be used by a pair) and wait for the job."""
         self.invoke("DELETE", f"journals/{journal_id}")
 
     # -- vspemu-private (replication link diagnostics and test aids) ------------------------------------
     def private(self, method: str, path: str, body: Any = None) -> Any:
+        """Call a vspemu-private route (``/ConfigurationManager/vspemu/v1/...``): not on a real array."""
         return self.request(method, f"vspemu/v1/{path}", json=body, objects=False)
 
     def link_info(self) -> dict[str, Any]:
+        """This system's replication ports and known peers (vspemu-private)."""
         return self.private("GET", "link")  # type: ignore[no-any-return]
 
     def set_link_port(self, port_id: str, enabled: bool) -> dict[str, Any]:
