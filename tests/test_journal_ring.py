@@ -24,7 +24,7 @@ def test_ring_buffer_against_a_model(tmp_path: Path) -> None:
     acked = 0
     fulls = 0
     for step in range(12000):
-        if rng.random() < 0.75:
+        if rng.random() < 0.6:
             n = rng.choice([512, 4096, 65536, 100])
             data = os.urandom(n) if rng.random() < 0.9 else None
             offset = rng.randrange(0, 1 << 30)
@@ -39,7 +39,7 @@ def test_ring_buffer_against_a_model(tmp_path: Path) -> None:
             expected = [m for m in model if m[0] > acked][:len(got)]
             assert [(e.seq, e.offset) for e in got] == [(m[0], m[1]) for m in expected]
             assert all((e.data if not e.zero else None) == m[2] for e, m in zip(got, expected, strict=True))
-            upto = model[rng.randrange(len(model))][0]
+            upto = model[0][0] if rng.random() < 0.9 else model[-1][0]  # mostly a slow secondary
             j.free(upto)
             acked = max(acked, upto)
             model = [m for m in model if m[0] > upto]
