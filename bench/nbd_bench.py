@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchlib import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -120,16 +122,6 @@ def run_fio(uri: str, job: Job, runtime: int, pin: list[str], pid: int) -> dict[
         "lat_us": side["lat_ns"]["mean"] / 1000,
         "cpu_us": cpu / ios * 1e6,  # server CPU per request
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

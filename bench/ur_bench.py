@@ -13,9 +13,7 @@ Usage: python bench/ur_bench.py [--dir DIR] [--backlog-gib 4] [--burst-gib 1]
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -23,18 +21,13 @@ import threading
 import time
 from pathlib import Path
 
+from benchlib import print_table
+
 from vspemu.client import VspClient
 from vspemu.lab import SystemProcess, link_systems
 
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "?"
 
 
 def fio(port: int, ldev: int, rw: str, bs: str, depth: int, size: str, runtime: int | None = 8,
@@ -173,10 +166,8 @@ def main() -> None:
         p.stop()
         s.stop()
         shutil.rmtree(base, ignore_errors=True)
-    print(f"# Universal Replicator benchmark, {datetime.date.today()}, {cpu_model()}, {os.cpu_count()} cores\n")
-    print("| measure | vspemu | baseline / context (same run) | ratio / target |\n|---|---|---|---|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_table("Universal Replicator benchmark",
+                ("measure", "vspemu", "baseline / context (same run)", "ratio / target"), rows)
 
 
 if __name__ == "__main__":

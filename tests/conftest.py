@@ -43,3 +43,16 @@ def api(system: SystemProcess) -> Iterator[VspClient]:
     """A logged-in SDK client of ``system``."""
     with system.client() as c:
         yield c
+
+
+@pytest.fixture
+def linked(make_system: MakeSystem) -> Iterator[tuple[SystemProcess, SystemProcess, VspClient, VspClient]]:
+    """Two systems registered with each other, with path groups in both directions: (p, s, pc, sc)."""
+    from vspemu.lab import link_systems
+
+    p, s = make_system(), make_system()
+    pc, sc = p.client(), s.client()
+    link_systems(pc, sc)
+    yield p, s, pc, sc
+    pc.close()
+    sc.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -13,7 +12,7 @@ from typer.testing import CliRunner
 from vspemu.cli.main import app
 from vspemu.client import VspClient
 from vspemu.client.nbd import NbdClient
-from vspemu.lab import SystemProcess, link_systems
+from vspemu.lab import SystemProcess
 
 MiB = 1 << 20
 
@@ -58,14 +57,8 @@ class Lab:
 
 
 @pytest.fixture
-def lab(make_system: Callable[..., SystemProcess]) -> Iterator[Lab]:
-    p = make_system()
-    s = make_system()
-    pc, sc = p.client(), s.client()
-    link_systems(pc, sc)
-    yield Lab(p, s, pc, sc)
-    pc.close()
-    sc.close()
+def lab(linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient]) -> Lab:
+    return Lab(*linked)
 
 
 def test_pair_commands_end_to_end(lab: Lab) -> None:

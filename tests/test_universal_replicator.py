@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from vspemu.client import ApiError, VspClient
 from vspemu.client.nbd import NbdClient
-from vspemu.lab import SystemProcess, link_systems
+from vspemu.lab import SystemProcess, set_link_ports, volume_digest
 
 MiB = 1 << 20
 CG = "urg"
@@ -85,11 +83,7 @@ class UrLab:
             time.sleep(0.05)
 
     def digest(self, side: str, ldev: int, size: int) -> str:
-        h = hashlib.sha256()
-        with self.nbd(side, ldev) as c:
-            for off in range(0, size, 4 * MiB):
-                h.update(c.read(off, min(4 * MiB, size - off)))
-        return h.hexdigest()
+        return volume_digest((self.p if side == "p" else self.s).nbd_port, ldev, size)
 
     def action(self, name: str, params: dict, side: str = "p") -> None:
         c, r, gid = (self.pc, self.sc, self.gid) if side == "p" else (self.sc, self.pc, self.sgid)
@@ -98,13 +92,8 @@ class UrLab:
 
 
 @pytest.fixture
-def ur(make_system) -> Iterator[UrLab]:  # type: ignore[no-untyped-def]
-    p, s = make_system(), make_system()
-    pc, sc = p.client(), s.client()
-    link_systems(pc, sc)
-    yield UrLab(p, s, pc, sc)
-    pc.close()
-    sc.close()
+def ur(linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient]) -> UrLab:
+    return UrLab(*linked)
 
 
 def test_mirror_of_three_pairs_copies_every_byte(ur: UrLab) -> None:
@@ -283,12 +272,6 @@ def test_swap_split_and_swap_resync(ur: UrLab) -> None:
     ur.pc.invoke("DELETE", f"remote-mirror-copygroups/{ur.gid}", remote=ur.sc)
 
 
-def set_ports(client: VspClient, enabled: bool) -> None:
-    for port in ("CL3-A", "CL4-A"):
-        r = client.raw("PUT", f"vspemu/v1/link-ports/{port}", json={"enabled": enabled}, headers=client.headers())
-        assert r.status_code == 200, r.text
-
-
 @pytest.mark.e2e
 def test_link_cut_shorter_and_longer_than_the_path_watch(ur: UrLab) -> None:
     ur.journals("64M")
@@ -297,19 +280,19 @@ def test_link_cut_shorter_and_longer_than_the_path_watch(ur: UrLab) -> None:
     for c in (ur.pc, ur.sc):
         c.invoke("PATCH", "journals/1", {"mirrorUnit": {"muNumber": 1, "pathBlockadeWatchInMinutes": 1}})
     # a short cut: the journal absorbs the writes, the pairs stay PAIR, and catch up afterwards
-    set_ports(ur.pc, False)  # the primary's ports go offline: the secondary cannot pull
+    set_link_ports(ur.pc, False)  # the primary's ports go offline: the secondary cannot pull
     for pv, _ in vols:
         with ur.nbd("p", pv) as c:
             c.write(0, os.urandom(2 * MiB))
     time.sleep(5)
     assert ur.statuses(local=True) == {("PAIR", "PAIR")}
     assert ur.pc.get("journals", journalInfo="basic")["data"][0]["qCount"] > 0
-    set_ports(ur.pc, True)
+    set_link_ports(ur.pc, True)
     ur.wait_drained()
     for pv, sv in vols:
         assert ur.digest("p", pv, 16 * MiB) == ur.digest("s", sv, 16 * MiB)
     # a long cut: after the path watch time the mirror is suspended by error
-    set_ports(ur.pc, False)
+    set_link_ports(ur.pc, False)
     for pv, _ in vols:
         with ur.nbd("p", pv) as c:
             c.write(4 * MiB, os.urandom(MiB))
@@ -318,7 +301,7 @@ def test_link_cut_shorter_and_longer_than_the_path_watch(ur: UrLab) -> None:
         assert time.monotonic() < deadline, ur.statuses(local=True)
         time.sleep(1)
     assert ur.pc.get("journals", journalInfo="basic")["data"][0]["journalStatus"] == "PJSE"
-    set_ports(ur.pc, True)
+    set_link_ports(ur.pc, True)
     ur.wait({("PSUE", "PSUE")}, timeout=30)
     ur.action("resync", {})
     ur.wait({("PAIR", "PAIR")})

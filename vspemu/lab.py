@@ -128,3 +128,24 @@ def link_systems(primary: VspClient, secondary: VspClient, path_group_id: int = 
         gid = local.create_path_group(remote, path_group_id, "CL3-A", "CL3-A")
         local.add_remote_path(gid, "CL4-A", "CL4-A")
         local.wait_path_status(gid, "NML_01", timeout)
+
+
+def volume_digest(nbd_port: int, ldev: int, size: int, host: str = "127.0.0.1") -> str:
+    """sha256 of the first ``size`` bytes of an exported LDEV, read over NBD (how tests compare volumes)."""
+    import hashlib
+
+    from vspemu.client.nbd import NbdClient
+
+    h = hashlib.sha256()
+    with NbdClient(host, nbd_port, str(ldev)) as c:
+        for off in range(0, size, 4 << 20):
+            h.update(c.read(off, min(4 << 20, size - off)))
+    return h.hexdigest()
+
+
+def set_link_ports(client: VspClient, enabled: bool, ports: tuple[str, ...] = ("CL3-A", "CL4-A")) -> None:
+    """Take replication ports of a system offline or online (vspemu-private): how tests cut a link."""
+    for port in ports:
+        r = client.raw("PUT", f"vspemu/v1/link-ports/{port}", json={"enabled": enabled}, headers=client.headers())
+        if r.status_code != 200:
+            raise RuntimeError(f"link port {port}: {r.status_code} {r.text}")
