@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from vspemu.client import ApiError, JobFailed, VspClient
 from vspemu.client.nbd import NbdClient, NbdError
-from vspemu.lab import SystemProcess, link_systems
+from vspemu.lab import SystemProcess, set_link_ports, volume_digest
 
 MiB = 1 << 20
 CG = "tcg"
@@ -67,22 +65,12 @@ class Lab:
             time.sleep(0.1)
 
     def digest(self, side: str, ldev: int, size: int) -> str:
-        h = hashlib.sha256()
-        with self.nbd(side, ldev) as c:
-            for off in range(0, size, 4 * MiB):
-                h.update(c.read(off, min(4 * MiB, size - off)))
-        return h.hexdigest()
+        return volume_digest((self.p if side == "p" else self.s).nbd_port, ldev, size)
 
 
 @pytest.fixture
-def lab(make_system) -> Iterator[Lab]:  # type: ignore[no-untyped-def]
-    p = make_system()
-    s = make_system()
-    pc, sc = p.client(), s.client()
-    link_systems(pc, sc)
-    yield Lab(p, s, pc, sc)
-    pc.close()
-    sc.close()
+def lab(linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient]) -> Lab:
+    return Lab(*linked)
 
 
 def fill_random(c: NbdClient, size: int, step: int = 4 * MiB) -> None:
@@ -287,12 +275,6 @@ def test_nowait_create_reports_copy_progress(lab: Lab) -> None:
     assert lab.digest("p", pv, 256 * MiB) == lab.digest("s", sv, 256 * MiB)
 
 
-def set_ports(system: SystemProcess, client: VspClient, enabled: bool) -> None:
-    for port in ("CL3-A", "CL4-A"):
-        r = client.raw("PUT", f"vspemu/v1/link-ports/{port}", json={"enabled": enabled}, headers=client.headers())
-        assert r.status_code == 200, r.text
-
-
 @pytest.mark.parametrize("fence", ["NEVER", "DATA", "STATUS"])
 def test_link_failure_by_fence_level(lab: Lab, fence: str) -> None:
     (pv, sv), = lab.volumes("16M")
@@ -300,7 +282,7 @@ def test_link_failure_by_fence_level(lab: Lab, fence: str) -> None:
         fill_random(c, 16 * MiB)
     lab.create(pv, sv, fenceLevel=fence)
     assert lab.pair()["fenceLevel"] == fence
-    set_ports(lab.s, lab.sc, False)  # cut the link: the secondary's replication ports go offline
+    set_link_ports(lab.sc, False)  # cut the link: the secondary's replication ports go offline
     with lab.nbd("p", pv) as c:
         if fence == "NEVER":
             c.write(MiB, b"n" * 4096)  # accepted and tracked
@@ -314,7 +296,7 @@ def test_link_failure_by_fence_level(lab: Lab, fence: str) -> None:
             assert e.value.errno == 1
     info = lab.pc.get(f"remote-mirror-copypairs/NotSpecified,{CG},{CG}P_,NotSpecified,p1")
     assert info["pvolStatus"] == "PSUE"
-    set_ports(lab.s, lab.sc, True)
+    set_link_ports(lab.sc, True)
     gid = f"{lab.s.serial},R9,0"
     lab.pc.wait_path_status(gid, "NML_01", 30)
     lab.pc.invoke("PUT", f"remote-mirror-copypairs/{lab.pair_id()}/actions/resync/invoke",
