@@ -38,10 +38,12 @@ class DirtyBitmap:
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
         self.ntracks = tracks_for(size)
-        self.bits = np.zeros(-(-self.ntracks // 8), dtype=np.uint8)
+        self._raw = bytearray(-(-self.ntracks // 8))  # the bits; ``bits`` is a numpy view of the same memory
+        self.bits = np.frombuffer(self._raw, dtype=np.uint8)
         self._fd: int | None = None
         self._dirty_pages: set[int] = set()  # pages whose clears are not yet on disk
         self._lock = asyncio.Lock()
+        self._marking = 0  # mark() calls between setting bits and having them on disk
 
     # -- persistence ----------------------------------------------------------------------------------
     @classmethod
@@ -104,14 +106,33 @@ class DirtyBitmap:
 
     def _set(self, first: int, last: int) -> set[int]:
         """Set bits first..last; return the file pages in which a bit turned on."""
-        bits = self.bits
+        raw = self._raw
         changed: set[int] = set()
-        for t in range(first, last + 1):
+        b0, b1 = first >> 3, last >> 3
+        if b1 - b0 > 1:  # whole bytes in the middle, at C speed
+            inner = raw[b0 + 1:b1]
+            if inner.count(0xFF) != len(inner):
+                for i in np.flatnonzero(self.bits[b0 + 1:b1] != 0xFF):
+                    changed.add((b0 + 1 + int(i)) // PAGE)
+                raw[b0 + 1:b1] = b"\xff" * (b1 - b0 - 1)
+            edges = [*range(first, min(last, (b0 << 3) + 7) + 1), *range(max(first, b1 << 3), last + 1)]
+        else:
+            edges = range(first, last + 1)  # type: ignore[assignment]
+        for t in edges:
             byte, mask = t >> 3, 1 << (t & 7)
-            if not bits[byte] & mask:
-                bits[byte] |= mask
+            if not raw[byte] & mask:
+                raw[byte] |= mask
                 changed.add(byte // PAGE)
         return changed
+
+    def all_set(self, offset: int, length: int) -> bool:
+        """True if every track of the range is marked already (a mark would change nothing)."""
+        first, last = self.track_range(offset, length)
+        raw = self._raw
+        if first & 7 == 0 and last & 7 == 7:
+            seg = raw[first >> 3:(last >> 3) + 1]
+            return seg.count(0xFF) == len(seg)
+        return all(raw[t >> 3] & (1 << (t & 7)) for t in range(first, last + 1))
 
     def mark_sync(self, offset: int, length: int) -> None:
         changed = self._set(*self.track_range(offset, length))
@@ -120,19 +141,23 @@ class DirtyBitmap:
 
     async def mark(self, offset: int, length: int) -> None:
         """Mark a write's tracks; returns once the marks are durable (before the write is acknowledged)."""
-        changed = self._set(*self.track_range(offset, length))
-        if changed:
-            async with self._lock:
-                await asyncio.to_thread(self._write_pages, changed)
+        changed = set() if self.all_set(offset, length) else self._set(*self.track_range(offset, length))
+        if changed or self._marking:
+            # a bit this write relies on may have been set by a write whose sync is still under way: queue
+            # behind it (the lock is FIFO), so no write proceeds before its marks are on disk
+            self._marking += 1
+            try:
+                async with self._lock:
+                    if changed:
+                        await asyncio.to_thread(self._write_pages, changed)
+            finally:
+                self._marking -= 1
 
     def set_ranges(self, ranges: list[tuple[int, int]]) -> None:
         """Mark every track that a list of (offset, length) ranges touches, and persist."""
         for offset, length in ranges:
             if length > 0:
-                first, last = self.track_range(offset, length)
-                self.bits[first // 8 + 1:last // 8] = 0xFF  # whole bytes in the middle
-                self._set(first, min(last, (first // 8 + 1) * 8 - 1))
-                self._set(max(first, (last // 8) * 8), last)
+                self._set(*self.track_range(offset, length))
         self._rewrite()
 
     def mark_all_sync(self) -> None:
@@ -142,18 +167,25 @@ class DirtyBitmap:
             self.bits[-1] = 0xFF >> spare
         self._rewrite()
 
-    def merge(self, other: bytes | np.ndarray) -> None:
+    def merge(self, other: bytes | bytearray | memoryview | np.ndarray) -> None:
         """OR another bitmap of the same volume into this one (resync: S-VOL marks into the P-VOL's)."""
-        o = np.frombuffer(other, dtype=np.uint8) if isinstance(other, bytes) else other
+        o = other if isinstance(other, np.ndarray) else np.frombuffer(other, dtype=np.uint8)
         n = min(len(o), len(self.bits))
         self.bits[:n] |= o[:n]
         self._rewrite()
 
     def clear(self, track: int) -> None:
         byte, mask = track >> 3, 1 << (track & 7)
-        if self.bits[byte] & mask:
-            self.bits[byte] &= ~mask & 0xFF
+        raw = self._raw
+        if raw[byte] & mask:
+            raw[byte] &= ~mask & 0xFF
             self._dirty_pages.add(byte // PAGE)
+
+    def clear_range(self, offset: int, length: int) -> None:
+        """Clear the tracks of a range (lazily persisted, like :meth:`clear`)."""
+        first, last = self.track_range(offset, length)
+        for t in range(first, last + 1):
+            self.clear(t)
 
     def clear_all(self) -> None:
         self.bits[:] = 0
@@ -161,15 +193,16 @@ class DirtyBitmap:
 
     # -- reading ----------------------------------------------------------------------------------------
     def is_set(self, track: int) -> bool:
-        return bool(self.bits[track >> 3] & (1 << (track & 7)))
+        return bool(self._raw[track >> 3] & (1 << (track & 7)))
 
     def count(self) -> int:
         return int(_POP[self.bits].sum())
 
     def tracks(self) -> Iterator[int]:
         """The marked tracks, ascending."""
-        for byte in np.flatnonzero(self.bits):
-            v = int(self.bits[byte])
+        raw = self._raw
+        for byte in np.flatnonzero(self.bits).tolist():
+            v = raw[byte]
             base = int(byte) * 8
             while v:
                 low = v & -v

@@ -13,8 +13,11 @@ A host write to a volume in a pair goes through :class:`PairVolume` (the volume'
    - P-VOL in COPY: the mark is enough; the copier sends the track (again) later;
    - suspended, or the S-VOL written after a split with svolAccessMode rw / SSWS: the mark is the record.
 
-While PAIR, marks are "activity" marks: the engine clears them in bulk now and then (with the barrier
-held, so no write is in flight), as DRBD's activity log does, so steady writes do not pay a bitmap sync.
+While PAIR, marks are "activity" marks on whole 16 MiB extents, kept as a bounded hot set as DRBD's activity
+log does: an extent that is marked already costs a write nothing (no bitmap sync). The engine clears, with the
+group barrier held (so no write is in flight and every earlier one reached the S-VOL), the extents not
+written for :data:`ACTIVITY_MAX_AGE` seconds and, when more than :data:`ACTIVITY_MAX_EXTENTS` are marked, the
+least recently written ones. After a crash the marked extents are copied again (at most the hot set).
 
 The copier (:func:`copy_marked_tracks`) walks the marked tracks of a P-VOL, reads them, and sends each
 run as data or, when it is all zeros, as a "zero range" (holes are never sent as bytes).
@@ -23,18 +26,30 @@ run as data or, when it is all zeros, as a "zero range" (holes are never sent as
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import errno
+import os
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from vspemu.replication.bitmap import TRACK, DirtyBitmap
-from vspemu.volumes.volume import Volume
+from vspemu.replication.link import BUFFERS
+from vspemu.volumes.volume import SEEK_DATA, Volume
 
 if TYPE_CHECKING:
     from vspemu.replication.engine import Replication
     from vspemu.replication.model import Pair
 
-ZEROS = bytes(16 * TRACK)
 ACTIVITY_EXTENT = 64 * TRACK  # in PAIR, writes mark whole 16 MiB extents (DRBD's activity-log extents)
+ACTIVITY_MAX_EXTENTS = 256  # per P-VOL: a hot set of up to 4 GiB stays marked (DRBD: al-extents)...
+ACTIVITY_LOW_EXTENTS = 192  # ...when it grows beyond, the least recently written are cleared down to this
+ACTIVITY_MAX_AGE = 60.0  # seconds: an extent not written for this long is cleared at the next check
 
 
 class WriteBarrier:
@@ -103,6 +118,33 @@ class PairVolume:
         self.bitmap = bitmap
         self.barrier = barrier
         self.inflight = InFlight()
+        self.activity: dict[int, float] = {}  # marked activity extent -> last write (monotonic), oldest first
+
+    def activity_victims(self, now: float, max_extents: int = ACTIVITY_MAX_EXTENTS,
+                         low_extents: int = ACTIVITY_LOW_EXTENTS, max_age: float = ACTIVITY_MAX_AGE) -> list[int]:
+        """The activity extents to clear now: the idle ones, and the least recently written over the limit."""
+        act = self.activity
+        excess = len(act) - low_extents if len(act) > max_extents else 0
+        out: list[int] = []
+        for ext, last in act.items():  # oldest first
+            if len(out) < excess or now - last >= max_age:
+                out.append(ext)
+            else:
+                break
+        return out
+
+    def activity_due(self) -> bool:
+        """True if some activity marks should be cleared now (or marks exist that the write path did not make)."""
+        return not self.activity or bool(self.activity_victims(time.monotonic()))
+
+    def clear_activity(self) -> None:
+        """Clear the due activity extents in the bitmap (only with the barrier held, in PAIR; then sync)."""
+        if not self.activity:
+            self.bitmap.clear_range(0, self.bitmap.ntracks * TRACK)
+            return
+        for ext in self.activity_victims(time.monotonic()):
+            del self.activity[ext]
+            self.bitmap.clear_range(ext * ACTIVITY_EXTENT, ACTIVITY_EXTENT)
 
     async def write(self, volume: Volume, offset: int, data: bytes | memoryview, fua: bool) -> None:
         await self._update(volume, offset, len(data), data, fua)
@@ -129,10 +171,14 @@ class PairVolume:
                     return
                 mode = "local"  # the mirror was suspended while the write waited for journal room
             if mode == "forward":
-                start = offset - offset % ACTIVITY_EXTENT
-                end = offset + length
-                end += -end % ACTIVITY_EXTENT
-                await self.bitmap.mark(start, end - start)
+                first = offset // ACTIVITY_EXTENT
+                last = (offset + max(length, 1) - 1) // ACTIVITY_EXTENT
+                now = time.monotonic()
+                act = self.activity
+                for ext in range(first, last + 1):
+                    act.pop(ext, None)
+                    act[ext] = now  # most recently written last
+                await self.bitmap.mark(first * ACTIVITY_EXTENT, (last + 1 - first) * ACTIVITY_EXTENT)
                 fut = await self.inflight.begin(offset, offset + length)
                 try:
                     self._write_local(volume, offset, length, data)
@@ -159,48 +205,148 @@ class PairVolume:
             volume.write_local(offset, data)
 
 
-SendChunk = Callable[[int, bytes | None, int], Awaitable[None]]  # (offset, data or None for zeros, length)
+SendChunk = Callable[[int, "bytes | memoryview | None", int], Awaitable[None]]  # (offset, data / None, length)
+
+MAX_RUN_TRACKS = 32  # at copyPace 15: 8 MiB per request
+MAX_WINDOW = 16
+COPY_MEMORY = 64 << 20  # process-wide: bytes of track data read for copying and not yet acknowledged
+
+
+def run_tracks(pace: int) -> int:
+    """Tracks per copy request for a copyPace (1..15): 4 at pace 1 up to 32 at pace 15."""
+    return max(1, min(MAX_RUN_TRACKS, 2 * pace + 2))
+
+
+def copy_window(pace: int) -> int:
+    """Copy requests in flight for a copyPace: 2 at pace 1 up to 8 at pace 15."""
+    return max(2, min(MAX_WINDOW, pace // 2 + 1))
+
+
+class ByteBudget:
+    """A counting limit in bytes shared by every copier of the process (bounded memory, whatever the pairs)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self, n: int) -> int:
+        n = min(n, self.limit)
+        while self.used + n > self.limit:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+        self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
+
+COPY_BUDGET = ByteBudget(COPY_MEMORY)
+
+
+def _all_zero(view: memoryview) -> bool:
+    if view[0] or view[-1]:  # data (almost always decided here)
+        return False
+    arr = np.frombuffer(view, dtype=np.uint64 if len(view) % 8 == 0 else np.uint8)
+    return not arr.any()
+
+
+def _is_hole(volume: Volume, offset: int, length: int) -> bool:
+    """True if the range holds no data at all (SEEK_DATA finds none): it is sent as zeros without reading."""
+    try:
+        return os.lseek(volume.fd, offset, SEEK_DATA) >= offset + length
+    except OSError as e:
+        return e.errno == errno.ENXIO  # no data after offset
 
 
 async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChunk, pace: Callable[[], int],
-                             progress: Callable[[int], None], window: int = 4) -> None:
+                             progress: Callable[[int], None], window: int | None = None) -> None:
     """Copy every marked track to the other side, until none is marked.
 
-    Runs of up to ``pace()`` adjacent marked tracks go in one request, ``window`` requests in flight. A
-    bit is cleared before its track is read, so a host write that lands during the copy marks it again
-    and the track is sent once more. Raises whatever ``send`` raises (the link failed).
+    Runs of up to :func:`run_tracks` ``(pace())`` adjacent marked tracks go in one request, up to
+    :func:`copy_window` ``(pace())`` (or ``window``) requests in flight, and all copiers of the process hold
+    at most :data:`COPY_MEMORY` bytes of track data. A run without data (SEEK_DATA) is sent as a zero range
+    without reading it; otherwise it is read with ``preadv`` into a pooled page-aligned buffer and sent as
+    data, or as a zero range when it reads as zeros. A bit is cleared before its track is read, so a host
+    write that lands during the copy marks it again and the track is sent once more. Raises whatever
+    ``send`` raises (the link failed).
     """
-    sem = asyncio.Semaphore(window)
     failures: list[BaseException] = []
     tasks: set[asyncio.Task[None]] = set()
+    slots_free = asyncio.Event()
+    slots_free.set()
+
+    def current_window() -> int:
+        return max(1, window) if window is not None else copy_window(pace())
 
     async def one(offset: int, length: int, ntracks: int) -> None:
+        budget = 0
+        buf = None
         try:
-            data = volume.read(offset, length)
-            if data == ZEROS[:length]:
+            if _is_hole(volume, offset, length):
                 await send(offset, None, length)
             else:
-                await send(offset, data, length)
+                budget = await COPY_BUDGET.acquire(length)
+                buf = BUFFERS.get(length)
+                view = memoryview(buf)[:length]
+                _pread(volume, view, offset)
+                if _all_zero(view):
+                    await send(offset, None, length)
+                else:
+                    await send(offset, view, length)
+                del view
             progress(ntracks)
         except BaseException as e:  # noqa: BLE001 - handed to the caller below
             failures.append(e)
         finally:
-            sem.release()
+            if buf is not None:
+                BUFFERS.put(buf)
+            if budget:
+                COPY_BUDGET.release(budget)
+
+    def done(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if len(tasks) < current_window():
+            slots_free.set()
+
+    async def launch(first: int, n: int) -> None:
+        while len(tasks) >= current_window():
+            slots_free.clear()
+            await slots_free.wait()
+        for t in range(first, first + n):
+            bitmap.clear(t)
+        offset = first * TRACK
+        length = min(n * TRACK, volume.size - offset)
+        task = asyncio.get_running_loop().create_task(one(offset, length, n))
+        tasks.add(task)
+        task.add_done_callback(done)
 
     try:
         while bitmap.count() and not failures:
             run_start = run_len = -1
+            limit = run_tracks(pace())
             for t in bitmap.tracks():
                 if failures:
                     break
-                if run_len > 0 and t == run_start + run_len and run_len < max(1, pace()):
+                if run_len > 0 and t == run_start + run_len and run_len < limit:
                     run_len += 1
                     continue
                 if run_len > 0:
-                    await _launch(volume, bitmap, run_start, run_len, sem, tasks, one)
+                    await launch(run_start, run_len)
+                    limit = run_tracks(pace())
                 run_start, run_len = t, 1
             if run_len > 0 and not failures:
-                await _launch(volume, bitmap, run_start, run_len, sem, tasks, one)
+                await launch(run_start, run_len)
             if tasks:
                 await asyncio.gather(*tasks)
             bitmap.sync()
@@ -211,13 +357,65 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
         raise failures[0]
 
 
-async def _launch(volume: Volume, bitmap: DirtyBitmap, first: int, n: int, sem: asyncio.Semaphore,
-                  tasks: set[asyncio.Task[None]], one: Callable[[int, int, int], Awaitable[None]]) -> None:
-    await sem.acquire()
-    for t in range(first, first + n):
-        bitmap.clear(t)
-    offset = first * TRACK
-    length = min(n * TRACK, volume.size - offset)
-    task = asyncio.get_running_loop().create_task(one(offset, length, n))
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
+DIRECT_MIN = 1 << 20  # copy chunks at least this large are written with O_DIRECT on the S side
+DIRECT_ALIGN = 4096
+_direct_refused: set[str] = set()  # files whose filesystem refused O_DIRECT (e.g. tmpfs)
+_direct_pool: ThreadPoolExecutor | None = None
+
+
+def _direct_ok(data: bytes | memoryview, offset: int) -> bool:
+    view = memoryview(data)
+    if view.nbytes < DIRECT_MIN or offset % DIRECT_ALIGN or view.nbytes % DIRECT_ALIGN or view.readonly or \
+            not view.c_contiguous:
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0
+
+
+def _pwrite_direct(volume: Volume, offset: int, data: bytes | memoryview) -> None:
+    path = str(volume.path)
+    if path not in _direct_refused:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            _direct_refused.add(path)
+        else:
+            try:
+                view = memoryview(data)
+                done = 0
+                while done < view.nbytes:  # short writes end on a block boundary, so the rest stays aligned
+                    done += os.pwrite(fd, view[done:] if done else view, offset + done)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                _direct_refused.add(path)
+            finally:
+                os.close(fd)
+    volume.write_local(offset, data)
+
+
+async def write_copy_chunk(volume: Volume, offset: int, data: bytes | memoryview) -> None:
+    """Write a large copy chunk on the S side with O_DIRECT, in a worker thread (a DRBD secondary writes
+    resync data straight to its backing device too): no copy into the page cache, and the ``data.flush``
+    that ends the copy has little left to write. The kernel keeps the page cache coherent (cached pages of
+    the range are written back and invalidated). Small or unaligned chunks, and filesystems without
+    O_DIRECT, are written through the page cache as before."""
+    global _direct_pool
+    if not _direct_ok(data, offset) or str(volume.path) in _direct_refused:
+        volume.write_local(offset, data)
+        return
+    if _direct_pool is None:
+        _direct_pool = ThreadPoolExecutor(4, thread_name_prefix="vspemu-direct-io")
+    await asyncio.get_running_loop().run_in_executor(_direct_pool, _pwrite_direct, volume, offset, data)
+
+
+def _pread(volume: Volume, view: memoryview, offset: int) -> None:
+    fd, got, length = volume.fd, 0, len(view)
+    while got < length:
+        n = os.preadv(fd, [view[got:] if got else view], offset + got)
+        if n == 0:  # the file is shorter than the volume: truncated under us; the rest reads as zeros
+            view[got:] = bytes(length - got)
+            return
+        got += n

@@ -23,9 +23,11 @@ WELCOME. Either side drops the connection as soon as something is wrong. Before 
 larger than :data:`MAX_HANDSHAKE_FRAME` and the whole handshake must finish within
 :data:`HANDSHAKE_TIMEOUT` seconds.
 
-After the handshake both sides may send REQUESTs: many may be in flight (request ids), each is served by
-its own task, and a handler exception comes back as an ERROR frame (:class:`RemoteError` on the caller)
-without harming the connection. Both sides send PING every ``keepalive/5`` seconds; a side that hears
+After the handshake both sides may send REQUESTs: many may be in flight (request ids), each is served
+concurrently (by its own task, or, for a handler marked :func:`inline_handler`, right in the receive callback
+until it first suspends), and a handler exception comes back as an ERROR frame (:class:`RemoteError` on the
+caller) without harming the connection. Large payloads are received in place into pooled page-aligned
+buffers (see :class:`Connection`). Both sides send PING every ``keepalive/5`` seconds; a side that hears
 nothing for ``0.6 * keepalive`` seconds declares the connection dead.
 """
 
@@ -38,13 +40,17 @@ import hmac
 import itertools
 import json
 import logging
+import mmap
 import os
 import secrets
 import struct
+import sys
 import time
-from collections.abc import Awaitable, Callable
+import types
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,12 @@ HANDSHAKE_TIMEOUT = 5.0
 MAX_PENDING_HANDSHAKES = 64
 MAX_CONCURRENT_HANDLERS = 256
 DEFAULT_KEEPALIVE = 15.0
+RX_SIZE = 256 << 10  # per connection receive buffer (prefixes, headers, small payloads)
+SMALL_PAYLOAD = 64 << 10  # larger payloads are received in place into a pooled buffer
+MAX_INFLIGHT_PAYLOAD = 256 << 20  # per connection: payload of the requests being served before we stop reading
+POOL_LIMIT = 64 << 20  # process-wide: free payload buffers kept for reuse
+WRITE_HIGH = 8 << 20  # senders wait while more than this is queued in the transport (until WRITE_LOW)
+WRITE_LOW = 2 << 20
 
 # remote path status codes (pathStatus), in the array's style; see docs/remote.md
 PATH_NORMAL = "NML_01"
@@ -129,6 +141,8 @@ class PeerInfo:
     initiator: bool  # True if this side opened the connection (it belongs to one of our path groups)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+# a request payload is bytes or (when large) a memoryview of a pooled receive buffer
 Handler = Callable[[PeerInfo, dict[str, Any], bytes], Awaitable[tuple[dict[str, Any], bytes | bytearray | memoryview]]]
 SecretLookup = Callable[[str], bytes | None]
 AddressLookup = Callable[[str, str], tuple[str, int] | None]
@@ -147,8 +161,11 @@ def proof(secret: bytes, initiator_id: str, responder_id: str, local_port: str, 
     return mac.hexdigest()
 
 
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(separators=...) builds one per call
+
+
 def encode_frame(ftype: int, request_id: int, header: dict[str, Any], payload_len: int = 0) -> bytes:
-    hdr = json.dumps(header, separators=(",", ":")).encode()
+    hdr = _encode_json(header).encode()
     return PREFIX.pack(FIXED + len(hdr) + payload_len, ftype, 0, 0, request_id, len(hdr)) + hdr
 
 
@@ -177,109 +194,407 @@ def keepalive_timing(keepalive: float) -> tuple[float, float]:
     return max(0.1, min(keepalive / 5.0, 2.0)), max(0.5, keepalive * 0.6)
 
 
+class BufferPool:
+    """Power-of-two sized, page-aligned buffers (anonymous mmaps) for large payloads, reused.
+
+    A fresh multi-MiB ``bytes`` per request costs page faults and zero-filling, and copies between the page
+    cache and a buffer at a page offset of 16 (where a bytes object's data starts) are slower. A returned
+    buffer may still be referenced (a handler kept a view, the transport still holds a reply), so :meth:`put`
+    takes it as it is and :meth:`get` hands out only buffers nobody references any more.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._free: dict[int, deque[mmap.mmap]] = {}
+        self._bytes = 0
+        self._limit = limit
+
+    def get(self, length: int) -> mmap.mmap:
+        size = max(1 << max(length - 1, 0).bit_length(), mmap.PAGESIZE)
+        free = self._free.get(size)
+        if free:
+            for _ in range(min(len(free), 4)):
+                buf = free.popleft()
+                if sys.getrefcount(buf) == 2:  # our variable and getrefcount's argument
+                    self._bytes -= size
+                    return buf
+                free.append(buf)  # still in use: look again later
+        return mmap.mmap(-1, size)
+
+    def put(self, buf: mmap.mmap) -> None:
+        if self._bytes + len(buf) <= self._limit:
+            self._bytes += len(buf)
+            self._free.setdefault(len(buf), deque()).append(buf)
+
+
+BUFFERS = BufferPool(POOL_LIMIT)  # process-wide: link receive buffers and the copier's read buffers
+
+
+def inline_handler(fn: _F) -> _F:
+    """Mark a handler that may be stepped outside a task (it never relies on ``asyncio.current_task()``).
+
+    The link runs such a handler right in its receive callback; only if it suspends does it continue as a
+    task. That saves a task and a loop iteration per request on the hot path (e.g. ``data.write``).
+    """
+    fn.link_inline = True  # type: ignore[attr-defined]
+    return fn
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Go on awaiting ``coro``, which was stepped by hand and yielded ``yielded``."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:  # a cancellation: hand it to the coroutine
+            step, arg = coro.throw, exc
+        else:
+            step, arg = coro.send, sent
+        try:
+            yielded = step(arg)
+        except StopIteration as stop:
+            return stop.value
+
+
+async def _continue(awaitable: Awaitable[None]) -> None:
+    await awaitable
+
+
+def _expire(fut: asyncio.Future[Any], msg_type: str, timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(LinkTimeout(f"no answer to {msg_type} within {timeout} s"))
+
+
+class _FrameProtocol(asyncio.BufferedProtocol):
+    """The transport's protocol once the handshake is done: hands everything to its Connection."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn._get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn._buffer_updated(nbytes)
+
+    def eof_received(self) -> bool:
+        self.conn.close(PATH_COMMUNICATION_FAILED, "connection lost: the peer closed it")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.close(PATH_COMMUNICATION_FAILED,
+                        f"connection lost: {type(exc).__name__ if exc else 'closed'}")
+
+    def pause_writing(self) -> None:
+        self.conn._write_paused = True
+
+    def resume_writing(self) -> None:
+        self.conn._resume_writing()
+
+
 class Connection:
-    """One authenticated connection; symmetric: both ends may send requests and serve handlers."""
+    """One authenticated connection; symmetric: both ends may send requests and serve handlers.
+
+    The handshake runs on asyncio streams; :meth:`start` then switches the transport to a
+    :class:`asyncio.BufferedProtocol`: frames are parsed straight out of a receive buffer and a large payload
+    (over :data:`SMALL_PAYLOAD`) is received directly into a pooled, page-aligned buffer (one copy from the
+    socket). A request payload reaches its handler as a memoryview of that buffer (the buffer is reused only
+    once nobody references it); a reply payload reaches the caller as ``bytes``. A frame is written with one
+    ``writelines`` (header and payload, not concatenated); senders wait only while the transport's buffer is
+    above its high-water mark.
+
+    Back-pressure: the connection stops reading while :data:`MAX_CONCURRENT_HANDLERS` requests are being
+    served or their payloads reach :data:`MAX_INFLIGHT_PAYLOAD`.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: PeerInfo,
                  handlers: dict[str, Handler], keepalive: float) -> None:
         self.reader = reader
         self.writer = writer
+        self.transport = writer.transport
         self.peer = peer
         self.handlers = handlers
         self.keepalive = keepalive
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
-        self._wlock = asyncio.Lock()
-        self._handler_slots = asyncio.Semaphore(MAX_CONCURRENT_HANDLERS)
         self._handler_tasks: set[asyncio.Task[None]] = set()
+        self._handlers_active = 0
+        self._inflight_payload = 0
         self.closed = asyncio.Event()
         self.close_status = PATH_COMMUNICATION_FAILED
         self.close_reason = ""
         self.last_rx = time.monotonic()
         self.requests_sent = 0
         self._tasks: list[asyncio.Task[None]] = []
+        # receiving
+        self._rx = bytearray(RX_SIZE)
+        self._rxv = memoryview(self._rx)
+        self._start = 0  # unparsed bytes are self._rx[self._start:self._end]
+        self._end = 0
+        self._need = PREFIX.size  # bytes from _start the parser waits for
+        self._payload_buf: mmap.mmap | None = None  # a large payload being received in place
+        self._payload_view: memoryview | None = None
+        self._payload_got = 0
+        self._payload_frame: tuple[int, int, dict[str, Any]] = (0, 0, {})
+        self._rx_paused = False
+        self._parsing = False
+        # sending
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read_loop()), loop.create_task(self._watchdog())]
+        transport = self.transport
+        transport.pause_reading()
+        leftover = bytes(self.reader._buffer)  # read during the handshake but not parsed yet
+        self.reader._buffer.clear()
+        eof = self.reader.at_eof() or self.reader._eof
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        transport.set_protocol(_FrameProtocol(self))
+        self._tasks = [loop.create_task(self._watchdog())]
+        if leftover:
+            self._ensure_room(len(leftover))
+            self._rx[:len(leftover)] = leftover
+            self._end = len(leftover)
+            self._parse()
+        if eof:
+            self.close(PATH_COMMUNICATION_FAILED, "connection lost: the peer closed it")
+        elif not self.closed.is_set() and not self._rx_paused:
+            transport.resume_reading()
 
     @property
     def is_open(self) -> bool:
         return not self.closed.is_set()
 
-    async def _send(self, ftype: int, request_id: int, header: dict[str, Any],
-                    payload: bytes | bytearray | memoryview = b"") -> None:
+    # -- sending ---------------------------------------------------------------------------------------
+    def _write_frame(self, ftype: int, request_id: int, header: dict[str, Any],
+                     payload: bytes | bytearray | memoryview = b"") -> None:
         if self.closed.is_set():
             raise LinkDown(f"connection to {self.peer.storage_device_id} is closed ({self.close_reason})")
-        view = memoryview(payload)
-        frame = encode_frame(ftype, request_id, header, view.nbytes)
+        n = len(payload) if isinstance(payload, (bytes, bytearray)) else memoryview(payload).nbytes
+        frame = encode_frame(ftype, request_id, header, n)
         try:
-            async with self._wlock:
-                if view.nbytes:
-                    self.writer.writelines([frame, view])
-                else:
-                    self.writer.write(frame)
-                await self.writer.drain()
+            if n:
+                self.transport.writelines((frame, payload))
+            else:
+                self.transport.write(frame)
         except (ConnectionError, OSError, RuntimeError) as e:
             self.close(PATH_COMMUNICATION_FAILED, f"send failed: {e}")
             raise LinkDown(str(e)) from e
 
+    async def _send(self, ftype: int, request_id: int, header: dict[str, Any],
+                    payload: bytes | bytearray | memoryview = b"") -> None:
+        self._write_frame(ftype, request_id, header, payload)
+        if self._write_paused:
+            await self._drain()
+
+    async def _drain(self) -> None:
+        while self._write_paused:
+            if self.closed.is_set():
+                raise LinkDown(f"connection to {self.peer.storage_device_id} is closed ({self.close_reason})")
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(fut)
+            await fut
+
+    def _resume_writing(self) -> None:
+        self._write_paused = False
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
     async def request(self, msg_type: str, header: dict[str, Any], payload: bytes | bytearray | memoryview = b"",
                       timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
         request_id = next(self._ids)
-        fut: asyncio.Future[tuple[dict[str, Any], bytes]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[dict[str, Any], bytes]] = loop.create_future()
         self._pending[request_id] = fut
         self.requests_sent += 1
+        timer = None
         try:
             await self._send(REQUEST, request_id, {"m": msg_type, "h": header}, payload)
-            if timeout is None:
-                return await fut
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            raise LinkTimeout(f"no answer to {msg_type} within {timeout} s") from None
+            if timeout is not None:
+                if fut.done():
+                    return fut.result()
+                timer = loop.call_later(max(timeout, 0), _expire, fut, msg_type, timeout)
+            return await fut
         finally:
+            if timer is not None:
+                timer.cancel()
             self._pending.pop(request_id, None)
 
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                ftype, request_id, header, payload = await read_frame(self.reader, MAX_PAYLOAD + MAX_HEADER)
-                self.last_rx = time.monotonic()
-                if ftype == REQUEST:
-                    await self._handler_slots.acquire()
-                    task = asyncio.get_running_loop().create_task(self._serve(request_id, header, payload))
-                    self._handler_tasks.add(task)
-                    task.add_done_callback(self._handler_tasks.discard)
-                elif ftype in (REPLY, ERROR):
-                    fut = self._pending.get(request_id)
-                    if fut is None or fut.done():
-                        continue  # the caller gave up (time-out)
-                    if ftype == REPLY:
-                        h = header.get("h", {})
-                        fut.set_result((h if isinstance(h, dict) else {}, payload))
-                    else:
-                        err = header.get("error", {})
-                        fut.set_exception(RemoteError(str(err.get("type", "Error")), str(err.get("message", "")),
-                                                      err if isinstance(err, dict) else {}))
-                elif ftype == PING:
-                    continue
-                elif ftype == GOAWAY:
-                    self.close(PATH_COMMUNICATION_FAILED, f"peer closed: {header.get('reason', '')}")
-                    return
-                else:
-                    raise ProtocolError(f"unexpected frame type {ftype} after the handshake")
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
-            self.close(PATH_COMMUNICATION_FAILED, f"connection lost: {type(e).__name__}")
-        except ProtocolError as e:
-            self.close(PATH_COMMUNICATION_FAILED, f"protocol error: {e}")
-        except asyncio.CancelledError:
-            self.close(PATH_COMMUNICATION_FAILED, "closed")
-            raise
+    # -- receiving -------------------------------------------------------------------------------------
+    def _ensure_room(self, need: int) -> None:
+        """Make room for ``need`` bytes from _start in the receive buffer (compact, grow or shrink it)."""
+        start, end = self._start, self._end
+        if start == end:
+            self._start = self._end = 0
+            if len(self._rx) > RX_SIZE and need <= RX_SIZE:
+                self._rx = bytearray(RX_SIZE)
+                self._rxv = memoryview(self._rx)
+            start = end = 0
+        if need > len(self._rx):
+            rx = bytearray(need)
+            rx[:end - start] = self._rxv[start:end]
+            self._rx, self._rxv = rx, memoryview(rx)
+            self._start, self._end = 0, end - start
+        elif len(self._rx) - start < need or len(self._rx) - end < 4096:
+            n = end - start
+            self._rx[:n] = bytes(self._rxv[start:end])
+            self._start, self._end = 0, n
 
-    async def _serve(self, request_id: int, header: dict[str, Any], payload: bytes) -> None:
+    def _get_buffer(self) -> memoryview:
+        if self._payload_view is not None:
+            return self._payload_view[self._payload_got:]
+        self._ensure_room(self._need)
+        return self._rxv[self._end:]
+
+    def _buffer_updated(self, nbytes: int) -> None:
+        self.last_rx = time.monotonic()
+        if self._payload_view is not None:
+            self._payload_got += nbytes
+            if self._payload_got < len(self._payload_view):
+                return
+            buf, view = self._payload_buf, self._payload_view
+            self._payload_buf = self._payload_view = None
+            ftype, request_id, header = self._payload_frame
+            self._payload_frame = (0, 0, {})
+            self._frame(ftype, request_id, header, view, buf)
+            del view, buf
+        else:
+            self._end += nbytes
+        self._parse()
+
+    def _parse(self) -> None:
+        if self._parsing:
+            return
+        self._parsing = True
         try:
-            msg_type = str(header.get("m", ""))
-            handler = self.handlers.get(msg_type)
+            self._parse_frames()
+        finally:
+            self._parsing = False
+
+    def _parse_frames(self) -> None:
+        while not self._rx_paused and self._payload_view is None and not self.closed.is_set():
+            start, end = self._start, self._end
+            avail = end - start
+            if avail < PREFIX.size:
+                self._need = PREFIX.size
+                return
+            length, ftype, _flags, _res, request_id, header_len = PREFIX.unpack_from(self._rx, start)
+            if ftype not in FRAME_TYPES:
+                self.close(PATH_COMMUNICATION_FAILED, f"protocol error: unknown frame type {ftype}")
+                return
+            if length < FIXED or length - FIXED > MAX_PAYLOAD + MAX_HEADER or header_len > length - FIXED or \
+                    header_len > MAX_HEADER:
+                self.close(PATH_COMMUNICATION_FAILED, f"protocol error: bad frame length {length} / header "
+                                                      f"{header_len}")
+                return
+            total = 4 + length
+            header_end = PREFIX.size + header_len
+            payload_len = total - header_end
+            if avail >= total:
+                header = self._header(start + PREFIX.size, header_len)
+                if header is None:
+                    return
+                payload = bytes(self._rxv[start + header_end:start + total]) if payload_len else b""
+                self._start = start + total
+                self._frame(ftype, request_id, header, payload, None)
+                continue
+            if payload_len > SMALL_PAYLOAD and avail >= header_end:
+                header = self._header(start + PREFIX.size, header_len)
+                if header is None:
+                    return
+                buf = BUFFERS.get(payload_len)
+                view = memoryview(buf)[:payload_len]
+                have = avail - header_end
+                view[:have] = self._rxv[start + header_end:end]
+                self._payload_buf, self._payload_view, self._payload_got = buf, view, have
+                self._payload_frame = (ftype, request_id, header)
+                self._start = self._end = 0
+                self._need = PREFIX.size
+                return
+            self._need = total if payload_len <= SMALL_PAYLOAD else header_end
+            return
+
+    def _header(self, at: int, n: int) -> dict[str, Any] | None:
+        try:
+            header = json.loads(self._rx[at:at + n]) if n else {}
+        except (ValueError, UnicodeDecodeError):
+            self.close(PATH_COMMUNICATION_FAILED, "protocol error: header is not JSON")
+            return None
+        if not isinstance(header, dict):
+            self.close(PATH_COMMUNICATION_FAILED, "protocol error: header is not a JSON object")
+            return None
+        return header
+
+    def _frame(self, ftype: int, request_id: int, header: dict[str, Any], payload: bytes | memoryview,
+               buf: mmap.mmap | None) -> None:
+        if ftype == REQUEST:
+            self._dispatch(request_id, header, payload, buf)
+            return
+        if buf is not None:  # callers get bytes: they may keep the payload as long as they like
+            payload = bytes(payload)
+            BUFFERS.put(buf)
+        if ftype == REPLY or ftype == ERROR:
+            fut = self._pending.get(request_id)
+            if fut is None or fut.done():
+                return  # the caller gave up (time-out)
+            if ftype == REPLY:
+                h = header.get("h", {})
+                fut.set_result((h if isinstance(h, dict) else {}, payload))  # type: ignore[arg-type]
+            else:
+                err = header.get("error", {})
+                if not isinstance(err, dict):
+                    err = {}
+                fut.set_exception(RemoteError(str(err.get("type", "Error")), str(err.get("message", "")), err))
+        elif ftype == PING:
+            return
+        elif ftype == GOAWAY:
+            self.close(PATH_COMMUNICATION_FAILED, f"peer closed: {header.get('reason', '')}")
+        else:
+            self.close(PATH_COMMUNICATION_FAILED, f"protocol error: unexpected frame type {ftype} after the "
+                                                  f"handshake")
+
+    def _dispatch(self, request_id: int, header: dict[str, Any], payload: bytes | memoryview,
+                  buf: mmap.mmap | None) -> None:
+        msg_type = str(header.get("m", ""))
+        handler = self.handlers.get(msg_type)
+        self._handlers_active += 1
+        self._inflight_payload += len(payload)
+        if self._handlers_active >= MAX_CONCURRENT_HANDLERS or self._inflight_payload >= MAX_INFLIGHT_PAYLOAD:
+            self._rx_paused = True
+            self.transport.pause_reading()
+        coro = self._serve(request_id, msg_type, handler, header, payload, buf)
+        del payload, buf
+        awaitable: Awaitable[None]
+        if handler is not None and getattr(handler, "link_inline", False):
+            try:
+                yielded = coro.send(None)
+            except StopIteration:
+                return
+            except BaseException:  # noqa: BLE001 - _serve handles its handler's errors; this is a bug
+                log.exception("link: serving %s failed", msg_type)
+                return
+            awaitable = _resume(coro, yielded)
+        else:
+            awaitable = coro
+        task = asyncio.get_running_loop().create_task(_continue(awaitable))
+        self._handler_tasks.add(task)
+        task.add_done_callback(self._handler_tasks.discard)
+
+    def _handler_done(self, nbytes: int) -> None:
+        self._handlers_active -= 1
+        self._inflight_payload -= nbytes
+        if self._rx_paused and self._handlers_active < MAX_CONCURRENT_HANDLERS and \
+                self._inflight_payload < MAX_INFLIGHT_PAYLOAD and not self.closed.is_set():
+            self._rx_paused = False
+            self.transport.resume_reading()
+            self._parse()  # frames already in the buffer
+
+    async def _serve(self, request_id: int, msg_type: str, handler: Handler | None, header: dict[str, Any],
+                     payload: bytes | memoryview, buf: mmap.mmap | None) -> None:
+        nbytes = len(payload)
+        try:
             try:
                 if handler is None:
                     raise LookupError(f"no handler for message type {msg_type!r}")
@@ -299,7 +614,11 @@ class Connection:
             with contextlib.suppress(LinkDown):
                 await self._send(REPLY, request_id, {"h": reply_header}, reply_payload)
         finally:
-            self._handler_slots.release()
+            payload = b""
+            if buf is not None:
+                BUFFERS.put(buf)
+                buf = None
+            self._handler_done(nbytes)
 
     async def _watchdog(self) -> None:
         while not self.closed.is_set():
@@ -312,11 +631,9 @@ class Connection:
             if time.monotonic() - self.last_rx > dead_after:
                 self.close(PATH_TIMEOUT, f"no frame from the peer for {dead_after:.1f} s")
                 return
-            if not self._wlock.locked():  # data is flowing otherwise; that is proof of life enough
-                try:
-                    await asyncio.wait_for(self._send(PING, 0, {}), interval)
-                except (LinkDown, TimeoutError):
-                    pass
+            if not self._write_paused:  # data is flowing otherwise; that is proof of life enough
+                with contextlib.suppress(LinkDown):
+                    self._write_frame(PING, 0, {})
 
     def close(self, status: str = PATH_COMMUNICATION_FAILED, reason: str = "closed") -> None:
         if self.closed.is_set():
@@ -327,7 +644,12 @@ class Connection:
             if not fut.done():
                 fut.set_exception(LinkDown(f"path {self.peer.local_port_id}->{self.peer.remote_port_id} "
                                            f"failed: {reason}"))
-        self.writer.transport.abort()
+        for fut in self._drain_waiters:
+            if not fut.done():
+                fut.set_result(None)  # _drain sees the connection closed
+        self._drain_waiters = []
+        self._payload_buf = self._payload_view = None
+        self.transport.abort()
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
@@ -564,6 +886,8 @@ class PathGroup:
 class Link:
     """The replication ports of one storage system: listeners, path groups and message handlers."""
 
+    inline_handler = staticmethod(inline_handler)  # so users of Link can mark handlers without another import
+
     def __init__(self, storage_device_id: str, serial: int, secret_for: SecretLookup, address_of: AddressLookup,
                  host: str = "127.0.0.1", ports: dict[str, int] | None = None, max_backoff: float = 2.0) -> None:
         self.storage_device_id = storage_device_id
@@ -719,6 +1043,7 @@ class Link:
             await self.set_port_enabled(port_id, False)
 
 
+@inline_handler
 async def _echo(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
     """Echo: answers the payload and its SHA-256; ``delay`` (s) waits first, ``fail`` raises."""
     delay = header.get("delay")
