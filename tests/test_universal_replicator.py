@@ -303,6 +303,7 @@ def test_link_cut_shorter_and_longer_than_the_path_watch(ur: UrLab) -> None:
     assert ur.pc.get("journals", journalInfo="basic")["data"][0]["journalStatus"] == "PJSE"
     set_link_ports(ur.pc, True)
     ur.wait({("PSUE", "PSUE")}, timeout=30)
+    ur.pc.wait_path_status(f"{ur.s.serial},R9,0", "NML_01", 30)  # as an operator would, before a resync
     ur.action("resync", {})
     ur.wait({("PAIR", "PAIR")})
     stats = ur.pc.raw("GET", "vspemu/v1/replication/stats", headers=ur.pc.headers()).json()["pairs"]

@@ -42,9 +42,11 @@ USER, PASSWORD = "maintenance", "raid-maintenance"
 
 
 def _python312() -> str | None:
+    """A Python 3.12 that really runs (a pyenv shim on PATH may exist without a 3.12 selected)."""
     pyenv = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python3.12")))
-    for cand in [shutil.which("python3.12"), *pyenv]:
-        if cand and os.access(cand, os.X_OK):
+    for cand in [*pyenv, shutil.which("python3.12")]:
+        check = [cand, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"] if cand else []
+        if cand and os.access(cand, os.X_OK) and subprocess.run(check, capture_output=True).returncode == 0:
             return cand
     return None
 
