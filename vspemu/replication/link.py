@@ -44,13 +44,13 @@ import mmap
 import os
 import secrets
 import struct
-import sys
 import time
 import types
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from vspemu.buffers import BufferPool
 
 log = logging.getLogger(__name__)
 
@@ -192,38 +192,6 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> tuple[int,
 def keepalive_timing(keepalive: float) -> tuple[float, float]:
     """(ping interval, dead after) for a path time-out of ``keepalive`` seconds."""
     return max(0.1, min(keepalive / 5.0, 2.0)), max(0.5, keepalive * 0.6)
-
-
-class BufferPool:
-    """Power-of-two sized, page-aligned buffers (anonymous mmaps) for large payloads, reused.
-
-    A fresh multi-MiB ``bytes`` per request costs page faults and zero-filling, and copies between the page
-    cache and a buffer at a page offset of 16 (where a bytes object's data starts) are slower. A returned
-    buffer may still be referenced (a handler kept a view, the transport still holds a reply), so :meth:`put`
-    takes it as it is and :meth:`get` hands out only buffers nobody references any more.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._free: dict[int, deque[mmap.mmap]] = {}
-        self._bytes = 0
-        self._limit = limit
-
-    def get(self, length: int) -> mmap.mmap:
-        size = max(1 << max(length - 1, 0).bit_length(), mmap.PAGESIZE)
-        free = self._free.get(size)
-        if free:
-            for _ in range(min(len(free), 4)):
-                buf = free.popleft()
-                if sys.getrefcount(buf) == 2:  # our variable and getrefcount's argument
-                    self._bytes -= size
-                    return buf
-                free.append(buf)  # still in use: look again later
-        return mmap.mmap(-1, size)
-
-    def put(self, buf: mmap.mmap) -> None:
-        if self._bytes + len(buf) <= self._limit:
-            self._bytes += len(buf)
-            self._free.setdefault(len(buf), deque()).append(buf)
 
 
 BUFFERS = BufferPool(POOL_LIMIT)  # process-wide: link receive buffers and the copier's read buffers

@@ -39,12 +39,11 @@ import mmap
 import os
 import socket
 import struct
-import sys
 import types
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, cast
 
+from vspemu.buffers import BufferPool
 from vspemu.volumes.volume import Volume, VolumeIOError, WriteRefused
 
 log = logging.getLogger(__name__)
@@ -150,40 +149,6 @@ def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any,
             yielded = step(arg)
         except StopIteration as stop:
             return stop.value
-
-
-class _BufferPool:
-    """Power-of-two sized, page-aligned buffers (anonymous mmaps) for WRITE payloads and READ replies.
-
-    Page alignment matters: copying between the page cache and a buffer at a page offset of 16 (where a
-    bytearray's data starts) runs at a third of the speed on this CPU (4K aliasing in ``rep movsb``).
-
-    A returned buffer may still be referenced (the transport holds a READ reply until the socket took it; a
-    replicator may keep a view of written data), so :meth:`put` accepts it as it is and :meth:`get` hands
-    out only buffers nobody else references any more.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._free: dict[int, deque[mmap.mmap]] = {}
-        self._bytes = 0
-        self._limit = limit
-
-    def get(self, length: int) -> mmap.mmap:
-        size = max(1 << max(length - 1, 0).bit_length(), mmap.PAGESIZE)
-        free = self._free.get(size)
-        if free:
-            for _ in range(min(len(free), 4)):
-                buf = free.popleft()
-                if sys.getrefcount(buf) == 2:  # our variable and getrefcount's argument
-                    self._bytes -= size
-                    return buf
-                free.append(buf)  # still in use: look again later
-        return mmap.mmap(-1, size)
-
-    def put(self, buf: mmap.mmap) -> None:
-        if self._bytes + len(buf) <= self._limit:
-            self._bytes += len(buf)
-            self._free.setdefault(len(buf), deque()).append(buf)
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -595,7 +560,7 @@ class NbdServer:
         self._list_exports = list_exports
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
-        self._pool = _BufferPool(POOL_LIMIT)
+        self._pool = BufferPool(POOL_LIMIT)
 
     @property
     def port(self) -> int:

@@ -1,0 +1,42 @@
+"""Reusable page-aligned buffers for large payloads: shared by the NBD server and the replication link."""
+
+from __future__ import annotations
+
+import mmap
+import sys
+from collections import deque
+
+
+class BufferPool:
+    """Power-of-two sized, page-aligned buffers (anonymous mmaps) for large payloads, reused.
+
+    Page alignment matters: copying between the page cache and a buffer at a page offset of 16 (where a
+    bytearray's data starts) runs at a third of the speed on this CPU (4K aliasing in ``rep movsb``).
+
+    A fresh multi-MiB ``bytes`` per request costs page faults and zero-filling, and copies between the page
+    cache and a buffer at a page offset of 16 (where a bytes object's data starts) are slower. A returned
+    buffer may still be referenced (a handler kept a view, the transport still holds a reply), so :meth:`put`
+    takes it as it is and :meth:`get` hands out only buffers nobody references any more.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._free: dict[int, deque[mmap.mmap]] = {}
+        self._bytes = 0
+        self._limit = limit
+
+    def get(self, length: int) -> mmap.mmap:
+        size = max(1 << max(length - 1, 0).bit_length(), mmap.PAGESIZE)
+        free = self._free.get(size)
+        if free:
+            for _ in range(min(len(free), 4)):
+                buf = free.popleft()
+                if sys.getrefcount(buf) == 2:  # our variable and getrefcount's argument
+                    self._bytes -= size
+                    return buf
+                free.append(buf)  # still in use: look again later
+        return mmap.mmap(-1, size)
+
+    def put(self, buf: mmap.mmap) -> None:
+        if self._bytes + len(buf) <= self._limit:
+            self._bytes += len(buf)
+            self._free.setdefault(len(buf), deque()).append(buf)
