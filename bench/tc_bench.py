@@ -84,10 +84,12 @@ def main() -> None:
     args = ap.parse_args()
     base = args.dir or Path(tempfile.mkdtemp(prefix="vspemu-tcbench-"))
     size = int(args.size_gib * GiB)
-    p = SystemProcess(base / "p", 481001, extra_args=["--log-level", "warning"]).start()
-    s = SystemProcess(base / "s", 481002, extra_args=["--log-level", "warning"]).start()
+    p = SystemProcess(base / "p", 481001, extra_args=["--log-level", "warning"])
+    s = SystemProcess(base / "s", 481002, extra_args=["--log-level", "warning"])
     rows: list[tuple[str, str, str, str]] = []
     try:
+        p.start()
+        s.start()
         pc, sc = p.client(), s.client()
         link_systems(pc, sc)
         # 1. initial copy of random data vs cp

@@ -71,10 +71,12 @@ def main() -> None:
     ap.add_argument("--burst-gib", type=float, default=1)
     args = ap.parse_args()
     base = args.dir or Path(tempfile.mkdtemp(prefix="vspemu-urbench-"))
-    p = SystemProcess(base / "p", 482001, extra_args=["--log-level", "warning"]).start()
-    s = SystemProcess(base / "s", 482002, extra_args=["--log-level", "warning"]).start()
+    p = SystemProcess(base / "p", 482001, extra_args=["--log-level", "warning"])
+    s = SystemProcess(base / "s", 482002, extra_args=["--log-level", "warning"])
     rows: list[tuple[str, str, str, str]] = []
     try:
+        p.start()
+        s.start()
         pc, sc = p.client(), s.client()
         link_systems(pc, sc)
         jsize = f"{int(args.backlog_gib * 1024) + 1024}M"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,11 +16,25 @@ import httpx
 from vspemu.client import VspClient
 from vspemu.system.storage import storage_device_id
 
+_PORT_RANGE = (20000, 32000)  # below Linux's ephemeral range (32768-60999): outgoing connections never take them
+_taken: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, outside the ephemeral range, not handed out before by this process."""
+
+    for _ in range(1000):
+        port = random.randrange(*_PORT_RANGE)
+        if port in _taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
+    raise RuntimeError("no free port found")
 
 
 class SystemProcess:

@@ -22,7 +22,7 @@ from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER, storage_device
 
 app = typer.Typer(help="vspemu: Hitachi VSP storage systems in software, with TrueCopy and Universal "
                        "Replicator.", no_args_is_help=True, add_completion=False)
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 200)  # full lines when piped or logged
 app.add_typer(pair_app, name="pair")
 app.command()(demo)
 
