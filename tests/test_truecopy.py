@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from vspemu.client import ApiError, JobFailed, VspClient
+from vspemu.client import ApiError, VspClient
 from vspemu.client.nbd import NbdClient, NbdError
 from vspemu.lab import SystemProcess, set_link_ports, volume_digest
 
@@ -176,10 +176,15 @@ def test_swap_split_write_swap_resync(lab: Lab) -> None:
     with lab.nbd("s", sv) as c:
         c.write(5 * MiB, b"new-primary" * 1000)
     # a normal resync is refused after a takeover
-    with pytest.raises(JobFailed) as e:
+    with pytest.raises(ApiError) as e:
         lab.pc.invoke("PUT", f"remote-mirror-copypairs/{lab.pair_id()}/actions/resync/invoke",
                       {"parameters": {"replicationType": "TC"}}, remote=lab.sc)
-    assert e.value.message_id == "KART40062-E"
+    assert e.value.status == 412 and e.value.message_id == "KART40062-E"
+    assert "doSwapSvol" in e.value.message
+    with pytest.raises(ApiError) as e:  # a swap split belongs to the secondary
+        lab.pc.invoke("PUT", f"remote-mirror-copypairs/{lab.pair_id()}/actions/split/invoke",
+                      {"parameters": {"replicationType": "TC", "svolOperationMode": "SSWS"}}, remote=lab.sc)
+    assert e.value.status == 412
     # swap resync from the secondary: it becomes the primary and copies the differences
     lab.sc.invoke("PUT", f"remote-mirror-copypairs/{sid}/actions/resync/invoke",
                   {"parameters": {"replicationType": "TC", "doSwapSvol": True}}, remote=lab.pc)

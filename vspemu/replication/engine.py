@@ -625,10 +625,7 @@ class Replication:
 
     async def _swap_split(self, group: CopyGroup, pairs: list[Pair]) -> list[Pair]:
         """svolOperationMode SSWS, on the S side: the S-VOL takes over (SSWS, writable)."""
-        for p in pairs:
-            if p.role != "S":
-                raise VspError("WRONG_STATE", detail="svolOperationMode SSWS must be issued to the storage "
-                                                     "system that holds the S-VOL")
+        self._check_split(pairs, ssws=True)
         await self._take_over(group, pairs)
         return pairs
 
@@ -663,6 +660,42 @@ class Replication:
         await self._take_over(group, pairs)
         return pairs
 
+    # -- status checks, also run by the API before it accepts a job (a refusal is then a plain 412) -----------
+    @staticmethod
+    def _check_resync(pairs: list[Pair], swap: bool) -> None:
+        if swap:
+            for p in pairs:
+                swapped_and_running = p.role == "P" and p.status in ACTIVE and p.peer_status in ACTIVE \
+                    and p.extra.get("swapped")
+                if p.status not in SUSPENDED and not swapped_and_running:
+                    raise VspError("WRONG_STATE", detail=f"pair {p.key} is {p.status}; split it before a swap resync")
+            return
+        if all(p.status in ACTIVE for p in pairs):
+            return
+        for p in pairs:
+            if p.status == SSWS or p.peer_status == SSWS or p.swap_required:
+                raise VspError("WRONG_STATE", detail=f"pair {p.key} was taken over by the S side (SSWS): "
+                                                     "resynchronize with doSwapSvol")
+            if p.role != "P":
+                raise VspError("WRONG_STATE", detail="a resync must be issued to the storage system that holds "
+                                                     "the P-VOL (or use doSwapSvol to reverse the direction)")
+
+    @staticmethod
+    def _check_split(pairs: list[Pair], ssws: bool) -> None:
+        if ssws and any(p.role != "S" for p in pairs):
+            raise VspError("WRONG_STATE", detail="svolOperationMode SSWS must be issued to the storage system "
+                                                 "that holds the S-VOL")
+
+    def precheck(self, op: str, group_name: str, pair_name: str | None, *, swap: bool = False,
+                 ssws: bool = False) -> None:
+        """The status checks of an operation, before its job is accepted (the job checks again)."""
+        group = self.get_group(group_name)
+        pairs = self._select(group, None if group.replication_type == "UR" else pair_name)
+        if op == "resync":
+            self._check_resync(pairs, swap)
+        elif op == "split":
+            self._check_split(pairs, ssws)
+
     async def resync(self, group_name: str, pair_name: str | None, *, swap: bool = False,
                      copy_pace: int | None = None, fence: str | None = None, wait: bool = True) -> list[Pair]:
         group = self.get_group(group_name)
@@ -673,13 +706,7 @@ class Replication:
             return await self._swap_resync(group, pairs, wait)
         if all(p.status in ACTIVE for p in pairs):
             return pairs  # already resynchronizing or in PAIR: accepted, no change
-        for p in pairs:
-            if p.status == SSWS or p.peer_status == SSWS or p.swap_required:
-                raise VspError("WRONG_STATE", detail=f"pair {p.key} was taken over by the S side (SSWS): "
-                                                     "resynchronize with doSwapSvol")
-            if p.role != "P":
-                raise VspError("WRONG_STATE", detail="a resync must be issued to the storage system that holds "
-                                                     "the P-VOL (or use doSwapSvol to reverse the direction)")
+        self._check_resync(pairs, swap=False)
         todo = [p for p in pairs if p.status in SUSPENDED]
         if copy_pace is not None or fence is not None:
             for p in pairs:
@@ -708,11 +735,7 @@ class Replication:
 
     async def _swap_resync(self, group: CopyGroup, pairs: list[Pair], wait: bool) -> list[Pair]:
         """doSwapSvol: the S-VOLs become P-VOLs (from whichever side it is issued) and copy the differences."""
-        for p in pairs:
-            if p.status not in SUSPENDED:
-                if p.role == "P" and p.status in ACTIVE and p.peer_status in ACTIVE and p.extra.get("swapped"):
-                    continue
-                raise VspError("WRONG_STATE", detail=f"pair {p.key} is {p.status}; split it before a swap resync")
+        self._check_resync(pairs, swap=True)
         if all(p.role == "S" for p in pairs):
             # this side becomes the primary
             for p in pairs:

@@ -225,6 +225,7 @@ async def _split(request: Request, ctx: StorageContext, session: Any, object_id:
     if remote:
         await remote_auth(request, ctx, group.remote_device_id)
     eng = engine_of(ctx)
+    eng.precheck("split", group.name, name, ssws=p.svolOperationMode == "SSWS")
 
     async def work() -> list[str]:
         await eng.split(group.name, name, svol_rw=p.svolAccessMode == "rw", ssws=p.svolOperationMode == "SSWS",
@@ -244,6 +245,7 @@ async def _resync(request: Request, ctx: StorageContext, session: Any, object_id
     if remote:
         await remote_auth(request, ctx, group.remote_device_id)
     eng = engine_of(ctx)
+    eng.precheck("resync", group.name, name, swap=bool(p.doSwapSvol))
     nowait = wants_nowait(request)
 
     async def work() -> list[str]:
