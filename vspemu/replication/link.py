@@ -45,11 +45,11 @@ import os
 import secrets
 import struct
 import time
-import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from vspemu.aio import resume
 from vspemu.buffers import BufferPool
 
 log = logging.getLogger(__name__)
@@ -205,22 +205,6 @@ def inline_handler(fn: _F) -> _F:
     """
     fn.link_inline = True  # type: ignore[attr-defined]
     return fn
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
-    """Go on awaiting ``coro``, which was stepped by hand and yielded ``yielded``."""
-    while True:
-        try:
-            sent = yield yielded
-        except BaseException as exc:  # a cancellation: hand it to the coroutine
-            step, arg = coro.throw, exc
-        else:
-            step, arg = coro.send, sent
-        try:
-            yielded = step(arg)
-        except StopIteration as stop:
-            return stop.value
 
 
 async def _continue(awaitable: Awaitable[None]) -> None:
@@ -543,7 +527,7 @@ class Connection:
             except BaseException:  # noqa: BLE001 - _serve handles its handler's errors; this is a bug
                 log.exception("link: serving %s failed", msg_type)
                 return
-            awaitable = _resume(coro, yielded)
+            awaitable = resume(coro, yielded)
         else:
             awaitable = coro
         task = asyncio.get_running_loop().create_task(_continue(awaitable))

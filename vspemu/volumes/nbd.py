@@ -39,10 +39,10 @@ import mmap
 import os
 import socket
 import struct
-import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
+from vspemu.aio import resume
 from vspemu.buffers import BufferPool
 from vspemu.volumes.volume import Volume, VolumeIOError, WriteRefused
 
@@ -133,22 +133,6 @@ def _nbd_errno(exc: BaseException) -> int:
     if not isinstance(exc, VolumeIOError | OSError):
         log.exception("NBD request failed", exc_info=exc)
     return NBD_EIO
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
-    """Go on awaiting ``coro``, which was stepped by hand and yielded ``yielded`` (a future)."""
-    while True:
-        try:
-            sent = yield yielded
-        except BaseException as exc:  # a cancellation: hand it to the coroutine
-            step, arg = coro.throw, exc
-        else:
-            step, arg = coro.send, sent
-        try:
-            yielded = step(arg)
-        except StopIteration as stop:
-            return stop.value
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -399,7 +383,7 @@ class _Connection(asyncio.BufferedProtocol):
                 if buf is not None:
                     self._server._pool.put(buf)  # reused once nothing references it any more
                 return
-            awaitable = _resume(coro, yielded)
+            awaitable = resume(coro, yielded)
         else:
             awaitable = coro
         self._pending += nbytes
