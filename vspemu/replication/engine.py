@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,10 @@ class Replication:
     def start_copy(self, pair: Pair) -> None:
         rt = self.runtime[pair.key]
         rt.settled.clear()
+        group = self.groups[pair.group]
+        if group.replication_type == "UR":
+            # the path watch starts again with the copy: an old silence must not suspend the renewed mirror
+            self.ur.runtime(group).last_read = time.monotonic()
         if rt.copy_task is None or rt.copy_task.done():
             rt.copy_task = asyncio.get_running_loop().create_task(self._copy(pair))
 
