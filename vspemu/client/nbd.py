@@ -15,30 +15,39 @@ import socket
 import struct
 from types import TracebackType
 
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-REPLY_MAGIC_OPT = 0x0003E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-
-OPT_ABORT = 2
-OPT_LIST = 3
-OPT_INFO = 6
-OPT_GO = 7
-REP_ACK = 1
-REP_SERVER = 2
-REP_INFO = 3
-INFO_EXPORT = 0
-INFO_BLOCK_SIZE = 3
-
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_TRIM = 4
-CMD_WRITE_ZEROES = 6
-CMD_FLAG_FUA = 1
-CMD_FLAG_NO_HOLE = 2
+from vspemu.nbdproto import (
+    CMD_DISC,
+    CMD_FLAG_FUA,
+    CMD_FLAG_NO_HOLE,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    NBDMAGIC,
+    OPT_ABORT,
+    OPT_GO,
+    OPT_INFO,
+    OPT_LIST,
+    REP_ACK,
+    REP_INFO,
+    REP_SERVER,
+    REPLY_MAGIC_OPT,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+)
+from vspemu.nbdproto import (
+    OPT_REPLY as _OPT_REPLY,
+)
+from vspemu.nbdproto import (
+    REQUEST as _REQ,
+)
+from vspemu.nbdproto import (
+    SIMPLE_REPLY as _REPLY,
+)
 
 EPERM = 1
 EIO = 5
@@ -48,9 +57,6 @@ ENOSPC = 28
 
 CHUNK = 32 << 20  # largest request the helpers send
 
-_REQ = struct.Struct(">IHHQQI")
-_REPLY = struct.Struct(">IIQ")
-_OPT_REPLY = struct.Struct(">QIII")
 
 __all__ = ["NbdClient", "NbdError", "NbdOptionError", "export_info", "list_exports", "read_range", "write_range"]
 

@@ -44,6 +44,45 @@ from typing import Any, cast
 
 from vspemu.aio import resume
 from vspemu.buffers import BufferPool
+from vspemu.nbdproto import (
+    CMD_DISC,
+    CMD_FLAG_FUA,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    INFO_NAME,
+    NBDMAGIC,
+    OPT_ABORT,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPT_INFO,
+    OPT_LIST,
+    REP_ACK,
+    REP_ERR_INVALID,
+    REP_ERR_UNKNOWN,
+    REP_ERR_UNSUP,
+    REP_INFO,
+    REP_SERVER,
+    REPLY_MAGIC_OPT,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+)
+from vspemu.nbdproto import (
+    OPT_REPLY as _OPT_REPLY,
+)
+from vspemu.nbdproto import (
+    REQUEST as _REQ,
+)
+from vspemu.nbdproto import (
+    SIMPLE_REPLY as _REPLY,
+)
 from vspemu.volumes.volume import Volume, VolumeIOError, WriteRefused
 
 log = logging.getLogger(__name__)
@@ -56,31 +95,6 @@ SMALL_WRITE = 64 << 10  # payloads up to this size are taken from the receive bu
 SENDFILE_MIN = 64 << 10  # READ replies from this size on are sent with sendfile when the socket has room
 MAX_OPTION = 64 << 10  # largest option payload accepted during the handshake
 
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-REPLY_MAGIC_OPT = 0x0003E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-
-FLAG_FIXED_NEWSTYLE = 1
-FLAG_NO_ZEROES = 2
-
-OPT_EXPORT_NAME = 1
-OPT_ABORT = 2
-OPT_LIST = 3
-OPT_INFO = 6
-OPT_GO = 7
-
-REP_ACK = 1
-REP_SERVER = 2
-REP_INFO = 3
-REP_ERR_UNSUP = (1 << 31) + 1
-REP_ERR_INVALID = (1 << 31) + 3
-REP_ERR_UNKNOWN = (1 << 31) + 6
-
-INFO_EXPORT = 0
-INFO_NAME = 1
-INFO_BLOCK_SIZE = 3
 
 TF_HAS_FLAGS = 1 << 0
 TF_SEND_FLUSH = 1 << 2
@@ -92,23 +106,13 @@ TRANSMISSION_FLAGS = (
     TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_CAN_MULTI_CONN
 )
 
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_TRIM = 4
-CMD_WRITE_ZEROES = 6
-CMD_FLAG_FUA = 1 << 0
 
 NBD_EPERM = 1
 NBD_EIO = 5
 NBD_EINVAL = 22
 NBD_ENOSPC = 28
 
-_REQ = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length (28 bytes)
-_REPLY = struct.Struct(">IIQ")  # magic, error, handle (16 bytes)
 _OPT = struct.Struct(">QII")  # IHAVEOPT, option, length
-_OPT_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _GREETING = struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
