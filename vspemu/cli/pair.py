@@ -251,6 +251,13 @@ def status_reached(pairs: list[dict[str, Any]], target: str) -> bool:
 FAILED_STATES = {"PSUE", "PFUS"}
 
 
+def finish(a: Arrays, group: str, pair: str | None, nowait: bool, timeout: float) -> int:
+    """After a create or resync: wait for PAIR (with the progress bar) unless --nowait, then show the statuses."""
+    code = EXIT_OK if nowait else wait_for_pair(a, group, pair, timeout)
+    console.print(statuses_line(a.pairs(group, pair)))
+    return code
+
+
 def wait_for_pair(a: Arrays, group: str, pair: str | None, timeout: float, show_progress: bool = True,
                   interval: float = 0.2) -> int:
     """Wait until every selected pair is PAIR on both sides; a progress bar follows copyProgressRate.
@@ -346,12 +353,7 @@ def create(
             a.p.invoke("POST", "remote-mirror-copypairs", req, remote=a.s, nowait=True)
             console.print(f"paircreate {group}/{pair}: {rep_type.value} P-VOL {pvol} -> S-VOL {svol} accepted"
                           f"{' (new copy group)' if not existing else ''}")
-            if nowait:
-                console.print(statuses_line(a.pairs(group, pair)))
-                return EXIT_OK
-            code = wait_for_pair(a, group, pair, timeout)
-            console.print(statuses_line(a.pairs(group, pair)))
-            return code
+            return finish(a, group, pair, nowait, timeout)
 
     run(body)
 
@@ -430,12 +432,7 @@ def resync(
             if swaps or swapp:
                 # the roles are reversed now: the old secondary is the primary
                 a = Arrays(a.secondary_url, a.primary_url, a.user, a.password, a._s, a._p)
-            if nowait:
-                console.print(statuses_line(a.pairs(group, pair)))
-                return EXIT_OK
-            code = wait_for_pair(a, group, pair, timeout)
-            console.print(statuses_line(a.pairs(group, pair)))
-            return code
+            return finish(a, group, pair, nowait, timeout)
 
     run(body)
 
