@@ -284,3 +284,57 @@ def test_foreign_peers_are_rejected_and_the_server_keeps_serving(
     assert all(x == "NML_01" for x in cp.path_statuses(f"{s.serial},R9,0"))
     diag = cs.private("GET", "link/paths")
     assert diag["rejectedConnections"] >= 5
+
+
+def test_data_write_requests_carry_a_binary_header_and_reach_their_handler() -> None:
+    h = {"ldev": 7, "offset": 1 << 40, "length": 4096, "fua": True, "copy": True}
+    frame = L.encode_frame(L.REQUEST, 5, {"m": L.DATA_WRITE, "h": h}, 4096)
+    length, ftype, flags, _, rid, hlen = L.PREFIX.unpack_from(frame)
+    assert (ftype, flags, rid, hlen) == (L.REQUEST, L.FLAG_DATA, 5, L.DATA_HEADER.size)
+    assert length == L.FIXED + hlen + 4096 and len(frame) == L.PREFIX.size + hlen
+    assert L.decode_data_header(frame[L.PREFIX.size:]) == {"m": L.DATA_WRITE, "h": h}
+    assert L.encode_frame(L.REPLY, 5, {"h": {}}) == L.PREFIX.pack(L.FIXED, L.REPLY, 0, 0, 5, 0)
+
+    async def body() -> None:
+        a, b, group = await started()
+        seen: list[tuple[dict[str, Any], bytes]] = []
+
+        @L.inline_handler
+        async def write(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+            if header.get("offset") == 1:
+                raise ValueError("refused")
+            seen.append((header, bytes(payload)))
+            return {}, b""
+
+        b.register_handler(L.DATA_WRITE, write)
+        try:
+            for n, extra in ((4096, {"fua": True}), (1 << 20, {"copy": True}), (0, {"zero": True})):
+                data = os.urandom(n)
+                assert await group.call(L.DATA_WRITE, {"ldev": 3, "offset": 8192, "length": n or 512, **extra},
+                                        data) == ({}, b"")
+                assert seen[-1] == ({"ldev": 3, "offset": 8192, "length": n or 512, **extra}, data)
+            with pytest.raises(RemoteError, match="refused"):
+                await group.call(L.DATA_WRITE, {"ldev": 3, "offset": 1, "length": 1}, b"x")
+            assert (await group.call(ECHO, {}, b"still up"))[1] == b"still up"
+        finally:
+            await a.close()
+            await b.close()
+
+    run(body)
+
+
+def test_a_frame_with_unknown_flags_closes_the_connection() -> None:
+    async def body() -> None:
+        a, b, group = await started()
+        try:
+            conn = group.active_paths[0].conn
+            assert conn is not None
+            conn.transport.write(L.PREFIX.pack(L.FIXED + 2, L.REQUEST, 0x80, 0, 9, 2) + b"{}")
+            inbound = [c for cs in b._inbound.values() for c in cs]
+            await asyncio.wait_for(asyncio.gather(*(c.closed.wait() for c in inbound)), 5)
+            assert "flags" in inbound[0].close_reason
+        finally:
+            await a.close()
+            await b.close()
+
+    run(body)
