@@ -3,6 +3,7 @@ make a task of it only if it suspends (most writes to an unpaired volume never d
 
 from __future__ import annotations
 
+import asyncio
 import types
 from collections.abc import Coroutine, Generator
 from typing import Any
@@ -22,3 +23,22 @@ def resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, 
             yielded = step(arg)
         except StopIteration as stop:
             return stop.value
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """``event.wait()`` bounded by ``timeout``; True if the event was set. Unlike ``asyncio.wait_for`` (which
+    in Python 3.12 needs ``asyncio.current_task()``), it works in a coroutine stepped by hand, as the NBD
+    server and the link do with host writes."""
+    if event.is_set():
+        return True
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    waiter = loop.create_task(event.wait())
+    waiter.add_done_callback(lambda _: fut.done() or fut.set_result(None))
+    timer = loop.call_later(timeout, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        timer.cancel()
+        waiter.cancel()
+    return event.is_set()

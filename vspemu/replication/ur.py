@@ -3,10 +3,13 @@
 On the primary, a host write to a P-VOL in PAIR/PFUL is appended to the **master journal** (the local
 journal of the copy group, a ring buffer on its journal volume, see :mod:`.journal`) and then written to
 the P-VOL; the host is answered without waiting for the secondary. On the secondary a **restore loop**
-pulls entries (``jnl.read``: "send me what follows sequence k; I have restored up to j"), applies them to
-the S-VOLs strictly in sequence order across every volume of the journal, makes them durable, and reports
-the restored sequence number with its next read; only then does the primary free the entries. The S-VOLs
-of a journal are therefore always the image of the P-VOLs at one earlier moment.
+pulls entries (``jnl.read``: "send me what follows sequence k; I have applied up to i and made durable up
+to j"), applies them to the S-VOLs strictly in sequence order across every volume of the journal, and
+reports with its next reads the applied sequence number (the lag, RPO) and the durable one; only entries up
+to the durable number are freed on the primary. The S-VOLs of a journal are therefore always the image of
+the P-VOLs at one earlier moment. The secondary makes its S-VOLs durable (fdatasync) in the background, at
+most every :data:`RESTORE_FLUSH_INTERVAL` seconds while entries keep coming and at once when it has caught
+up, so pulling never waits for the disk (a flush per batch held the pull to the disk's flush rate).
 
 - Usage over 80 %: the pairs show PFUL (still copying); with inflow control on, writes are slowed.
 - A write that does not fit waits for room; if the journal stays full for dataOverflowWatchInSeconds the
@@ -28,6 +31,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from vspemu.aio import wait_event
 from vspemu.errors import VspError
 from vspemu.replication.journal import MasterJournal
 from vspemu.replication.link import PeerInfo
@@ -45,6 +49,7 @@ LONG_POLL = 0.5
 MONITOR_INTERVAL = 0.2
 PFUL_THRESHOLD = 80
 FLUSH_TIMEOUT = 120.0
+RESTORE_FLUSH_INTERVAL = 0.25  # secondary: seconds between background flushes of the S-VOLs while busy
 WIRE = struct.Struct("!QIQIB")  # seq, ldev, offset, length, zero
 
 
@@ -52,8 +57,13 @@ class MirrorRuntime:
     """What one UR copy group has in memory on this side."""
 
     def __init__(self) -> None:
-        self.acked = 0  # primary: highest sequence number the secondary restored
-        self.restored = 0  # secondary: highest sequence number applied and durable
+        self.acked = 0  # primary: highest sequence number the secondary restored and made durable (freed here)
+        self.applied = 0  # primary: highest sequence number the secondary applied to its S-VOLs (the lag)
+        self.restored = 0  # secondary: highest sequence number applied to the S-VOLs
+        self.durable = 0  # secondary: highest sequence number applied and flushed (reported for freeing)
+        self.unflushed: set[Volume] = set()  # secondary: S-VOLs written since their last flush
+        self.flush_task: asyncio.Task[None] | None = None
+        self.flushed_at = time.monotonic()
         self.last_read = time.monotonic()  # primary: when the secondary last pulled
         self.full_since: float | None = None
         self.new_entries = asyncio.Event()
@@ -145,10 +155,7 @@ class UniversalReplicator:
                 await self.suspend_mirror(group, PFUS, "the journal stayed full longer than the overflow watch")
                 return False
             rt.acked_event.clear()
-            try:
-                await asyncio.wait_for(rt.acked_event.wait(), 0.2)
-            except TimeoutError:
-                pass
+            await wait_event(rt.acked_event, 0.2)  # (no wait_for: host writes may run outside a task)
         rt.full_since = None
         seq = mj.append(pair.local_ldev, offset, data, length)
         if (mj.usage_rate() >= PFUL_THRESHOLD) != (pair.status == PFUL):
@@ -178,6 +185,7 @@ class UniversalReplicator:
         rt = self.runtime(group)
         rt.last_read = time.monotonic()
         restored = int(h.get("restored", 0))
+        rt.applied = max(rt.applied, int(h.get("applied", restored)))
         if restored > rt.acked:
             rt.acked = restored
             mj.free(restored)
@@ -199,7 +207,7 @@ class UniversalReplicator:
             if not e.zero:
                 parts.append(e.data)
         return {"count": len(entries), "lastSeq": mj.last_seq, "qCount": mj.count, "usage": mj.usage_rate(),
-                "headSeq": mj.head_seq}, b"".join(parts)
+                "headSeq": mj.head_seq, "nextSeq": entries[-1].seq + 1 if entries else 0}, b"".join(parts)
 
     async def _h_split(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
         """A split issued on the secondary: the primary performs it (flush) for the whole mirror."""
@@ -215,17 +223,36 @@ class UniversalReplicator:
         if rt.restore_task is None or rt.restore_task.done():
             rt.restore_task = asyncio.get_running_loop().create_task(self._restore_loop(group))
 
+    async def _read(self, group: CopyGroup, rt: MirrorRuntime, from_seq: int, nowait: bool = False
+                    ) -> tuple[dict[str, Any], bytes]:
+        return await self.engine.call(group, "jnl.read", {
+            "group": group.name, "from": from_seq, "restored": rt.durable, "applied": rt.restored, "nowait": nowait})
+
     async def _restore_loop(self, group: CopyGroup) -> None:
+        """Pull and apply, with the next read already on its way while a batch is applied (read-ahead)."""
+        ahead: list[asyncio.Task[tuple[dict[str, Any], bytes]]] = []
+        try:
+            await self._restore(group, ahead)
+        finally:
+            for task in ahead:
+                task.cancel()
+
+    async def _restore(self, group: CopyGroup, ahead: list[asyncio.Task[tuple[dict[str, Any], bytes]]]) -> None:
         rt = self.runtime(group)
         engine = self.engine
         while group.name in engine.groups and group.role == "S":
             pairs = engine.group_pairs(group.name)
             if not any(p.status in ACTIVE for p in pairs):
+                for task in ahead:
+                    task.cancel()
+                ahead.clear()
                 await asyncio.sleep(0.2)
                 continue
             try:
-                h, payload = await engine.call(group, "jnl.read", {
-                    "group": group.name, "from": rt.restored + 1, "restored": rt.restored})
+                if ahead:
+                    h, payload = await ahead.pop()
+                else:
+                    h, payload = await self._read(group, rt, rt.restored + 1)
             except VspError as e:
                 now = time.monotonic()
                 if rt.read_errors_since is None:
@@ -249,15 +276,35 @@ class UniversalReplicator:
             if int(h.get("headSeq", 1)) > rt.restored + 1:
                 # entries before the head were restored already or purged into the primary's bitmap
                 rt.restored = int(h["headSeq"]) - 1
+                if not rt.unflushed:
+                    rt.durable = max(rt.durable, rt.restored)
+            if payload and int(h.get("nextSeq", 0)) > rt.restored + 1:  # read the next batch while applying this
+                ahead.append(asyncio.get_running_loop().create_task(self._read(group, rt, int(h["nextSeq"]), True)))
             if payload:
-                touched = self._apply(group, payload, rt)
-                for vol in touched:
-                    await vol.flush_local()
+                rt.unflushed.update(self._apply(group, payload, rt))
+            if rt.restored > rt.durable and (rt.flush_task is None or rt.flush_task.done()):
+                if not payload:  # caught up: make it durable now, the next read reports it
+                    await self._flush_restored(rt)
+                elif time.monotonic() - rt.flushed_at >= RESTORE_FLUSH_INTERVAL:
+                    rt.flush_task = asyncio.get_running_loop().create_task(self._flush_restored(rt))
             for p in pairs:
                 if p.status == PAIR and rt.remote_usage >= PFUL_THRESHOLD:
                     engine._set(p, PFUL)
                 elif p.status == PFUL and rt.remote_usage < PFUL_THRESHOLD:
                     engine._set(p, PAIR)
+
+    async def _flush_restored(self, rt: MirrorRuntime) -> None:
+        """Flush the S-VOLs written so far; then everything applied up to now is durable."""
+        target, vols = rt.restored, rt.unflushed
+        rt.unflushed = set()
+        rt.flushed_at = time.monotonic()
+        try:
+            for vol in vols:
+                await vol.flush_local()
+        except BaseException:
+            rt.unflushed |= vols  # try again with the next flush
+            raise
+        rt.durable = max(rt.durable, target)
 
     def _apply(self, group: CopyGroup, payload: bytes, rt: MirrorRuntime) -> list[Volume]:
         """Apply entries strictly in sequence order; stop at a gap (it would break consistency)."""
@@ -404,9 +451,11 @@ class UniversalReplicator:
             return {}
         mj = self.master(group)
         rt = self.runtime(group)
-        oldest = next((t for s, t in rt.samples if s > rt.acked), None)
+        applied = max(rt.applied, rt.acked)
+        oldest = next((t for s, t in rt.samples if s > applied), None)
         return {"qCount": mj.count, "usageRate": mj.usage_rate(), "lastSeq": mj.last_seq, "restoredSeq": rt.acked,
-                "lagSeconds": 0.0 if oldest is None or mj.count == 0 else round(time.monotonic() - oldest, 3)}
+                "appliedSeq": applied, "notAppliedCount": max(0, mj.last_seq - applied),
+                "lagSeconds": 0.0 if oldest is None or applied >= mj.last_seq else round(time.monotonic() - oldest, 3)}
 
     def redo_after_restart(self, group: CopyGroup) -> None:
         """A restarted primary writes every journaled entry to its P-VOL again (journal first, then volume)."""

@@ -373,23 +373,19 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _run(self, coro: Coroutine[Any, Any, None], handle: int, nbytes: int, buf: mmap.mmap | None) -> None:
         """Run a volume operation; answer now if it completes without suspending, else from a task."""
-        volume = self._volume
-        assert volume is not None
-        awaitable: Awaitable[None]
-        if volume.replicator is None:
-            # No replicator: the operation is synchronous unless it flushes. Step it here, which saves a
-            # task and a loop iteration per request. (Paired volumes always get a real task, so replicators
-            # may rely on asyncio.current_task(), e.g. for asyncio.timeout().)
-            try:
-                yielded = coro.send(None)
-            except Exception as exc:
-                self._reply(handle, 0 if isinstance(exc, StopIteration) else _nbd_errno(exc))
-                if buf is not None:
-                    self._server._pool.put(buf)  # reused once nothing references it any more
-                return
-            awaitable = resume(coro, yielded)
-        else:
-            awaitable = coro
+        # Step the operation here until it completes or first suspends: an unpaired write completes without
+        # suspending, and a paired one gets as far as sending its data to the S side before a task takes over
+        # (a task and a loop iteration saved per request). So a replicator must not rely on
+        # asyncio.current_task() (e.g. asyncio.timeout(), or wait_for() in Python 3.12) before it first
+        # suspends; vspemu.aio.wait_event is the task-free way to wait with a time limit.
+        try:
+            yielded = coro.send(None)
+        except Exception as exc:
+            self._reply(handle, 0 if isinstance(exc, StopIteration) else _nbd_errno(exc))
+            if buf is not None:
+                self._server._pool.put(buf)  # reused once nothing references it any more
+            return
+        awaitable: Awaitable[None] = resume(coro, yielded)
         self._pending += nbytes
         task = self._loop.create_task(self._finish(awaitable, handle, nbytes, buf))
         self._tasks.add(task)
