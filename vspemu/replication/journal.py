@@ -67,6 +67,20 @@ class JournalFull(Exception):
     pass
 
 
+def _checksum(header: bytes | memoryview, data: bytes | memoryview) -> int:
+    """CRC-32C of an entry: the first 32 bytes of its header (the crc field excluded), then its data."""
+    return crc32c(data, crc32c(header[:32]))
+
+
+def _fields(raw: bytes | memoryview, at: int, seq: int) -> tuple[int, int, int, int, int] | None:
+    """(flags, ldev, length, offset, crc) of the entry or wrap marker ``seq`` whose header is at ``raw[at:]``,
+    or None if no such entry starts there (another magic or sequence number: the end of the journal)."""
+    magic, flags, eseq, ldev, length, offset, crc, _ = ENTRY.unpack_from(raw, at)
+    if magic != ENTRY_MAGIC or eseq != seq:
+        return None
+    return flags, ldev, length, offset, crc
+
+
 class MasterJournal:
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
@@ -139,15 +153,12 @@ class MasterJournal:
         raw = os.pread(self.fd, ENTRY.size, pos)
         if len(raw) < ENTRY.size:
             return pos, None
-        magic, flags, eseq, ldev, length, offset, crc, _ = ENTRY.unpack(raw)
-        if magic != ENTRY_MAGIC:
+        fields = _fields(raw, 0, seq)
+        if fields is None:
             return pos, None
+        flags, ldev, length, offset, crc = fields
         if flags & WRAP:
-            if eseq != seq:
-                return pos, None
             return HEADER_SIZE, None
-        if eseq != seq:
-            return pos, None
         zero = bool(flags & ZERO)
         if not zero and pos + ENTRY.size + length > self.size:
             return pos, None
@@ -155,9 +166,9 @@ class MasterJournal:
         if with_data:
             if not zero:
                 data = os.pread(self.fd, length, pos + ENTRY.size)
-            if crc32c(data, crc32c(raw[:32])) != crc:
+            if _checksum(raw, data) != crc:
                 return pos, None
-        return pos, Entry(eseq, ldev, offset, length, zero, data)
+        return pos, Entry(seq, ldev, offset, length, zero, data)
 
     def read(self, from_seq: int, max_bytes: int) -> list[Entry]:
         """Entries from ``from_seq`` on (at least one if any), up to about ``max_bytes`` of data.
@@ -175,54 +186,52 @@ class MasterJournal:
         out: list[Entry] = []
         total = 0
         while seq < self.next_seq and (not out or total < max_bytes):
-            if seq >= from_seq:
-                parsed, pos, seq, total = self._read_run(pos, seq, max_bytes, total, out)
-                if parsed:
-                    continue
-            npos, entry = self._read_at(pos, seq)
-            if entry is None:
-                if npos != pos:
-                    pos = npos
-                    continue
-                raise RuntimeError(f"journal {self.path.name}: entry {seq} is missing or corrupt")
-            pos = npos + entry.size
-            seq += 1
-            if entry.seq >= from_seq:
-                out.append(entry)
-                total += entry.length if not entry.zero else 0
+            run, pos, seq = self._read_run(pos, seq, max_bytes - total)
+            if not run:  # a wrap marker, or an entry larger than the run read: this one alone
+                npos, entry = self._read_at(pos, seq)
+                if entry is None:
+                    if npos != pos:
+                        pos = npos
+                        continue
+                    raise RuntimeError(f"journal {self.path.name}: entry {seq} is missing or corrupt")
+                run, pos, seq = [entry], npos + entry.size, seq + 1
+            for entry in run:
+                if entry.seq >= from_seq:
+                    out.append(entry)
+                    total += entry.length if not entry.zero else 0
         self._cursor = (pos, seq)
         return out
 
-    def _read_run(self, pos: int, seq: int, max_bytes: int, total: int, out: list[Entry]
-                  ) -> tuple[int, int, int, int]:
-        """Read the entries that follow ``pos`` in the file with one ``pread``; (entries parsed, pos, seq, total).
+    def _read_run(self, pos: int, seq: int, budget: int) -> tuple[list[Entry], int, int]:
+        """The entries that follow one another from ``pos``, read with one ``pread``: (entries, pos, seq) after.
 
-        Stops at a wrap marker, at the tail, at an entry not wholly in the buffer, or once ``max_bytes`` of
-        data are read; parses nothing (0) if not even the first entry is wholly in the buffer."""
+        Stops at a wrap marker, at the tail, at an entry not wholly in what was read, or once ``budget`` bytes
+        of data are parsed (at least one entry if it fits); returns no entry if not even the first fits."""
         end = self.tail if self.tail > pos else self.size
-        want = min(end - pos, max(max_bytes - total, 0) + ENTRY.size + 4096)
+        want = min(end - pos, max(budget, 0) + ENTRY.size + 4096)
         if want < ENTRY.size:
-            return 0, pos, seq, total
+            return [], pos, seq
         buf = os.pread(self.fd, want, pos)
         view = memoryview(buf)
-        at = parsed = 0
-        while at + ENTRY.size <= len(buf) and seq < self.next_seq and (not out or total < max_bytes):
-            magic, flags, eseq, ldev, length, offset, crc, _ = ENTRY.unpack_from(buf, at)
-            if magic != ENTRY_MAGIC or eseq != seq or flags & WRAP:
+        run: list[Entry] = []
+        at = got = 0
+        while at + ENTRY.size <= len(buf) and seq < self.next_seq and (not run or got < budget):
+            fields = _fields(buf, at, seq)
+            if fields is None or fields[0] & WRAP:
                 break
+            flags, ldev, length, offset, crc = fields
             zero = bool(flags & ZERO)
-            size = ENTRY.size + (0 if zero else _align(length))
             if at + ENTRY.size + (0 if zero else length) > len(buf):
                 break
             data = b"" if zero else view[at + ENTRY.size:at + ENTRY.size + length]
-            if crc32c(data, crc32c(view[at:at + 32])) != crc:
+            if _checksum(view[at:], data) != crc:
                 raise RuntimeError(f"journal {self.path.name}: entry {seq} fails its checksum")
-            out.append(Entry(eseq, ldev, offset, length, zero, data))
-            total += 0 if zero else length
-            at += size
+            entry = Entry(seq, ldev, offset, length, zero, data)
+            run.append(entry)
+            got += 0 if zero else length
+            at += entry.size
             seq += 1
-            parsed += 1
-        return parsed, pos + at, seq, total
+        return run, pos + at, seq
 
     # -- writing ----------------------------------------------------------------------------------
     def _place(self, need: int) -> int | None:
@@ -259,7 +268,7 @@ class MasterJournal:
             self.used += self.size - self.tail
             self.tail = pos
         head = ENTRY.pack(ENTRY_MAGIC, ZERO if zero else 0, seq, ldev, length, offset, 0, 0)
-        crc = crc32c(b"" if zero else data, crc32c(head[:32]))  # type: ignore[arg-type]
+        crc = _checksum(head, b"" if zero else data)  # type: ignore[arg-type]
         head = ENTRY.pack(ENTRY_MAGIC, ZERO if zero else 0, seq, ldev, length, offset, crc, 0)
         if zero:
             os.pwrite(self.fd, head, pos)
