@@ -230,68 +230,63 @@ class UniversalReplicator:
 
     async def _restore_loop(self, group: CopyGroup) -> None:
         """Pull and apply, with the next read already on its way while a batch is applied (read-ahead)."""
-        ahead: list[asyncio.Task[tuple[dict[str, Any], bytes]]] = []
-        try:
-            await self._restore(group, ahead)
-        finally:
-            for task in ahead:
-                task.cancel()
-
-    async def _restore(self, group: CopyGroup, ahead: list[asyncio.Task[tuple[dict[str, Any], bytes]]]) -> None:
         rt = self.runtime(group)
         engine = self.engine
-        while group.name in engine.groups and group.role == "S":
-            pairs = engine.group_pairs(group.name)
-            if not any(p.status in ACTIVE for p in pairs):
-                for task in ahead:
-                    task.cancel()
-                ahead.clear()
-                await asyncio.sleep(0.2)
-                continue
-            try:
-                if ahead:
-                    h, payload = await ahead.pop()
-                else:
-                    h, payload = await self._read(group, rt, rt.restored + 1)
-            except VspError as e:
-                now = time.monotonic()
-                if rt.read_errors_since is None:
-                    rt.read_errors_since = now
-                    log.info("journal read for %s failed: %s", group.name, e)
-                if now - rt.read_errors_since >= self.path_watch_seconds(group):
-                    for p in pairs:
-                        if p.status in ACTIVE:
-                            engine._set(p, PSUE)
-                await asyncio.sleep(0.5)
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("restore loop of %s", group.name)
-                await asyncio.sleep(1)
-                continue
-            rt.read_errors_since = None
-            rt.remote_q_count, rt.remote_usage = int(h.get("qCount", 0)), int(h.get("usage", 0))
-            rt.remote_last_seq = int(h.get("lastSeq", 0))
-            if int(h.get("headSeq", 1)) > rt.restored + 1:
-                # entries before the head were restored already or purged into the primary's bitmap
-                rt.restored = int(h["headSeq"]) - 1
-                if not rt.unflushed:
-                    rt.durable = max(rt.durable, rt.restored)
-            if payload and int(h.get("nextSeq", 0)) > rt.restored + 1:  # read the next batch while applying this
-                ahead.append(asyncio.get_running_loop().create_task(self._read(group, rt, int(h["nextSeq"]), True)))
-            if payload:
-                rt.unflushed.update(self._apply(group, payload, rt))
-            if rt.restored > rt.durable and (rt.flush_task is None or rt.flush_task.done()):
-                if not payload:  # caught up: make it durable now, the next read reports it
-                    await self._flush_restored(rt)
-                elif time.monotonic() - rt.flushed_at >= RESTORE_FLUSH_INTERVAL:
-                    rt.flush_task = asyncio.get_running_loop().create_task(self._flush_restored(rt))
-            for p in pairs:
-                if p.status == PAIR and rt.remote_usage >= PFUL_THRESHOLD:
-                    engine._set(p, PFUL)
-                elif p.status == PFUL and rt.remote_usage < PFUL_THRESHOLD:
-                    engine._set(p, PAIR)
+        ahead: asyncio.Task[tuple[dict[str, Any], bytes]] | None = None
+        try:
+            while group.name in engine.groups and group.role == "S":
+                pairs = engine.group_pairs(group.name)
+                if not any(p.status in ACTIVE for p in pairs):
+                    if ahead is not None:
+                        ahead.cancel()
+                        ahead = None
+                    await asyncio.sleep(0.2)
+                    continue
+                try:
+                    reading, ahead = ahead or self._read(group, rt, rt.restored + 1), None
+                    h, payload = await reading
+                except VspError as e:
+                    now = time.monotonic()
+                    if rt.read_errors_since is None:
+                        rt.read_errors_since = now
+                        log.info("journal read for %s failed: %s", group.name, e)
+                    if now - rt.read_errors_since >= self.path_watch_seconds(group):
+                        for p in pairs:
+                            if p.status in ACTIVE:
+                                engine._set(p, PSUE)
+                    await asyncio.sleep(0.5)
+                    continue
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("restore loop of %s", group.name)
+                    await asyncio.sleep(1)
+                    continue
+                rt.read_errors_since = None
+                rt.remote_q_count, rt.remote_usage = int(h.get("qCount", 0)), int(h.get("usage", 0))
+                rt.remote_last_seq = int(h.get("lastSeq", 0))
+                if int(h.get("headSeq", 1)) > rt.restored + 1:
+                    # entries before the head were restored already or purged into the primary's bitmap
+                    rt.restored = int(h["headSeq"]) - 1
+                    if not rt.unflushed:
+                        rt.durable = max(rt.durable, rt.restored)
+                if payload and int(h.get("nextSeq", 0)) > rt.restored + 1:  # the next batch, while this one applies
+                    ahead = asyncio.get_running_loop().create_task(self._read(group, rt, int(h["nextSeq"]), True))
+                if payload:
+                    rt.unflushed.update(self._apply(group, payload, rt))
+                if rt.restored > rt.durable and (rt.flush_task is None or rt.flush_task.done()):
+                    if not payload:  # caught up: make it durable now, the next read reports it
+                        await self._flush_restored(rt)
+                    elif time.monotonic() - rt.flushed_at >= RESTORE_FLUSH_INTERVAL:
+                        rt.flush_task = asyncio.get_running_loop().create_task(self._flush_restored(rt))
+                for p in pairs:
+                    if p.status == PAIR and rt.remote_usage >= PFUL_THRESHOLD:
+                        engine._set(p, PFUL)
+                    elif p.status == PFUL and rt.remote_usage < PFUL_THRESHOLD:
+                        engine._set(p, PAIR)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
 
     async def _flush_restored(self, rt: MirrorRuntime) -> None:
         """Flush the S-VOLs written so far; then everything applied up to now is durable."""
@@ -454,7 +449,7 @@ class UniversalReplicator:
         applied = max(rt.applied, rt.acked)
         oldest = next((t for s, t in rt.samples if s > applied), None)
         return {"qCount": mj.count, "usageRate": mj.usage_rate(), "lastSeq": mj.last_seq, "restoredSeq": rt.acked,
-                "appliedSeq": applied, "notAppliedCount": max(0, mj.last_seq - applied),
+                "appliedSeq": applied,
                 "lagSeconds": 0.0 if oldest is None or applied >= mj.last_seq else round(time.monotonic() - oldest, 3)}
 
     def redo_after_restart(self, group: CopyGroup) -> None:
