@@ -118,26 +118,3 @@ def test_batched_read_detects_a_corrupt_entry(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="checksum"):
         j.read(1, 1 << 20)
 
-
-def test_wait_event_works_outside_a_task() -> None:
-    """Host writes are stepped by hand by the NBD server: their waits must not need a current task."""
-    import asyncio
-
-    from vspemu.aio import resume, wait_event
-
-    async def body() -> None:
-        event = asyncio.Event()
-
-        async def writer() -> tuple[bool, bool]:
-            first = await wait_event(event, 0.05)  # times out
-            asyncio.get_running_loop().call_later(0.01, event.set)
-            return first, await wait_event(event, 5)
-
-        coro = writer()
-        yielded = coro.send(None)  # stepped outside any task, as nbd._Connection._run does
-        assert await asyncio.get_running_loop().create_task(_drive(resume(coro, yielded))) == (False, True)
-
-    async def _drive(aw):  # type: ignore[no-untyped-def]
-        return await aw
-
-    asyncio.run(body())

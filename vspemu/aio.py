@@ -31,14 +31,9 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     server and the link do with host writes."""
     if event.is_set():
         return True
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    waiter = loop.create_task(event.wait())
-    waiter.add_done_callback(lambda _: fut.done() or fut.set_result(None))
-    timer = loop.call_later(timeout, lambda: fut.done() or fut.set_result(None))
+    waiter = asyncio.ensure_future(event.wait())
     try:
-        await fut
+        await asyncio.wait((waiter,), timeout=timeout)  # (asyncio.wait needs no current task)
     finally:
-        timer.cancel()
         waiter.cancel()
     return event.is_set()
