@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ from typer.testing import CliRunner
 from vspemu.cli.main import app
 from vspemu.client import VspClient
 from vspemu.client.nbd import NbdClient
-from vspemu.lab import SystemProcess
+from vspemu.lab import SystemProcess, volume_digest
 
 MiB = 1 << 20
 
@@ -44,9 +43,7 @@ class Lab:
         return pv, sv
 
     def digest(self, side: str, ldev: int, size: int = 16 * MiB) -> str:
-        proc = self.p if side == "p" else self.s
-        with NbdClient("127.0.0.1", proc.nbd_port, str(ldev)) as c:
-            return hashlib.sha256(c.read(0, size)).hexdigest()
+        return volume_digest((self.p if side == "p" else self.s).nbd_port, ldev, size)
 
     def statuses(self, group: str, pair: str) -> tuple[str, str]:
         gid = next(g["remoteMirrorCopyGroupId"] for g in self.pc.get(

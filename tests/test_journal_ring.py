@@ -6,6 +6,8 @@ import os
 import random
 from pathlib import Path
 
+import pytest
+
 from vspemu.replication.journal import ENTRY, JournalFull, MasterJournal
 
 
@@ -13,12 +15,17 @@ def open_journal(path: Path, size: int) -> MasterJournal:
     return MasterJournal(path, size)
 
 
+def new_journal(path: Path, size: int) -> MasterJournal:
+    """A journal on a fresh (sparse) journal-volume file of ``size`` bytes."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return open_journal(path, size)
+
+
 def test_ring_buffer_against_a_model(tmp_path: Path) -> None:
     path = tmp_path / "jnl.img"
     size = 1 << 20
-    with open(path, "wb") as f:
-        f.truncate(size)
-    j = open_journal(path, size)
+    j = new_journal(path, size)
     rng = random.Random(7)
     model: list[tuple[int, int, bytes | None]] = []  # (seq, offset, data)
     acked = 0
@@ -54,9 +61,7 @@ def test_ring_buffer_against_a_model(tmp_path: Path) -> None:
 
 def test_corrupt_entry_ends_the_journal(tmp_path: Path) -> None:
     path = tmp_path / "jnl.img"
-    with open(path, "wb") as f:
-        f.truncate(1 << 20)
-    j = open_journal(path, 1 << 20)
+    j = new_journal(path, 1 << 20)
     for i in range(5):
         j.append(1, i * 4096, bytes([i]) * 4096, 4096)
     j.close()
@@ -73,9 +78,7 @@ def test_batched_reads_of_small_entries_across_the_wrap(tmp_path: Path) -> None:
     """read() takes runs of entries with one pread; zero ranges, wrap markers and limits still hold."""
     path = tmp_path / "jnl.img"
     size = 256 << 10
-    with open(path, "wb") as f:
-        f.truncate(size)
-    j = open_journal(path, size)
+    j = new_journal(path, size)
     rng = random.Random(3)
     written: dict[int, tuple[int, bytes | None]] = {}
     next_read = 1
@@ -105,16 +108,12 @@ def test_batched_reads_of_small_entries_across_the_wrap(tmp_path: Path) -> None:
 
 def test_batched_read_detects_a_corrupt_entry(tmp_path: Path) -> None:
     path = tmp_path / "jnl.img"
-    with open(path, "wb") as f:
-        f.truncate(1 << 20)
-    j = open_journal(path, 1 << 20)
+    j = new_journal(path, 1 << 20)
     for i in range(5):
         j.append(1, i * 4096, bytes([i + 1]) * 4096, 4096)
     with open(path, "r+b") as f:  # under the running journal: its next read must not hand the entry on
         f.seek(4096 + 3 * (ENTRY.size + 4096) + ENTRY.size + 7)
         f.write(b"\x00")
-    import pytest
-
     with pytest.raises(RuntimeError, match="checksum"):
         j.read(1, 1 << 20)
 
