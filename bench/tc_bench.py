@@ -14,20 +14,17 @@ Every figure is printed next to a baseline measured in the same run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from benchlib import print_table
+from benchlib import fio, print_table, start_linked
 
 from vspemu.client import VspClient
 from vspemu.client.nbd import NbdClient
-from vspemu.lab import SystemProcess, link_systems
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -65,16 +62,6 @@ def wait_pair(pc: VspClient, group: str, sc: VspClient, timeout: float = 3600) -
     raise TimeoutError(group)
 
 
-def fio(nbd_port: int, export: str, rw: str, bs: str, iodepth: int, size: str, runtime: int = 8) -> dict:
-    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{nbd_port}/{export}", f"--rw={rw}",
-           f"--bs={bs}", f"--iodepth={iodepth}", f"--size={size}", "--output-format=json"]
-    if runtime:  # else: write the size once
-        cmd += [f"--runtime={runtime}", "--time_based"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
-    return {"MiBps": job["bw_bytes"] / MiB, "iops": job["iops"], "lat_us": job["lat_ns"]["mean"] / 1000}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-gib", type=float, default=2.0)
@@ -84,14 +71,9 @@ def main() -> None:
     args = ap.parse_args()
     base = args.dir or Path(tempfile.mkdtemp(prefix="vspemu-tcbench-"))
     size = int(args.size_gib * GiB)
-    p = SystemProcess(base / "p", 481001, extra_args=["--log-level", "warning"])
-    s = SystemProcess(base / "s", 481002, extra_args=["--log-level", "warning"])
+    p, s, pc, sc = start_linked(base, (481001, 481002))
     rows: list[tuple[str, str, str, str]] = []
     try:
-        p.start()
-        s.start()
-        pc, sc = p.client(), s.client()
-        link_systems(pc, sc)
         # 1. initial copy of random data vs cp
         pv, sv = pc.create_ldev(f"{size // MiB}M"), sc.create_ldev(f"{size // MiB}M")
         for c, ldev in ((pc, pv), (sc, sv)):
@@ -137,11 +119,11 @@ def main() -> None:
         # state), instead of the faster unpaired run overwriting while the slower paired one still allocates
         # page cache (first touch of guest memory is several times slower on a VM) on both sides
         for vol in (solo, tp):
-            fio(p.nbd_port, str(vol), "write", "1M", 8, "2G", runtime=0)
+            fio(p.nbd_port, vol, "write", "1M", 8, "2G", runtime=0)
         for label, rw, bs, depth in (("1 MiB seq write, iodepth 8", "write", "1M", 8),
                                      ("4 KiB rand write, iodepth 1", "randwrite", "4k", 1)):
-            base_r = fio(p.nbd_port, str(solo), rw, bs, depth, "2G")
-            pair_r = fio(p.nbd_port, str(tp), rw, bs, depth, "2G")
+            base_r = fio(p.nbd_port, solo, rw, bs, depth, "2G")
+            pair_r = fio(p.nbd_port, tp, rw, bs, depth, "2G")
             if bs == "1M":
                 rows.append((f"{label}, PAIR P-VOL", f"{pair_r['MiBps']:.0f} MiB/s",
                              f"unpaired {base_r['MiBps']:.0f} MiB/s", f"{pair_r['MiBps'] / base_r['MiBps']:.2f}x"))

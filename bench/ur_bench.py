@@ -13,34 +13,18 @@ Usage: python bench/ur_bench.py [--dir DIR] [--backlog-gib 4] [--burst-gib 1]
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from benchlib import print_table
+from benchlib import fio, print_table, start_linked
 
 from vspemu.client import VspClient
-from vspemu.lab import SystemProcess, link_systems
 
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-def fio(port: int, ldev: int, rw: str, bs: str, depth: int, size: str, runtime: int | None = 8,
-        rate: str | None = None, offset: str = "0") -> dict:
-    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}/{ldev}", f"--rw={rw}", f"--bs={bs}",
-           f"--iodepth={depth}", f"--size={size}", f"--offset={offset}", "--output-format=json"]
-    if runtime:
-        cmd += [f"--runtime={runtime}", "--time_based"]
-    if rate:
-        cmd += [f"--rate={rate}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
-    return {"MiBps": job["bw_bytes"] / MiB, "lat_us": job["lat_ns"]["mean"] / 1000}
 
 
 def stats(c: VspClient, group: str) -> dict:
@@ -71,14 +55,9 @@ def main() -> None:
     ap.add_argument("--burst-gib", type=float, default=1)
     args = ap.parse_args()
     base = args.dir or Path(tempfile.mkdtemp(prefix="vspemu-urbench-"))
-    p = SystemProcess(base / "p", 482001, extra_args=["--log-level", "warning"])
-    s = SystemProcess(base / "s", 482002, extra_args=["--log-level", "warning"])
+    p, s, pc, sc = start_linked(base, (482001, 482002))
     rows: list[tuple[str, str, str, str]] = []
     try:
-        p.start()
-        s.start()
-        pc, sc = p.client(), s.client()
-        link_systems(pc, sc)
         jsize = f"{int(args.backlog_gib * 1024) + 1024}M"
         for c in (pc, sc):
             c.create_journal(1, [c.create_ldev(jsize)])
@@ -88,9 +67,7 @@ def main() -> None:
         for ldev in (pv, solo):
             pc.add_lun(ldev)
         # the link's throughput, from an initial copy of 1 GiB of data
-        subprocess.run(["fio", "--name=f", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{p.nbd_port}/{pv}",
-                        "--rw=write", "--bs=1M", "--size=1G", "--iodepth=8", "--output-format=json"],
-                       capture_output=True, check=True)
+        fio(p.nbd_port, pv, "write", "1M", 8, "1G", runtime=None)
         t0 = time.monotonic()
         ur_pair(pc, sc, "ur", pv, sv, 1)
         link_mibps = 1024 / (time.monotonic() - t0)
@@ -131,9 +108,7 @@ def main() -> None:
         # 3. catching up after a burst
         burst = f"{int(args.burst_gib * 1024)}M"
         t0 = time.monotonic()
-        subprocess.run(["fio", "--name=b", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{p.nbd_port}/{pv}",
-                        "--rw=write", "--bs=1M", f"--size={burst}", "--iodepth=8", "--output-format=json"],
-                       capture_output=True, check=True)
+        fio(p.nbd_port, pv, "write", "1M", 8, burst, runtime=None)
         burst_s = time.monotonic() - t0
         catch = wait_drained(pc, "ur")
         rows.append((f"catch up after a {burst} burst", f"{catch:.2f} s after the burst",
@@ -154,9 +129,7 @@ def main() -> None:
         watcher = threading.Thread(target=watch)
         watcher.start()
         size = f"{int(args.backlog_gib * 1024)}M"
-        subprocess.run(["fio", "--name=m", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{p.nbd_port}/{pv}",
-                        "--rw=write", "--bs=1M", f"--size={size}", "--iodepth=8", "--output-format=json"],
-                       capture_output=True, check=True)
+        fio(p.nbd_port, pv, "write", "1M", 8, size, runtime=None)
         done.set()
         watcher.join()
         q = stats(pc, "ur")
