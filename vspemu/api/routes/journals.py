@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -11,6 +12,7 @@ from pydantic import Field
 from vspemu.api.common import Auth, Body, Ctx, data, job_response, sync_work
 from vspemu.errors import VspError
 from vspemu.system.journals import COPY_SPEEDS, MAX_JOURNAL_VOLUMES, Journals
+from vspemu.system.sessions import Session
 from vspemu.system.storage import MAX_LDEV_ID
 
 router = APIRouter(tags=["journals"])
@@ -77,6 +79,17 @@ def _id(journal_id: int) -> int:
     return journal_id
 
 
+async def _journal_job(request: Request, session: Session, journal_id: int, apply: Callable[[], object]
+                       ) -> JSONResponse:
+    """A change of one journal as a job (serialized with the other changes of that journal)."""
+
+    def change() -> list[str]:
+        apply()
+        return [f"journals/{journal_id}"]
+
+    return await job_response(request, session, sync_work(change), key=f"journal:{journal_id}")
+
+
 @router.get("/journals")
 async def list_journals(ctx: Ctx, _s: Auth, journalInfo: Literal["basic", "detail"] = "basic") -> dict[str, Any]:
     journals = ctx.journals
@@ -114,19 +127,14 @@ async def update_journal(journalId: int, request: Request, body: JournalUpdate, 
                          session: Auth) -> JSONResponse:
     ctx.journals.get(_id(journalId))
     mu = body.mirrorUnit
-
-    def change() -> list[str]:
-        ctx.journals.update(
-            journalId, data_overflow_watch=body.dataOverflowWatchInSeconds, cache_mode=body.isCacheModeEnabled,
-            inflow_control=body.isInflowControlEnabled, copy_speed=body.copySpeed,
-            mu=mu.muNumber if mu else None, copy_pace=mu.copyPace if mu else None,
-            path_blockade_watch=mu.pathBlockadeWatchInMinutes if mu else None)
-        return [f"journals/{journalId}"]
-
     if body.copySpeed is not None and body.copySpeed not in COPY_SPEEDS:  # refuse before the job
         raise VspError("INVALID_VALUE", attribute="copySpeed", value=body.copySpeed,
                        cause=f"Specify one of {', '.join(map(str, COPY_SPEEDS))}.")
-    return await job_response(request, session, sync_work(change), key=f"journal:{journalId}")
+    return await _journal_job(request, session, journalId, lambda: ctx.journals.update(
+        journalId, data_overflow_watch=body.dataOverflowWatchInSeconds, cache_mode=body.isCacheModeEnabled,
+        inflow_control=body.isInflowControlEnabled, copy_speed=body.copySpeed,
+        mu=mu.muNumber if mu else None, copy_pace=mu.copyPace if mu else None,
+        path_blockade_watch=mu.pathBlockadeWatchInMinutes if mu else None))
 
 
 @router.api_route("/journals/{journalId}/actions/expand/invoke", methods=["POST", "PUT"])
@@ -136,12 +144,7 @@ async def expand_journal(journalId: int, request: Request, body: LdevIdsAction, 
     ldev_ids = body.parameters.ldevIds
     for i in ldev_ids:
         ctx.system.get_ldev(i)
-
-    def change() -> list[str]:
-        ctx.journals.expand(journalId, ldev_ids)
-        return [f"journals/{journalId}"]
-
-    return await job_response(request, session, sync_work(change), key=f"journal:{journalId}")
+    return await _journal_job(request, session, journalId, lambda: ctx.journals.expand(journalId, ldev_ids))
 
 
 @router.api_route("/journals/{journalId}/actions/shrink/invoke", methods=["POST", "PUT"])
@@ -149,12 +152,7 @@ async def shrink_journal(journalId: int, request: Request, body: LdevIdsAction, 
                          session: Auth) -> JSONResponse:
     ctx.journals.get(_id(journalId))
     ldev_ids = body.parameters.ldevIds
-
-    def change() -> list[str]:
-        ctx.journals.shrink(journalId, ldev_ids)
-        return [f"journals/{journalId}"]
-
-    return await job_response(request, session, sync_work(change), key=f"journal:{journalId}")
+    return await _journal_job(request, session, journalId, lambda: ctx.journals.shrink(journalId, ldev_ids))
 
 
 @router.api_route("/journals/{journalId}/actions/assign-mp-blade/invoke", methods=["POST", "PUT"])
@@ -162,20 +160,10 @@ async def assign_mp_blade(journalId: int, request: Request, body: MpBladeAction,
                           session: Auth) -> JSONResponse:
     ctx.journals.get(_id(journalId))
     blade = body.parameters.mpBladeId
-
-    def change() -> list[str]:
-        ctx.journals.assign_mp_blade(journalId, blade)
-        return [f"journals/{journalId}"]
-
-    return await job_response(request, session, sync_work(change), key=f"journal:{journalId}")
+    return await _journal_job(request, session, journalId, lambda: ctx.journals.assign_mp_blade(journalId, blade))
 
 
 @router.delete("/journals/{journalId}")
 async def delete_journal(journalId: int, request: Request, ctx: Ctx, session: Auth) -> JSONResponse:
     ctx.journals.get(_id(journalId))
-
-    def delete() -> list[str]:
-        ctx.journals.delete(journalId)
-        return [f"journals/{journalId}"]
-
-    return await job_response(request, session, sync_work(delete), key=f"journal:{journalId}")
+    return await _journal_job(request, session, journalId, lambda: ctx.journals.delete(journalId))
