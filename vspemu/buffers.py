@@ -37,6 +37,16 @@ class BufferPool:
         return mmap.mmap(-1, size)
 
     def put(self, buf: mmap.mmap) -> None:
-        if self._bytes + len(buf) <= self._limit:
-            self._bytes += len(buf)
-            self._free.setdefault(len(buf), deque()).append(buf)
+        """Keep ``buf`` for reuse. When the pool is full, free buffers of other sizes make room, largest first:
+        the sizes in demand change (8 MiB copy chunks during an initial copy, then 1 MiB host writes), and a pool
+        full of the old size would make every new buffer a fresh mmap (page faults and zero-filling each time)."""
+        size = len(buf)
+        while self._bytes + size > self._limit:
+            others = [s for s, q in self._free.items() if q and s != size]
+            if not others:
+                return  # full of buffers of this very size: enough of them
+            victim = max(others)
+            self._free[victim].popleft()  # (unmapped when the last reference goes)
+            self._bytes -= victim
+        self._bytes += size
+        self._free.setdefault(size, deque()).append(buf)

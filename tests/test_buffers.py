@@ -1,0 +1,37 @@
+"""The pool of page-aligned payload buffers shared by the NBD server and the replication link."""
+
+from __future__ import annotations
+
+import mmap
+
+from vspemu.buffers import BufferPool
+
+MiB = 1 << 20
+
+
+def test_buffers_are_reused_only_when_nobody_holds_them() -> None:
+    pool = BufferPool(16 * MiB)
+    buf = pool.get(MiB - 100)
+    assert len(buf) == MiB  # power-of-two size
+    ident, view = id(buf), memoryview(buf)
+    pool.put(buf)
+    del buf
+    assert id(pool.get(MiB)) != ident  # a view still refers to it
+    view.release()
+    assert id(pool.get(MiB)) == ident
+
+
+def test_a_pool_full_of_old_sizes_makes_room_for_the_size_now_in_demand() -> None:
+    pool = BufferPool(64 * MiB)
+    for _ in range(8):
+        pool.put(mmap.mmap(-1, 8 * MiB))
+    assert pool._bytes == 64 * MiB  # full of 8 MiB buffers, as after an initial copy
+    write = pool.get(MiB)
+    ident = id(write)
+    pool.put(write)  # host writes of 1 MiB follow: their buffer is kept (an 8 MiB one goes)...
+    del write
+    assert id(pool.get(MiB)) == ident  # ...and reused instead of a fresh mmap per write
+    assert pool._bytes == 56 * MiB
+    for _ in range(80):
+        pool.put(mmap.mmap(-1, MiB))
+    assert pool._bytes <= 64 * MiB  # never above the limit
