@@ -157,6 +157,47 @@ def test_failover_to_another_path_and_reconnect() -> None:
     run(main)
 
 
+def test_sent_runs_once_after_sending_and_before_the_reply() -> None:
+    """``sent`` (a mirrored write's local write) runs while the remote side works: after the request left,
+    before the reply, once even when the request is sent again on another path; if it raises, so does the call."""
+    async def main() -> None:
+        a, b, group = await started(("CL3-A", "CL3-A"), ("CL4-A", "CL4-A"))
+        calls: list[str] = []
+        seen: list[list[str]] = []
+        ports: list[str] = []
+
+        async def record(peer: PeerInfo, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+            seen.append(list(calls))
+            ports.append(peer.local_port_id)
+            await asyncio.sleep(float(h.get("delay", 0)))
+            return {}, payload
+
+        b.register_handler("t.record", record)
+        try:
+            assert (await group.call("t.record", {}, b"x" * 100, sent=lambda: calls.append("sent")))[1] == b"x" * 100
+            assert calls == ["sent"] and seen == [["sent"]]
+            # the first path fails while the handler works: the request goes again on the other path
+            calls.clear()
+            call = asyncio.ensure_future(group.call("t.record", {"delay": 0.3}, b"y",
+                                                    sent=lambda: calls.append("sent")))
+            await asyncio.sleep(0.1)
+            await b.set_port_enabled(ports[-1], False)
+            assert (await call)[1] == b"y"
+            assert calls == ["sent"] and len(seen) == 3  # served twice, called once
+
+            def fail() -> None:
+                raise OSError(28, "No space left on device")
+
+            with pytest.raises(OSError):
+                await group.call("t.record", {}, b"z", sent=fail)
+            assert (await group.call(ECHO, {}, b"still up"))[1] == b"still up"
+        finally:
+            await a.close()
+            await b.close()
+
+    run(main)
+
+
 def test_wrong_secret_is_refused_both_ways() -> None:
     async def main() -> None:
         # the listener does not know us

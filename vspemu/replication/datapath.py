@@ -6,10 +6,11 @@ A host write to a volume in a pair goes through :class:`PairVolume` (the volume'
    writes for a moment and lets the ones in flight finish);
 2. the track is marked in the pair side's :class:`~vspemu.replication.bitmap.DirtyBitmap`, durably, before
    anything else (so a crash never loses the knowledge that the track may differ);
-3. the data is written locally;
+3. the data is written locally (for a TrueCopy P-VOL in PAIR: while the S side writes it, see 4.);
 4. by status:
-   - P-VOL in PAIR (TrueCopy): the write is sent to the S-VOL over the link and the host is answered
-     only when the S side has it; if that fails the pair is suspended and the fence level decides;
+   - P-VOL in PAIR (TrueCopy): the write is sent to the S-VOL over the link, written locally while the S side
+     works on it, and the host is answered only when the S side has it; if that fails the pair is suspended
+     and the fence level decides;
    - P-VOL in COPY: the mark is enough; the copier sends the track (again) later;
    - suspended, or the S-VOL written after a split with svolAccessMode rw / SSWS: the mark is the record.
 
@@ -181,8 +182,8 @@ class PairVolume:
                 await self.bitmap.mark(first * ACTIVITY_EXTENT, (last + 1 - first) * ACTIVITY_EXTENT)
                 fut = await self.inflight.begin(offset, offset + length)
                 try:
-                    self._write_local(volume, offset, length, data)
-                    await self.engine.forward_write(pair, self, offset, length, data, fua)
+                    await self.engine.forward_write(pair, self, offset, length, data, fua,
+                                                    lambda: self._write_local(volume, offset, length, data))
                     if fua:
                         await volume.flush_local()
                 finally:

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -283,20 +283,36 @@ class Replication:
 
     # -- the data path (called by PairVolume) ------------------------------------------------------------
     async def forward_write(self, pair: Pair, rep: PairVolume, offset: int, length: int,
-                            data: bytes | memoryview | None, fua: bool) -> None:
+                            data: bytes | memoryview | None, fua: bool, write_local: Callable[[], None]) -> None:
+        """Mirror one host write of a P-VOL in PAIR: the write is sent to the S-VOL first and ``write_local``
+        (the P-VOL's own write) runs while the S side works on it; the host is answered after both."""
         group = self.groups[pair.group]
         pg = self.peer(group)
+        local_done = False
+
+        def local() -> None:
+            nonlocal local_done
+            local_done = True
+            write_local()
+
         try:
             if pg is None:
                 raise LinkError("no path group")
             await pg.call("data.write", {"ldev": pair.remote_ldev, "offset": offset, "length": length,
                                          "fua": fua, "zero": data is None, "from": self.system.serial},
-                          b"" if data is None else data)
+                          b"" if data is None else data, sent=local)
         except (LinkError, VspError) as e:
             await self.suspend_on_error(pair, f"write forwarding failed: {e}")
+            if not local_done:
+                local()
             if pair.fenced:
                 raise VolumeIOError(f"the write could not be copied to the S-VOL ({e})") from e
             # NEVER (or STATUS with the S side told): the bitmap already holds the mark
+        except OSError as e:
+            # the P-VOL's own write failed after the S-VOL was sent the data: the volumes may differ where the
+            # bitmap is marked (the activity extent), so the pair is suspended to keep that mark until a resync
+            await self.suspend_on_error(pair, f"the P-VOL write failed: {e}")
+            raise
 
     async def forward_flush(self, pair: Pair) -> None:
         group = self.groups[pair.group]

@@ -48,6 +48,7 @@ import logging
 import mmap
 import os
 import secrets
+import select
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -81,6 +82,14 @@ MAX_INFLIGHT_PAYLOAD = 256 << 20  # per connection: payload of the requests bein
 POOL_LIMIT = 64 << 20  # process-wide: free payload buffers kept for reuse
 WRITE_HIGH = 8 << 20  # senders wait while more than this is queued in the transport (until WRITE_LOW)
 WRITE_LOW = 2 << 20
+# Polled completion, as the block layer's hybrid polling does for fast devices: a small request that is the only
+# request of the process waiting for a reply (a TrueCopy write at queue depth 1) polls its socket for up to this
+# long before it sleeps in the event loop. On a VM a sleeping process is woken by an interrupt to a halted vCPU,
+# which costs more than the round trip itself (bench/pingpong.py: 62-80 us sleeping, 20-25 us polling, 2 vCPUs).
+# While it polls, the event loop does nothing else, hence "the only one". Environment VSPEMU_LINK_POLL_US
+# overrides the time; 0 turns polling off.
+POLL_SECONDS = float(os.environ.get("VSPEMU_LINK_POLL_US", "200")) / 1e6
+POLL_MAX_PAYLOAD = 64 << 10
 
 # remote path status codes (pathStatus), in the array's style; see docs/remote.md
 PATH_NORMAL = "NML_01"
@@ -285,6 +294,8 @@ class Connection:
     served or their payloads reach :data:`MAX_INFLIGHT_PAYLOAD`.
     """
 
+    waiting = 0  # requests of the process waiting for their reply, every connection included
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: PeerInfo,
                  handlers: dict[str, Handler], keepalive: float) -> None:
         self.reader = reader
@@ -319,6 +330,7 @@ class Connection:
         # sending
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._poller: select.poll | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -382,24 +394,45 @@ class Connection:
                 fut.set_result(None)
 
     async def request(self, msg_type: str, header: dict[str, Any], payload: bytes | bytearray | memoryview = b"",
-                      timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
+                      timeout: float | None = None, sent: Callable[[], None] | None = None
+                      ) -> tuple[dict[str, Any], bytes]:
+        """Send a request and wait for its reply. ``sent`` is called once the request is handed to the
+        transport, before the wait (work that overlaps with the remote side's)."""
         request_id = next(self._ids)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[dict[str, Any], bytes]] = loop.create_future()
         self._pending[request_id] = fut
         self.requests_sent += 1
         timer = None
+        Connection.waiting += 1
         try:
             await self._send(REQUEST, request_id, {"m": msg_type, "h": header}, payload)
+            if sent is not None:
+                sent()
+            if POLL_SECONDS > 0 and Connection.waiting == 1 and not fut.done() and len(payload) <= POLL_MAX_PAYLOAD:
+                self._poll_readable(POLL_SECONDS)
             if timeout is not None:
                 if fut.done():
                     return fut.result()
                 timer = loop.call_later(max(timeout, 0), _expire, fut, msg_type, timeout)
             return await fut
         finally:
+            Connection.waiting -= 1
             if timer is not None:
                 timer.cancel()
             self._pending.pop(request_id, None)
+
+    def _poll_readable(self, seconds: float) -> None:
+        """Spin until the socket has data or ``seconds`` pass (then the event loop reads it at once)."""
+        if self._poller is None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is None:
+                return
+            self._poller = select.poll()
+            self._poller.register(sock.fileno(), select.POLLIN)
+        poll, end = self._poller.poll, time.perf_counter() + seconds
+        while not poll(0) and time.perf_counter() < end:
+            pass
 
     # -- receiving -------------------------------------------------------------------------------------
     def _ensure_room(self, need: int) -> None:
@@ -827,16 +860,26 @@ class PathGroup:
 
     # -- requests ----------------------------------------------------------------------------------
     async def call(self, msg_type: str, header: dict[str, Any], payload: bytes | bytearray | memoryview = b"",
-                   timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
+                   timeout: float | None = None, sent: Callable[[], None] | None = None
+                   ) -> tuple[dict[str, Any], bytes]:
         """Send a request on a working path and return the reply (header, payload).
 
         If the path fails before the answer arrives, the request is sent again on another working path of
         the group (handlers must therefore be idempotent). ``timeout`` bounds the whole call (default: the
         group's timeoutValueForRemoteIOInSeconds). Raises :class:`LinkDown` when no path works,
         :class:`LinkTimeout` when the deadline passes, :class:`RemoteError` when the remote handler raised.
+        ``sent`` is called once, when the request is first handed to a connection (see
+        :meth:`Connection.request`); if it raises, the call raises that without waiting for the reply.
         """
         budget = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
+
+        def sent_once() -> None:  # a request sent again on another path does not call it again
+            nonlocal sent
+            callback, sent = sent, None
+            if callback is not None:
+                callback()
+
         tried: set[tuple[str, str]] = set()
         last: Exception | None = None
         while True:
@@ -854,7 +897,7 @@ class PathGroup:
             if left <= 0:
                 raise LinkTimeout(f"no answer to {msg_type} from {self.remote_device_id} within {budget} s")
             try:
-                return await conn.request(msg_type, header, payload, left)
+                return await conn.request(msg_type, header, payload, left, sent_once)
             except LinkTimeout:
                 raise
             except LinkDown as e:
