@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import fio, print_table, start_linked
+from benchlib import cpu_row, fio, print_table, start_linked
 
 from vspemu.client import VspClient
 from vspemu.client.nbd import NbdClient
@@ -122,11 +122,13 @@ def main() -> None:
             fio(p.nbd_port, vol, "write", "1M", 8, "2G", runtime=0)
         for label, rw, bs, depth in (("1 MiB seq write, iodepth 8", "write", "1M", 8),
                                      ("4 KiB rand write, iodepth 1", "randwrite", "4k", 1)):
-            base_r = fio(p.nbd_port, solo, rw, bs, depth, "2G")
-            pair_r = fio(p.nbd_port, tp, rw, bs, depth, "2G")
+            pids = {"P": p.proc.pid, "S": s.proc.pid}
+            base_r = fio(p.nbd_port, solo, rw, bs, depth, "2G", pids=pids)
+            pair_r = fio(p.nbd_port, tp, rw, bs, depth, "2G", pids=pids)
             if bs == "1M":
                 rows.append((f"{label}, PAIR P-VOL", f"{pair_r['MiBps']:.0f} MiB/s",
                              f"unpaired {base_r['MiBps']:.0f} MiB/s", f"{pair_r['MiBps'] / base_r['MiBps']:.2f}x"))
+                rows.append(cpu_row(label, base_r, pair_r))
             else:
                 rows.append((f"{label}, PAIR P-VOL", f"{pair_r['lat_us']:.0f} us ({pair_r['iops']:.0f} IOPS)",
                              f"unpaired {base_r['lat_us']:.0f} us ({base_r['iops']:.0f} IOPS)",

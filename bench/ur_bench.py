@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import fio, print_table, start_linked
+from benchlib import cpu_row, fio, print_table, start_linked
 
 from vspemu.client import VspClient
 
@@ -77,11 +77,13 @@ def main() -> None:
         for ldev in (solo, pv):
             fio(p.nbd_port, ldev, "write", "1M", 8, "2G", runtime=None)
         wait_drained(pc, "ur")
-        base_r = fio(p.nbd_port, solo, "write", "1M", 8, "2G")
-        ur_r = fio(p.nbd_port, pv, "write", "1M", 8, "2G")
+        pids = {"P": p.proc.pid, "S": s.proc.pid}
+        base_r = fio(p.nbd_port, solo, "write", "1M", 8, "2G", pids=pids)
+        ur_r = fio(p.nbd_port, pv, "write", "1M", 8, "2G", pids=pids)
         wait_drained(pc, "ur")
         rows.append(("1 MiB seq write, iodepth 8, UR P-VOL", f"{ur_r['MiBps']:.0f} MiB/s",
                      f"unpaired {base_r['MiBps']:.0f} MiB/s", f"{ur_r['MiBps'] / base_r['MiBps']:.2f}x"))
+        rows.append(cpu_row("1 MiB seq write", base_r, ur_r))
         # 2. lag under a steady load at half the link's throughput
         rate = max(1, int(min(link_mibps, ur_r["MiBps"]) / 2))
         lags: list[float] = []
