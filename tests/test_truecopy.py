@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -309,6 +311,32 @@ def test_link_failure_by_fence_level(lab: Lab, fence: str) -> None:
     lab.wait_status("PAIR", "PAIR")
     with lab.nbd("p", pv) as c:
         c.write(3 * MiB, b"after" * 100)  # writable again after the resync
+    assert lab.digest("p", pv, 16 * MiB) == lab.digest("s", sv, 16 * MiB)
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None or os.geteuid() != 0, reason="needs chattr as root")
+def test_a_failed_pvol_write_suspends_the_pair_and_a_resync_repairs_it(lab: Lab) -> None:
+    """The P-VOL is written while the S side writes its copy: if the local write fails after the data was
+    sent (here: the LDEV file made immutable, EPERM), the host gets the error, the pair goes PSUE, and the
+    resync copies the P-VOL's content over the S-VOL's (which got the write the P-VOL did not)."""
+    (pv, sv), = lab.volumes("16M")
+    with lab.nbd("p", pv) as c:
+        fill_random(c, 16 * MiB)
+    lab.create(pv, sv)
+    lab.wait_status("PAIR", "PAIR")
+    ldev_file = lab.p.data_dir / "ldevs" / f"{pv:05d}.img"
+    subprocess.run(["chattr", "+i", str(ldev_file)], check=True)
+    try:
+        with lab.nbd("p", pv) as c, pytest.raises(NbdError) as e:
+            c.write(5 * MiB, b"lost" * 1024)
+        assert e.value.errno == 5  # EIO
+        assert lab.pair(local=True)["pvolStatus"] == "PSUE"
+    finally:
+        subprocess.run(["chattr", "-i", str(ldev_file)], check=True)
+    assert lab.digest("p", pv, 16 * MiB) != lab.digest("s", sv, 16 * MiB)  # the S-VOL has the lost write
+    lab.pc.invoke("PUT", f"remote-mirror-copypairs/{lab.pair_id()}/actions/resync/invoke",
+                  {"parameters": {"replicationType": "TC"}}, remote=lab.sc)
+    lab.wait_status("PAIR", "PAIR")
     assert lab.digest("p", pv, 16 * MiB) == lab.digest("s", sv, 16 * MiB)
 
 
