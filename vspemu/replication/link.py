@@ -82,9 +82,10 @@ MAX_INFLIGHT_PAYLOAD = 256 << 20  # per connection: payload of the requests bein
 POOL_LIMIT = 64 << 20  # process-wide: free payload buffers kept for reuse
 WRITE_HIGH = 8 << 20  # senders wait while more than this is queued in the transport (until WRITE_LOW)
 WRITE_LOW = 2 << 20
-# Polled completion, as the block layer's hybrid polling does for fast devices: a small request that is the only
-# request of the process waiting for a reply (a TrueCopy write at queue depth 1) polls its socket for up to this
-# long before it sleeps in the event loop. On a VM a sleeping process is woken by an interrupt to a halted vCPU,
+# Polled completion, as the block layer's hybrid polling does for fast devices: a small data.write (a mirrored
+# host write) that is the only request of the process waiting for a reply (a TrueCopy write at queue depth 1)
+# polls its socket for up to this long before it sleeps in the event loop (other requests, e.g. the long-polling
+# jnl.read, never poll). On a VM a sleeping process is woken by an interrupt to a halted vCPU,
 # which costs more than the round trip itself (bench/pingpong.py: 62-80 us sleeping, 20-25 us polling, 2 vCPUs).
 # While it polls, the event loop does nothing else, hence "the only one". Environment VSPEMU_LINK_POLL_US
 # overrides the time; 0 turns polling off.
@@ -409,7 +410,8 @@ class Connection:
             await self._send(REQUEST, request_id, {"m": msg_type, "h": header}, payload)
             if sent is not None:
                 sent()
-            if POLL_SECONDS > 0 and Connection.waiting == 1 and not fut.done() and len(payload) <= POLL_MAX_PAYLOAD:
+            if POLL_SECONDS > 0 and Connection.waiting == 1 and msg_type == DATA_WRITE and not fut.done() \
+                    and len(payload) <= POLL_MAX_PAYLOAD:
                 self._poll_readable(POLL_SECONDS)
             if timeout is not None:
                 if fut.done():
