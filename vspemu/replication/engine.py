@@ -88,6 +88,10 @@ class PairRuntime:
         self.tracks_sent = 0
 
 
+class _LocalWriteFailed(Exception):
+    """A mirrored write's local write failed (its OSError is the cause), after the data went to the S side."""
+
+
 class Replication:
     def __init__(self, system: StorageSystem, link: Link, remotes: Any, data_dir: Path, journals: Journals) -> None:
         self.system = system
@@ -293,7 +297,10 @@ class Replication:
         def local() -> None:
             nonlocal local_done
             local_done = True
-            write_local()
+            try:
+                write_local()
+            except OSError as e:
+                raise _LocalWriteFailed() from e
 
         try:
             if pg is None:
@@ -304,15 +311,15 @@ class Replication:
         except (LinkError, VspError) as e:
             await self.suspend_on_error(pair, f"write forwarding failed: {e}")
             if not local_done:
-                local()
+                write_local()
             if pair.fenced:
                 raise VolumeIOError(f"the write could not be copied to the S-VOL ({e})") from e
             # NEVER (or STATUS with the S side told): the bitmap already holds the mark
-        except OSError as e:
+        except _LocalWriteFailed as e:
             # the P-VOL's own write failed after the S-VOL was sent the data: the volumes may differ where the
             # bitmap is marked (the activity extent), so the pair is suspended to keep that mark until a resync
-            await self.suspend_on_error(pair, f"the P-VOL write failed: {e}")
-            raise
+            await self.suspend_on_error(pair, f"the P-VOL write failed: {e.__cause__}")
+            raise e.__cause__ from None  # type: ignore[misc]
 
     async def forward_flush(self, pair: Pair) -> None:
         group = self.groups[pair.group]
