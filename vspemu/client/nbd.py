@@ -32,21 +32,15 @@ from vspemu.nbdproto import (
     OPT_GO,
     OPT_INFO,
     OPT_LIST,
+    OPT_REPLY as _OPT_REPLY,
     REP_ACK,
     REP_INFO,
     REP_SERVER,
     REPLY_MAGIC_OPT,
-    REQUEST_MAGIC,
-    SIMPLE_REPLY_MAGIC,
-)
-from vspemu.nbdproto import (
-    OPT_REPLY as _OPT_REPLY,
-)
-from vspemu.nbdproto import (
     REQUEST as _REQ,
-)
-from vspemu.nbdproto import (
+    REQUEST_MAGIC,
     SIMPLE_REPLY as _REPLY,
+    SIMPLE_REPLY_MAGIC,
 )
 
 EPERM = 1
