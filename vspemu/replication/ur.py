@@ -270,9 +270,9 @@ class UniversalReplicator:
                     rt.restored = int(h["headSeq"]) - 1
                     if not rt.unflushed:
                         rt.durable = max(rt.durable, rt.restored)
-                if payload and int(h.get("nextSeq", 0)) > rt.restored + 1:  # the next batch, while this one applies
-                    ahead = asyncio.get_running_loop().create_task(self._read(group, rt, int(h["nextSeq"]), True))
                 if payload:
+                    if int(h.get("nextSeq", 0)) > rt.restored + 1:  # the next batch, while this one applies
+                        ahead = asyncio.get_running_loop().create_task(self._read(group, rt, int(h["nextSeq"]), True))
                     rt.unflushed.update(self._apply(group, payload, rt))
                 if rt.restored > rt.durable and (rt.flush_task is None or rt.flush_task.done()):
                     if not payload:  # caught up: make it durable now, the next read reports it
