@@ -84,8 +84,8 @@ WRITE_HIGH = 8 << 20  # senders wait while more than this is queued in the trans
 WRITE_LOW = 2 << 20
 # Polled completion, as the block layer's hybrid polling does for fast devices: a small data.write (a mirrored
 # host write) that is the only request of the process waiting for a reply (a TrueCopy write at queue depth 1)
-# polls its socket for up to this long before it sleeps in the event loop (other requests, e.g. the long-polling
-# jnl.read, never poll). On a VM a sleeping process is woken by an interrupt to a halted vCPU,
+# polls its socket for up to this long before it sleeps in the event loop; other requests (e.g. the
+# long-polling jnl.read) never poll. On a VM a sleeping process is woken by an interrupt to a halted vCPU,
 # which costs more than the round trip itself (bench/pingpong.py: 62-80 us sleeping, 20-25 us polling, 2 vCPUs).
 # While it polls, the event loop does nothing else, hence "the only one". Environment VSPEMU_LINK_POLL_US
 # overrides the time; 0 turns polling off.
