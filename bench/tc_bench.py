@@ -120,9 +120,9 @@ def main() -> None:
         # page cache (first touch of guest memory is several times slower on a VM) on both sides
         for vol in (solo, tp):
             fio(p.nbd_port, vol, "write", "1M", 8, "2G", runtime=0)
+        pids = {"P": p.proc.pid, "S": s.proc.pid}
         for label, rw, bs, depth in (("1 MiB seq write, iodepth 8", "write", "1M", 8),
                                      ("4 KiB rand write, iodepth 1", "randwrite", "4k", 1)):
-            pids = {"P": p.proc.pid, "S": s.proc.pid}
             base_r = fio(p.nbd_port, solo, rw, bs, depth, "2G", pids=pids)
             pair_r = fio(p.nbd_port, tp, rw, bs, depth, "2G", pids=pids)
             if bs == "1M":
