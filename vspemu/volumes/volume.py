@@ -8,7 +8,8 @@ Every host write passes one gate and one hook (see docs/architecture.md):
   decides who else must see it (TC: forward and wait; UR: journal; suspended: mark the bitmap). It calls
   :meth:`Volume.write_local` for the local part.
 
-With no gate and no replicator (an unpaired volume) a write is a plain ``os.pwrite``.
+With no gate and no replicator (an unpaired volume) a write is a plain ``os.pwrite`` (in pieces of at most
+:data:`WRITE_PIECE`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+# Host data reaches the page cache in pieces of at most this size. Since Linux 6.x, ext4 (like xfs) caches a
+# file in "large folios" as big as the write that created them, and a later small write into such a folio
+# costs time in proportion to the folio, not to the write: on this project's machine a 4 KiB pwrite took 10-19
+# us into pages written 1 MiB at a time and 1.3-2 us into pages written 4 KiB at a time (a bare Python loop).
+# Writing in 64 KiB pieces keeps folios small enough for random small writes later (fio 4 KiB at queue
+# depth 1 on an unpaired volume: 125-138 -> 86-95 us; on a TrueCopy P-VOL, whose S side writes the same way,
+# 272-294 -> 190-210 us) and costs a 1 MiB write 15 more system calls, which measured no different.
+WRITE_PIECE = 64 << 10
 
 
 class WriteRefused(Exception):
@@ -158,9 +168,16 @@ class Volume:
 
     def write_local(self, offset: int, data: bytes | memoryview) -> None:
         fd = self.fd
-        n = os.pwrite(fd, data, offset)
-        while n < len(data):  # short writes are rare on regular files, but possible
-            n += os.pwrite(fd, memoryview(data)[n:], offset + n)
+        total = len(data)
+        if total <= WRITE_PIECE:
+            n = os.pwrite(fd, data, offset)
+            if n == total:
+                return
+        else:
+            n = 0
+        view = memoryview(data)  # in pieces (see WRITE_PIECE); a short write goes on where it stopped
+        while n < total:
+            n += os.pwrite(fd, view[n:n + WRITE_PIECE], offset + n)
 
     def discard_local(self, offset: int, length: int) -> None:
         punch_hole(self.fd, offset, length)
