@@ -11,6 +11,7 @@ import hashlib
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -379,3 +380,53 @@ def test_a_frame_with_unknown_flags_closes_the_connection() -> None:
             await b.close()
 
     run(body)
+
+
+def test_a_lone_small_write_gets_its_reply_while_polling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polled completion: with the serving side running elsewhere (a thread here, another process in real use),
+    a lone small ``data.write`` receives and parses its reply while it polls, so the call completes the first
+    time it is stepped, without an event-loop trip (the NBD server then answers the host at once, no task).
+    A reply that takes longer than the polling time still arrives the ordinary way."""
+    monkeypatch.setattr(L, "POLL_SECONDS", 2.0)  # generous: the serving thread needs the GIL to answer
+    a, b = make_pair()
+    b_loop = asyncio.new_event_loop()
+    served: list[bytes] = []
+
+    @L.inline_handler
+    async def write(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+        if header["offset"] == 4096:
+            await asyncio.sleep(0.2)  # slower than a shortened poll below
+        served.append(bytes(payload))
+        return {}, b""
+
+    b.register_handler(L.DATA_WRITE, write)
+    b_started = asyncio.run_coroutine_threadsafe(b.start(), b_loop)
+    thread = threading.Thread(target=b_loop.run_forever, daemon=True)
+    thread.start()
+
+    async def main() -> None:
+        await a.start()
+        group = a.ensure_group(2, B_ID, 0, 15.0)
+        await asyncio.wrap_future(b_started)
+        await group.add_path("CL3-A", "CL3-A")
+        await group.wait_attempted(5)
+        try:
+            for i in range(20):
+                data = os.urandom(4096)
+                call = group.call(L.DATA_WRITE, {"ldev": 3, "offset": 8192 * (i + 1), "length": 4096}, data)
+                with pytest.raises(StopIteration) as done:
+                    call.send(None)  # as the NBD server steps a host write
+                assert done.value.value == ({}, b"") and served[-1] == data
+            monkeypatch.setattr(L, "POLL_SECONDS", 0.01)
+            assert await group.call(L.DATA_WRITE, {"ldev": 3, "offset": 4096, "length": 1}, b"s") == ({}, b"")
+            assert served[-1] == b"s" and len(served) == 21
+        finally:
+            await a.close()
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(b.close(), b_loop))
+
+    try:
+        run(main)
+    finally:
+        b_loop.call_soon_threadsafe(b_loop.stop)
+        thread.join(5)
+        b_loop.close()

@@ -84,11 +84,11 @@ WRITE_HIGH = 8 << 20  # senders wait while more than this is queued in the trans
 WRITE_LOW = 2 << 20
 # Polled completion, as the block layer's hybrid polling does for fast devices: a small data.write (a mirrored
 # host write) that is the only request of the process waiting for a reply (a TrueCopy write at queue depth 1)
-# polls its socket for up to this long before it sleeps in the event loop; other requests (e.g. the
-# long-polling jnl.read) never poll. On a VM a sleeping process is woken by an interrupt to a halted vCPU,
-# which costs more than the round trip itself (bench/pingpong.py: 62-80 us sleeping, 20-25 us polling, 2 vCPUs).
-# While it polls, the event loop does nothing else, hence "the only one". Environment VSPEMU_LINK_POLL_US
-# overrides the time; 0 turns polling off.
+# polls its socket for up to this long before it sleeps in the event loop, and receives its reply right there
+# (see Connection._poll_reply); other requests (e.g. the long-polling jnl.read) never poll. On a VM a sleeping
+# process is woken by an interrupt to a halted vCPU, which costs more than the round trip itself
+# (bench/pingpong.py: 62-80 us sleeping, 20-25 us polling, 2 vCPUs). While it polls, the event loop does
+# nothing else, hence "the only one". Environment VSPEMU_LINK_POLL_US overrides the time; 0 turns polling off.
 POLL_SECONDS = float(os.environ.get("VSPEMU_LINK_POLL_US", "200")) / 1e6
 POLL_MAX_PAYLOAD = 64 << 10
 
@@ -332,6 +332,7 @@ class Connection:
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._poller: select.poll | None = None
+        self._fd = -1
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -412,7 +413,7 @@ class Connection:
                 sent()
             if POLL_SECONDS > 0 and Connection.waiting == 1 and msg_type == DATA_WRITE and not fut.done() \
                     and len(payload) <= POLL_MAX_PAYLOAD:
-                self._poll_readable(POLL_SECONDS)
+                self._poll_reply(fut, POLL_SECONDS)
             if timeout is not None:
                 if fut.done():
                     return fut.result()
@@ -424,17 +425,32 @@ class Connection:
                 timer.cancel()
             self._pending.pop(request_id, None)
 
-    def _poll_readable(self, seconds: float) -> None:
-        """Spin until the socket has data or ``seconds`` pass (then the event loop reads it at once)."""
+    def _poll_reply(self, fut: asyncio.Future[Any], seconds: float) -> None:
+        """Spin on the socket until ``fut`` has its reply or ``seconds`` pass. Whatever arrives is received and
+        parsed right here, so a reply completes ``fut`` without a trip through the event loop (and the caller's
+        ``await fut`` then does not suspend). Anything unusual (end of file, an error) is left to the transport."""
         if self._poller is None:
             sock = self.transport.get_extra_info("socket")
             if sock is None:
                 return
             self._poller = select.poll()
             self._poller.register(sock.fileno(), select.POLLIN)
+            self._fd = sock.fileno()
         poll, end = self._poller.poll, time.perf_counter() + seconds
-        while not poll(0) and time.perf_counter() < end:
-            pass
+        while not fut.done() and time.perf_counter() < end:
+            if not poll(0):
+                continue
+            if self._parsing or self._rx_paused or self.closed.is_set():
+                return  # the event loop's turn (a frame being parsed further up this stack, or back-pressure)
+            try:
+                n = os.readv(self._fd, (self._get_buffer(),))
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return  # the transport sees the same error and closes the connection
+            if n == 0:
+                return  # end of file: the transport's to handle
+            self._buffer_updated(n)
 
     # -- receiving -------------------------------------------------------------------------------------
     def _ensure_room(self, need: int) -> None:
