@@ -139,6 +139,10 @@ class DirtyBitmap:
         if changed:
             self._write_pages(changed)
 
+    def is_marked(self, offset: int, length: int) -> bool:
+        """True if the range's marks are set and on disk already (:meth:`mark` would do nothing)."""
+        return not self._marking and self.all_set(offset, length)
+
     async def mark(self, offset: int, length: int) -> None:
         """Mark a write's tracks; returns once the marks are durable (before the write is acknowledged)."""
         changed = set() if self.all_set(offset, length) else self._set(*self.track_range(offset, length))

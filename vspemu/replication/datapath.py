@@ -33,9 +33,9 @@ import errno
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -61,9 +61,15 @@ class WriteBarrier:
         self._held = 0
         self._cond = asyncio.Condition()
 
+    def try_enter(self) -> bool:
+        """Enter without waiting if nothing holds the barrier (the host write path's usual case)."""
+        if self._held:
+            return False
+        self._active += 1
+        return True
+
     async def enter(self) -> None:
-        if not self._held:
-            self._active += 1
+        if self.try_enter():
             return
         async with self._cond:
             await self._cond.wait_for(lambda: not self._held)
@@ -89,25 +95,51 @@ class WriteBarrier:
             self._cond.notify_all()
 
 
+class _Range:
+    """A write in flight: its byte range, and a future made only when another write has to wait for it."""
+
+    __slots__ = ("start", "end", "done")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        self.done: asyncio.Future[None] | None = None
+
+
 class InFlight:
     """Overlapping writes to one volume are sent in the order they were written locally."""
 
     def __init__(self) -> None:
-        self._ranges: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._ranges: list[_Range] = []
 
-    async def begin(self, offset: int, end: int) -> asyncio.Future[None]:
+    def _clash(self, offset: int, end: int) -> _Range | None:
+        for r in self._ranges:
+            if r.start < end and offset < r.end:
+                return r
+        return None
+
+    def try_begin(self, offset: int, end: int) -> _Range | None:
+        """Register a write if no write in flight overlaps it (no waiting, no future: the usual case)."""
+        if self._clash(offset, end) is not None:
+            return None
+        r = _Range(offset, end)
+        self._ranges.append(r)
+        return r
+
+    async def begin(self, offset: int, end: int) -> _Range:
         while True:
-            clash = next((f for s, e, f in self._ranges if s < end and offset < e), None)
-            if clash is None:
-                break
-            await asyncio.shield(clash)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._ranges.append((offset, end, fut))
-        return fut
+            r = self.try_begin(offset, end)
+            if r is not None:
+                return r
+            clash = self._clash(offset, end)
+            assert clash is not None
+            if clash.done is None:
+                clash.done = asyncio.get_running_loop().create_future()
+            await asyncio.shield(clash.done)
 
-    def end(self, fut: asyncio.Future[None]) -> None:
-        self._ranges = [r for r in self._ranges if r[2] is not fut]
-        fut.set_result(None)
+    def end(self, r: _Range) -> None:
+        self._ranges.remove(r)  # (by identity: _Range does not define equality)
+        if r.done is not None:
+            r.done.set_result(None)
 
 
 class PairVolume:
@@ -147,11 +179,11 @@ class PairVolume:
             del self.activity[ext]
             self.bitmap.clear_range(ext * ACTIVITY_EXTENT, ACTIVITY_EXTENT)
 
-    async def write(self, volume: Volume, offset: int, data: bytes | memoryview, fua: bool) -> None:
-        await self._update(volume, offset, len(data), data, fua)
+    def write(self, volume: Volume, offset: int, data: bytes | memoryview, fua: bool) -> Coroutine[Any, Any, None]:
+        return self._update(volume, offset, len(data), data, fua)  # (no coroutine of its own: one frame less)
 
-    async def discard(self, volume: Volume, offset: int, length: int, zero: bool, fua: bool) -> None:
-        await self._update(volume, offset, length, None, fua)
+    def discard(self, volume: Volume, offset: int, length: int, zero: bool, fua: bool) -> Coroutine[Any, Any, None]:
+        return self._update(volume, offset, length, None, fua)
 
     async def flush(self, volume: Volume) -> None:
         await volume.flush_local()
@@ -163,7 +195,8 @@ class PairVolume:
 
     async def _update(self, volume: Volume, offset: int, length: int, data: bytes | memoryview | None,
                       fua: bool) -> None:
-        await self.barrier.enter()
+        if not self.barrier.try_enter():
+            await self.barrier.enter()
         try:
             pair = self.pair
             mode = self.engine.write_mode(pair)
@@ -179,15 +212,17 @@ class PairVolume:
                 for ext in range(first, last + 1):
                     act.pop(ext, None)
                     act[ext] = now  # most recently written last
-                await self.bitmap.mark(first * ACTIVITY_EXTENT, (last + 1 - first) * ACTIVITY_EXTENT)
-                fut = await self.inflight.begin(offset, offset + length)
+                if not self.bitmap.is_marked(first * ACTIVITY_EXTENT, (last + 1 - first) * ACTIVITY_EXTENT):
+                    await self.bitmap.mark(first * ACTIVITY_EXTENT, (last + 1 - first) * ACTIVITY_EXTENT)
+                flight = self.inflight.try_begin(offset, offset + length) or \
+                    await self.inflight.begin(offset, offset + length)
                 try:
                     await self.engine.forward_write(pair, self, offset, length, data, fua,
                                                     lambda: self._write_local(volume, offset, length, data))
                     if fua:
                         await volume.flush_local()
                 finally:
-                    self.inflight.end(fut)
+                    self.inflight.end(flight)
                 return
             await self.bitmap.mark(offset, length)
             self._write_local(volume, offset, length, data)

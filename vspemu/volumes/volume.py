@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -52,9 +52,9 @@ class VolumeIOError(Exception):
 
 
 class Replicator(Protocol):
-    async def write(self, volume: Volume, offset: int, data: bytes | memoryview, fua: bool) -> None: ...
+    def write(self, volume: Volume, offset: int, data: bytes | memoryview, fua: bool) -> Awaitable[None]: ...
 
-    async def discard(self, volume: Volume, offset: int, length: int, zero: bool, fua: bool) -> None: ...
+    def discard(self, volume: Volume, offset: int, length: int, zero: bool, fua: bool) -> Awaitable[None]: ...
 
     async def flush(self, volume: Volume) -> None: ...
 
