@@ -382,24 +382,13 @@ def test_a_frame_with_unknown_flags_closes_the_connection() -> None:
     run(body)
 
 
-def test_a_lone_small_write_gets_its_reply_while_polling(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Polled completion: with the serving side running elsewhere (a thread here, another process in real use),
-    a lone small ``data.write`` receives and parses its reply while it polls, so the call completes the first
-    time it is stepped, without an event-loop trip (the NBD server then answers the host at once, no task).
-    A reply that takes longer than the polling time still arrives the ordinary way."""
-    monkeypatch.setattr(L, "POLL_SECONDS", 2.0)  # generous: the serving thread needs the GIL to answer
+def run_with_b_in_a_thread(handler: L.Handler,
+                           body: Callable[[PathGroup, asyncio.AbstractEventLoop], Awaitable[None]]) -> None:
+    """Link b serves ``handler`` for data.write from its own thread and event loop, as another process would;
+    ``body`` runs here with a path group to it and b's loop."""
     a, b = make_pair()
     b_loop = asyncio.new_event_loop()
-    served: list[bytes] = []
-
-    @L.inline_handler
-    async def write(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
-        if header["offset"] == 4096:
-            await asyncio.sleep(0.2)  # slower than a shortened poll below
-        served.append(bytes(payload))
-        return {}, b""
-
-    b.register_handler(L.DATA_WRITE, write)
+    b.register_handler(L.DATA_WRITE, handler)
     b_started = asyncio.run_coroutine_threadsafe(b.start(), b_loop)
     thread = threading.Thread(target=b_loop.run_forever, daemon=True)
     thread.start()
@@ -411,15 +400,7 @@ def test_a_lone_small_write_gets_its_reply_while_polling(monkeypatch: pytest.Mon
         await group.add_path("CL3-A", "CL3-A")
         await group.wait_attempted(5)
         try:
-            for i in range(20):
-                data = os.urandom(4096)
-                call = group.call(L.DATA_WRITE, {"ldev": 3, "offset": 8192 * (i + 1), "length": 4096}, data)
-                with pytest.raises(StopIteration) as done:
-                    call.send(None)  # as the NBD server steps a host write
-                assert done.value.value == ({}, b"") and served[-1] == data
-            monkeypatch.setattr(L, "POLL_SECONDS", 0.01)
-            assert await group.call(L.DATA_WRITE, {"ldev": 3, "offset": 4096, "length": 1}, b"s") == ({}, b"")
-            assert served[-1] == b"s" and len(served) == 21
+            await body(group, b_loop)
         finally:
             await a.close()
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(b.close(), b_loop))
@@ -430,3 +411,73 @@ def test_a_lone_small_write_gets_its_reply_while_polling(monkeypatch: pytest.Mon
         b_loop.call_soon_threadsafe(b_loop.stop)
         thread.join(5)
         b_loop.close()
+
+
+def test_a_lone_small_write_gets_its_reply_while_polling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polled completion: with the serving side running elsewhere (a thread here, another process in real use),
+    a lone small ``data.write`` receives and parses its reply while it polls, so the call completes the first
+    time it is stepped, without an event-loop trip (the NBD server then answers the host at once, no task).
+    A reply that takes longer than the polling time still arrives the ordinary way."""
+    monkeypatch.setattr(L, "POLL_SECONDS", 2.0)  # generous: the serving thread needs the GIL to answer
+    served: list[bytes] = []
+
+    @L.inline_handler
+    async def write(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+        if header["offset"] == 4096:
+            await asyncio.sleep(0.2)  # slower than a shortened poll below
+        served.append(bytes(payload))
+        return {}, b""
+
+    async def body(group: PathGroup, _b_loop: asyncio.AbstractEventLoop) -> None:
+        for i in range(20):
+            data = os.urandom(4096)
+            call = group.call(L.DATA_WRITE, {"ldev": 3, "offset": 8192 * (i + 1), "length": 4096}, data)
+            with pytest.raises(StopIteration) as done:
+                call.send(None)  # as the NBD server steps a host write
+            assert done.value.value == ({}, b"") and served[-1] == data
+        monkeypatch.setattr(L, "POLL_SECONDS", 0.01)
+        assert await group.call(L.DATA_WRITE, {"ldev": 3, "offset": 4096, "length": 1}, b"s") == ({}, b"")
+        assert served[-1] == b"s" and len(served) == 21
+
+    run_with_b_in_a_thread(write, body)
+
+
+def test_the_secondary_polls_for_the_next_small_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The secondary's polled wait: in a steady stream of small mirrored writes, the serving side receives the
+    next write while it polls after answering one, and serves it right there; its event loop still runs other
+    work meanwhile; a copy (not a host write) does not start the polling."""
+    monkeypatch.setattr(L, "SPIN_SECONDS", 0.05)  # threads share the GIL here: the gaps are longer than usual
+    served: list[bytes] = []
+
+    @L.inline_handler
+    async def write(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+        served.append(bytes(payload))
+        return {}, b""
+
+    async def body(group: PathGroup, b_loop: asyncio.AbstractEventLoop) -> None:
+        spinner = L._Spinner.of(b_loop)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        ticker = asyncio.run_coroutine_threadsafe(tick(), b_loop)
+        try:
+            for i in range(100):
+                data = os.urandom(4096)
+                assert await group.call(L.DATA_WRITE, {"ldev": 3, "offset": 4096 * i, "length": 4096},
+                                        data) == ({}, b"")
+                assert served[-1] == data
+            assert spinner.served > 20 and ticks > 0
+            before = spinner.served
+            for _ in range(30):
+                await group.call(L.DATA_WRITE, {"ldev": 3, "offset": 0, "length": 4096, "copy": True}, b"c" * 4096)
+            assert spinner.served - before <= 1  # (the first copy may still meet the last host write's polling)
+            assert len(served) == 130
+        finally:
+            ticker.cancel()
+
+    run_with_b_in_a_thread(write, body)

@@ -51,6 +51,7 @@ import secrets
 import select
 import struct
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -91,6 +92,12 @@ WRITE_LOW = 2 << 20
 # nothing else, hence "the only one". Environment VSPEMU_LINK_POLL_US overrides the time; 0 turns polling off.
 POLL_SECONDS = float(os.environ.get("VSPEMU_LINK_POLL_US", "200")) / 1e6
 POLL_MAX_PAYLOAD = 64 << 10
+# The secondary's half (see _Spinner): after it answers a small mirrored host write, a system polls its link
+# sockets for the next frame for up to twice the usual time until one comes, at most this long, and serves it
+# at once; it yields the CPU on every turn. A system's vCPU that would otherwise halt stays awake, so the next
+# write is seen without a wake-up (and so are the host's and the primary's wake-ups on a VM; see
+# docs/replication.md). Environment VSPEMU_LINK_SPIN_US overrides the time; 0 turns it off.
+SPIN_SECONDS = float(os.environ.get("VSPEMU_LINK_SPIN_US", "300")) / 1e6
 
 # remote path status codes (pathStatus), in the array's style; see docs/remote.md
 PATH_NORMAL = "NML_01"
@@ -253,6 +260,76 @@ def _expire(fut: asyncio.Future[Any], msg_type: str, timeout: float) -> None:
         fut.set_exception(LinkTimeout(f"no answer to {msg_type} within {timeout} s"))
 
 
+class _Spinner:
+    """The secondary's polled wait for the next mirrored write: one per event loop, over every connection.
+
+    When a small ``data.write`` of a host write (not a copy) has been answered inline, the next receive
+    callback ends by polling every connection's socket until a frame arrives or the budget is spent: twice the
+    moving average of the time from such an answer to the next frame (so only a steady stream of mirrored
+    writes, some thousands a second, is polled for), at most :data:`SPIN_SECONDS`. Each turn yields the CPU
+    (``sched_yield``), so any other runnable thread on that CPU goes first. What arrives is served right there;
+    if it was another such write, polling goes on after the event loop has had its turn (it is never starved).
+    """
+
+    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Spinner] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Spinner:
+        spinner = cls._by_loop.get(loop)
+        if spinner is None:
+            spinner = cls._by_loop[loop] = cls(loop)
+        return spinner
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.poller = select.poll()
+        self.conns: dict[int, Connection] = {}
+        self.armed = False  # a small mirrored write was just answered
+        self.answered_at = 0.0
+        self.gap = 1.0  # moving average, seconds from such an answer to the next frame's arrival
+        self.resume_scheduled = False
+        self.served = 0  # receives made while polling (for tests and curiosity)
+
+    def add(self, fd: int, conn: Connection) -> None:
+        self.poller.register(fd, select.POLLIN)
+        self.conns[fd] = conn
+
+    def remove(self, fd: int, conn: Connection) -> None:
+        if self.conns.get(fd) is conn:
+            del self.conns[fd]
+            self.poller.unregister(fd)
+
+    def answered(self) -> None:
+        self.armed = True
+        self.answered_at = time.perf_counter()
+
+    def frame_arrived(self) -> None:
+        if self.armed:
+            self.armed = False
+            self.gap += (time.perf_counter() - self.answered_at - self.gap) / 8
+
+    def spin(self) -> None:
+        if not self.armed or self.gap > SPIN_SECONDS:
+            return
+        end = self.answered_at + min(SPIN_SECONDS, 2 * self.gap)
+        poll = self.poller.poll
+        while not (ready := poll(0)):
+            if time.perf_counter() >= end:
+                return
+            os.sched_yield()
+        for fd, _event in ready:
+            conn = self.conns.get(fd)
+            if conn is not None and conn._receive_now():
+                self.served += 1
+        if self.armed and not self.resume_scheduled:  # another one answered: poll on after the loop's turn
+            self.resume_scheduled = True
+            self.loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        self.resume_scheduled = False
+        self.spin()
+
+
 class _FrameProtocol(asyncio.BufferedProtocol):
     """The transport's protocol once the handshake is done: hands everything to its Connection."""
 
@@ -263,7 +340,9 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         return self.conn._get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.conn._buffer_updated(nbytes)
+        conn = self.conn
+        conn._buffer_updated(nbytes)
+        conn._spinner.spin()
 
     def eof_received(self) -> bool:
         self.conn.close(PATH_COMMUNICATION_FAILED, "connection lost: the peer closed it")
@@ -331,8 +410,9 @@ class Connection:
         # sending
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._poller: select.poll | None = None
+        self._poller: select.poll | None = None  # this connection's socket, for polled completion
         self._fd = -1
+        self._spinner = _Spinner.of(asyncio.get_running_loop())
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -343,6 +423,12 @@ class Connection:
         eof = self.reader.at_eof() or self.reader._eof
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         transport.set_protocol(_FrameProtocol(self))
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._fd = sock.fileno()
+            self._poller = select.poll()
+            self._poller.register(self._fd, select.POLLIN)
+            self._spinner.add(self._fd, self)
         self._tasks = [loop.create_task(self._watchdog())]
         if leftover:
             self._ensure_room(len(leftover))
@@ -408,7 +494,9 @@ class Connection:
         timer = None
         Connection.waiting += 1
         try:
-            await self._send(REQUEST, request_id, {"m": msg_type, "h": header}, payload)
+            self._write_frame(REQUEST, request_id, {"m": msg_type, "h": header}, payload)
+            if self._write_paused:
+                await self._drain()
             if sent is not None:
                 sent()
             if POLL_SECONDS > 0 and Connection.waiting == 1 and msg_type == DATA_WRITE and not fut.done() \
@@ -428,29 +516,30 @@ class Connection:
     def _poll_reply(self, fut: asyncio.Future[Any], seconds: float) -> None:
         """Spin on the socket until ``fut`` has its reply or ``seconds`` pass. Whatever arrives is received and
         parsed right here, so a reply completes ``fut`` without a trip through the event loop (and the caller's
-        ``await fut`` then does not suspend). Anything unusual (end of file, an error) is left to the transport."""
+        ``await fut`` then does not suspend)."""
         if self._poller is None:
-            sock = self.transport.get_extra_info("socket")
-            if sock is None:
-                return
-            self._poller = select.poll()
-            self._poller.register(sock.fileno(), select.POLLIN)
-            self._fd = sock.fileno()
+            return
         poll, end = self._poller.poll, time.perf_counter() + seconds
         while not fut.done() and time.perf_counter() < end:
-            if not poll(0):
-                continue
-            if self._parsing or self._rx_paused or self.closed.is_set():
-                return  # the event loop's turn (a frame being parsed further up this stack, or back-pressure)
-            try:
-                n = os.readv(self._fd, (self._get_buffer(),))
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                return  # the transport sees the same error and closes the connection
-            if n == 0:
-                return  # end of file: the transport's to handle
-            self._buffer_updated(n)
+            if poll(0) and not self._receive_now():
+                return
+
+    def _receive_now(self) -> bool:
+        """Receive and parse what the socket holds, outside the transport's callback (polled completion).
+        False when this is not the moment (a parse further up the stack, back-pressure, closed) or on anything
+        unusual (end of file, an error): the transport then handles it as usual."""
+        if self._parsing or self._rx_paused or self.closed.is_set():
+            return False
+        try:
+            n = os.readv(self._fd, (self._get_buffer(),))
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        if n == 0:
+            return False
+        self._buffer_updated(n)
+        return True
 
     # -- receiving -------------------------------------------------------------------------------------
     def _ensure_room(self, need: int) -> None:
@@ -480,6 +569,7 @@ class Connection:
 
     def _buffer_updated(self, nbytes: int) -> None:
         self.last_rx = time.monotonic()
+        self._spinner.frame_arrived()
         if self._payload_view is not None:
             self._payload_got += nbytes
             if self._payload_got < len(self._payload_view):
@@ -597,6 +687,8 @@ class Connection:
         if self._handlers_active >= MAX_CONCURRENT_HANDLERS or self._inflight_payload >= MAX_INFLIGHT_PAYLOAD:
             self._rx_paused = True
             self.transport.pause_reading()
+        small_write = msg_type == DATA_WRITE and len(payload) <= POLL_MAX_PAYLOAD and \
+            not header.get("h", {}).get("copy")
         coro = self._serve(request_id, msg_type, handler, header, payload, buf)
         del payload, buf
         awaitable: Awaitable[None]
@@ -604,6 +696,8 @@ class Connection:
             try:
                 yielded = coro.send(None)
             except StopIteration:
+                if small_write:
+                    self._spinner.answered()  # a mirrored host write, answered already: the next may come soon
                 return
             except BaseException:  # noqa: BLE001 - _serve handles its handler's errors; this is a bug
                 log.exception("link: serving %s failed", msg_type)
@@ -673,6 +767,7 @@ class Connection:
             return
         self.close_status, self.close_reason = status, reason
         self.closed.set()
+        self._spinner.remove(self._fd, self)
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(LinkDown(f"path {self.peer.local_port_id}->{self.peer.remote_port_id} "
