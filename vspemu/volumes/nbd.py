@@ -327,6 +327,9 @@ class _Connection(asyncio.BufferedProtocol):
                     sent += n
             except BlockingIOError:
                 pass  # the socket is full: the transport sends the rest
+            except ConnectionError:  # the client went away (reset, broken pipe): nobody to answer
+                self._close()
+                return
             except Exception as exc:
                 if not sent:
                     self._reply(handle, _nbd_errno(exc))
