@@ -7,7 +7,8 @@ Every figure is printed next to a baseline measured in the same run:
 - initial copy of an empty 1 TiB volume (absolute: the target is under 5 s);
 - resync after changing 1 % of the tracks, as a fraction of the full initial copy;
 - fio over NBD on a PAIR P-VOL vs the same kind of volume unpaired: 1 MiB sequential write (iodepth 8)
-  and 4 KiB random write at iodepth 1 (mean latency);
+  and 4 KiB random write at iodepth 1 (mean latency; and, for context, the unpaired latency with a yielding
+  busy loop running beside, which shows what waking idle CPUs costs on the machine);
 - resident size of the primary holding N PAIR pairs of 1 TiB volumes while they copy.
 """
 
@@ -17,6 +18,8 @@ import argparse
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -133,6 +136,17 @@ def main() -> None:
                 rows.append((f"{label}, PAIR P-VOL", f"{pair_r['lat_us']:.0f} us ({pair_r['iops']:.0f} IOPS)",
                              f"unpaired {base_r['lat_us']:.0f} us ({base_r['iops']:.0f} IOPS)",
                              f"{pair_r['lat_us'] / base_r['lat_us']:.2f}x latency"))
+                # Context: how much of that is waking halted CPUs. A busy loop that yields keeps a CPU awake
+                # (as the secondary's polling does while mirrored writes stream in) and takes no CPU from
+                # anything runnable.
+                busy = subprocess.Popen([sys.executable, "-c", "import os\nwhile True: os.sched_yield()"])
+                try:
+                    awake = fio(p.nbd_port, solo, rw, bs, depth, "2G")
+                finally:
+                    busy.kill()
+                    busy.wait()
+                rows.append((f"{label}, unpaired, a yielding busy loop beside", f"{awake['lat_us']:.0f} us",
+                             f"unpaired {base_r['lat_us']:.0f} us", "(wake-up cost of idle CPUs)"))
         # 2. initial copy of an empty 1 TiB volume
         ev, es = pc.create_ldev("1T"), sc.create_ldev("1T")
         t0 = time.monotonic()
