@@ -69,6 +69,21 @@ def _tee(src: int, dst: int, n: int) -> int:
     return int(k)
 
 
+def _splice_from(sock: socket.socket, pipe_w: int, n: int) -> int:
+    """Move up to ``n`` bytes from a socket into a pipe (page references, no copy)."""
+    k = os.splice(sock.fileno(), pipe_w, n)
+    if k == 0:
+        raise EOFError
+    return k
+
+
+def _splice_all(pipe_r: int, dst: int, k: int, offset: int | None = None) -> None:
+    """Move exactly ``k`` bytes from a pipe to a socket, or to a file at ``offset``."""
+    done = 0
+    while done < k:
+        done += os.splice(pipe_r, dst, k - done, offset_dst=None if offset is None else offset + done)
+
+
 def _pipe() -> tuple[int, int]:
     r, w = os.pipe()
     fcntl.fcntl(w, F_SETPIPE_SZ, MiB)
@@ -102,12 +117,8 @@ def _secondary(lsock: socket.socket, path: Path, mode: str, bs: int,
             else:  # socket -> pipe -> file: one copy, into the page cache
                 left = bs
                 while left:
-                    k = os.splice(c.fileno(), w, left)
-                    if k == 0:
-                        raise EOFError
-                    done = 0
-                    while done < k:
-                        done += os.splice(r, fd, k - done, offset_dst=off + bs - left + done)
+                    k = _splice_from(c, w, left)
+                    _splice_all(r, fd, k, off + bs - left)
                     left -= k
             c.sendall(hdr)
     except (EOFError, ConnectionError):
@@ -159,18 +170,12 @@ def _primary(lsock: socket.socket, path: Path, mode: str, bs: int, depth: int, s
                 link.sendall(hdr)
                 left = bs
                 while left:
-                    k = os.splice(c.fileno(), w1, left)
-                    if k == 0:
-                        raise EOFError
+                    k = _splice_from(c, w1, left)
                     t = 0
                     while t < k:
                         t += _tee(r1, w2, k - t)
-                    sent = 0
-                    while sent < k:
-                        sent += os.splice(r2, link.fileno(), k - sent)
-                    done = 0
-                    while done < k:
-                        done += os.splice(r1, fd, k - done, offset_dst=off + bs - left + done)
+                    _splice_all(r2, link.fileno(), k)
+                    _splice_all(r1, fd, k, off + bs - left)
                     left -= k
             if link is None:
                 c.sendall(hdr)
