@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import socket
 import struct
@@ -375,6 +376,29 @@ def test_a_frame_with_unknown_flags_closes_the_connection() -> None:
             inbound = [c for cs in b._inbound.values() for c in cs]
             await asyncio.wait_for(asyncio.gather(*(c.closed.wait() for c in inbound)), 5)
             assert "flags" in inbound[0].close_reason
+        finally:
+            await a.close()
+            await b.close()
+
+    run(body)
+
+
+def test_a_data_write_whose_json_header_is_not_an_object_gets_an_error_and_the_connection_stays() -> None:
+    async def body() -> None:
+        a, b, group = await started()
+
+        @L.inline_handler
+        async def write(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+            return {}, bytes(header["ldev"])  # KeyError for a header that was not an object
+
+        b.register_handler(L.DATA_WRITE, write)
+        try:
+            conn = group.active_paths[0].conn
+            assert conn is not None
+            raw = json.dumps({"m": L.DATA_WRITE, "h": [1, 2]}).encode()
+            conn.transport.write(L.PREFIX.pack(L.FIXED + len(raw) + 3, L.REQUEST, 0, 0, 777, len(raw)) + raw + b"abc")
+            assert (await group.call(ECHO, {}, b"still up"))[1] == b"still up"
+            assert all(c.is_open for cs in b._inbound.values() for c in cs)
         finally:
             await a.close()
             await b.close()

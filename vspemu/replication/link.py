@@ -687,8 +687,9 @@ class Connection:
         if self._handlers_active >= MAX_CONCURRENT_HANDLERS or self._inflight_payload >= MAX_INFLIGHT_PAYLOAD:
             self._rx_paused = True
             self.transport.pause_reading()
-        small_write = msg_type == DATA_WRITE and len(payload) <= POLL_MAX_PAYLOAD and \
-            not header.get("h", {}).get("copy")
+        h = header.get("h")
+        small_write = msg_type == DATA_WRITE and len(payload) <= POLL_MAX_PAYLOAD and isinstance(h, dict) and \
+            not h.get("copy")
         coro = self._serve(request_id, msg_type, handler, header, payload, buf)
         del payload, buf
         awaitable: Awaitable[None]
