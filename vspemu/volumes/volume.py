@@ -35,12 +35,13 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_
 
 # Host data reaches the page cache in pieces of at most this size. Since Linux 6.x, ext4 (like xfs) caches a
 # file in "large folios" as big as the write that created them, and a later small write into such a folio
-# costs time in proportion to the folio, not to the write: on this project's machine a 4 KiB pwrite took 10-19
-# us into pages written 1 MiB at a time and 1.3-2 us into pages written 4 KiB at a time (a bare Python loop).
-# Writing in 64 KiB pieces keeps folios small enough for random small writes later (fio 4 KiB at queue
-# depth 1 on an unpaired volume: 125-138 -> 86-95 us; on a TrueCopy P-VOL, whose S side writes the same way,
-# 272-294 -> 190-210 us) and costs a 1 MiB write 15 more system calls, which measured no different.
-WRITE_PIECE = 64 << 10
+# costs time in proportion to the folio, not to the write. On this project's machine (bare Python loop) a
+# 4 KiB pwrite took 10-19 us into pages written 1 MiB at a time, 5.9 into pages written in 256 KiB pieces,
+# 4.4 in 64 KiB pieces and 1.3-2 us into pages written 4 KiB at a time. fio 4 KiB at queue depth 1 (unpaired)
+# went from 125-138 to 86-107 us, and on a TrueCopy P-VOL (its S side writes the same way) the mirrored
+# write from 272-294 to 190-210 us. 64 KiB pieces cost a 1 MiB write 15 more system calls: NBD server CPU
+# per 1 MiB write 406 us against 366 us with whole writes (bench/nbd_bench.py). 256 KiB pieces cost 363 us.
+WRITE_PIECE = 256 << 10
 
 
 class WriteRefused(Exception):
