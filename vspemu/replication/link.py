@@ -494,9 +494,7 @@ class Connection:
         timer = None
         Connection.waiting += 1
         try:
-            self._write_frame(REQUEST, request_id, {"m": msg_type, "h": header}, payload)
-            if self._write_paused:
-                await self._drain()
+            await self._send(REQUEST, request_id, {"m": msg_type, "h": header}, payload)
             if sent is not None:
                 sent()
             if POLL_SECONDS > 0 and Connection.waiting == 1 and msg_type == DATA_WRITE and not fut.done() \
