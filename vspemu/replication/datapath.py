@@ -212,8 +212,9 @@ class PairVolume:
                 for ext in range(first, last + 1):
                     act.pop(ext, None)
                     act[ext] = now  # most recently written last
-                if not self.bitmap.is_marked(first * ACTIVITY_EXTENT, (last + 1 - first) * ACTIVITY_EXTENT):
-                    await self.bitmap.mark(first * ACTIVITY_EXTENT, (last + 1 - first) * ACTIVITY_EXTENT)
+                marked = first * ACTIVITY_EXTENT, (last + 1 - first) * ACTIVITY_EXTENT
+                if not self.bitmap.is_marked(*marked):
+                    await self.bitmap.mark(*marked)
                 flight = self.inflight.try_begin(offset, offset + length) or \
                     await self.inflight.begin(offset, offset + length)
                 try:
