@@ -170,12 +170,9 @@ class Volume:
     def write_local(self, offset: int, data: bytes | memoryview) -> None:
         fd = self.fd
         total = len(data)
-        if total <= WRITE_PIECE:
-            n = os.pwrite(fd, data, offset)
-            if n == total:
-                return
-        else:
-            n = 0
+        n = os.pwrite(fd, data, offset) if total <= WRITE_PIECE else 0
+        if n == total:
+            return
         view = memoryview(data)  # in pieces (see WRITE_PIECE); a short write goes on where it stopped
         while n < total:
             n += os.pwrite(fd, view[n:n + WRITE_PIECE], offset + n)
