@@ -117,3 +117,33 @@ def test_batched_read_detects_a_corrupt_entry(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="checksum"):
         j.read(1, 1 << 20)
 
+
+
+def test_two_readers_and_mirror_bits_and_floors(tmp_path: Path) -> None:
+    """Multi-target: each entry names its mirrors; two readers keep their own cursors; the mirrors' floors
+    survive a reopen; a journal written before floors existed (VSPJNL02) is still read."""
+    path = tmp_path / "jnl.img"
+    j = new_journal(path, 1 << 20)
+    for i in range(20):
+        j.append(1, i * 4096, bytes([i]) * 4096, 4096, mirrors=0b0110 if i % 2 else 0b0010)
+    assert [e.seq for e in j.read(1, 5 * 4096, reader=1)] == [1, 2, 3, 4, 5]
+    assert [e.seq for e in j.read(1, 3 * 4096, reader=2)] == [1, 2, 3]
+    assert [e.seq for e in j.read(6, 5 * 4096, reader=1)] == [6, 7, 8, 9, 10]
+    assert [e.seq for e in j.read(4, 2 * 4096, reader=2)] == [4, 5]
+    got = j.read(1, 1 << 20, reader=3)
+    assert [e.is_for(1) for e in got] == [True] * 20
+    assert [e.is_for(2) for e in got] == [i % 2 == 1 for i in range(20)]
+    assert not any(e.is_for(0) or e.is_for(3) for e in got)
+    j.set_floor(2, 9)
+    assert [e.seq for e in got if j.is_for(e, 2)] == [10, 12, 14, 16, 18, 20]
+    j.close()
+    j = open_journal(path, 1 << 20)
+    assert j.floors == [0, 0, 9, 0] and j.count == 20
+    assert [e.seq for e in j.read(1, 1 << 20) if j.is_for(e, 2)] == [10, 12, 14, 16, 18, 20]
+    j.close()
+    with open(path, "r+b") as f:  # the header as the one-mirror format wrote it: no floors
+        f.write(b"VSPJNL02")
+        f.seek(24)
+        f.write(bytes(32))
+    j = open_journal(path, 1 << 20)
+    assert j.floors == [0, 0, 0, 0] and j.count == 20 and j.read(1, 1)[0].data == bytes(4096)

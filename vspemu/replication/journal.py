@@ -2,28 +2,34 @@
 
 Layout of the journal volume (its LDEV file)::
 
-    [0, 4096)        header: magic "VSPJNL01", head offset, head sequence number (u64 each)
+    [0, 4096)        header: magic "VSPJNL03", head offset, head sequence number, and per mirror (mu 0-3) its
+                     floor: the last sequence number that is not for that mirror whatever its bits say
+                     (set when a mirror starts or is purged; u64 each)
     [4096, size)     entries, one after the other, wrapping to 4096 at the end
 
     entry = magic u32 | flags u32 | seq u64 | ldev u32 | length u32 | offset u64 | crc32c u32 | pad to 64 | data
 
 The checksum is CRC-32C (Castagnoli) over the first 32 bytes of the entry header and the data, computed
 with the CPU's CRC instruction by the ``crc32c`` package (about 25 GB/s here, against 2.8 GB/s for zlib's
-CRC-32, which cost a third of a millisecond per MiB on the host's write path). Format "VSPJNL02".
+CRC-32, which cost a third of a millisecond per MiB on the host's write path). Entries have the format
+of "VSPJNL02", whose header (without floors) is still read.
 
 Entries start at multiples of 64 bytes, so the data of an entry is 64-byte aligned in the file (copies
 into the page cache are markedly slower from or to unaligned addresses).
 
 ``flags`` bit 0 marks a zero range (no data follows), bit 1 a wrap marker (the rest of the volume is
-unused; the next entry is at 4096). Sequence numbers grow by one per entry, forever (a purge does not
+unused; the next entry is at 4096), and bits 8-11 the mirrors (mu 0-3) the write was journaled for: a
+journal serves up to four mirrors (multi-target), and a write to a data volume is for those of its pairs
+that were in PAIR or PFUL then. No mirror bit at all (entries written before the bits existed) means
+every mirror. Sequence numbers grow by one per entry, forever (a purge does not
 reset them), and every entry carries a CRC, so after a crash the tail is found by walking from the head
 while the entries are valid and consecutive.
 
 The backlog lives here, on the journal volume, not in memory: memory holds only the head, the tail, the
-next sequence number and a read cursor. Entries are freed (the head moves) when the secondary reports
-them restored. The header is rewritten then without an fsync: after a crash the head may be older, and
-the secondary receives entries it already restored again, which is harmless because it applies them in
-order (a redo log).
+next sequence number and a read cursor per mirror. Entries are freed (the head moves) when every mirror
+that needs them reports them restored (the caller works out how far that is). The header is rewritten
+then without an fsync: after a crash the head may be older, and the secondary receives entries it already
+restored again, which is harmless because it applies them in order (a redo log).
 """
 
 from __future__ import annotations
@@ -36,12 +42,16 @@ from pathlib import Path
 from crc32c import crc32c
 
 HEADER_SIZE = 4096
-MAGIC = b"VSPJNL02"
-_HDR = struct.Struct("<8sQQ")
+MAGIC = b"VSPJNL03"
+OLD_MAGIC = b"VSPJNL02"  # the same without mirror floors (one mirror per journal)
+_HDR = struct.Struct("<8sQQ4Q")
+MIRRORS = 4
 ENTRY = struct.Struct("<IIQIIQII24x")  # 64 bytes
 ENTRY_MAGIC = 0x4A4E4C45
 ZERO = 1
 WRAP = 2
+MIRROR_SHIFT = 8  # flags bits 8-11: the mirrors (mu 0-3) an entry is for
+MIRROR_MASK = 0xF << MIRROR_SHIFT
 ALIGN = 64
 
 
@@ -57,10 +67,14 @@ class Entry:
     length: int
     zero: bool
     data: bytes | memoryview  # empty for a zero range
+    mirrors: int = 0  # bit mu set: the entry is for mirror mu (0: every mirror, an entry of the old format)
 
     @property
     def size(self) -> int:
         return ENTRY.size + (0 if self.zero else _align(self.length))
+
+    def is_for(self, mu: int) -> bool:
+        return not self.mirrors or bool(self.mirrors >> mu & 1)
 
 
 class JournalFull(Exception):
@@ -92,7 +106,8 @@ class MasterJournal:
         self.next_seq = 1
         self.count = 0
         self.used = 0  # bytes between head and tail, wrap gaps included
-        self._cursor: tuple[int, int] | None = None  # (offset, seq) of the next entry to send
+        self._cursors: dict[int, tuple[int, int]] = {}  # reader (mirror) -> (offset, seq) of its next entry
+        self.floors = [0] * MIRRORS
         self._recover()
 
     @property
@@ -113,14 +128,25 @@ class MasterJournal:
 
     # -- header and recovery ------------------------------------------------------------------------
     def _write_header(self) -> None:
-        os.pwrite(self.fd, _HDR.pack(MAGIC, self.head, self.head_seq), 0)
+        os.pwrite(self.fd, _HDR.pack(MAGIC, self.head, self.head_seq, *self.floors), 0)
+
+    def set_floor(self, mu: int, seq: int) -> None:
+        """No entry up to ``seq`` is for mirror ``mu`` any more (it starts, or its entries became bitmap marks).
+        Made durable at once: a resync must never receive an entry from before it."""
+        self.floors[mu] = seq
+        self._write_header()
+        os.fdatasync(self.fd)
+
+    def is_for(self, entry: Entry, mu: int) -> bool:
+        return entry.seq > self.floors[mu] and entry.is_for(mu)
 
     def _recover(self) -> None:
         raw = os.pread(self.fd, _HDR.size, 0)
-        if len(raw) == _HDR.size and raw[:8] == MAGIC:
-            _, head, head_seq = _HDR.unpack(raw)
+        if len(raw) == _HDR.size and raw[:8] in (MAGIC, OLD_MAGIC):
+            _, head, head_seq, *floors = _HDR.unpack(raw)
             if HEADER_SIZE <= head < self.size:
                 self.head, self.head_seq = head, head_seq
+                self.floors = floors if raw[:8] == MAGIC else [0] * MIRRORS
         self.tail, self.next_seq = self.head, self.head_seq
         self.count = self.used = 0
         while True:
@@ -142,7 +168,7 @@ class MasterJournal:
         self.head = self.tail = HEADER_SIZE
         self.head_seq = self.next_seq
         self.count = self.used = 0
-        self._cursor = None
+        self._cursors.clear()
         self._write_header()
 
     # -- reading ----------------------------------------------------------------------------------
@@ -168,21 +194,27 @@ class MasterJournal:
                 data = os.pread(self.fd, length, pos + ENTRY.size)
             if _checksum(raw, data) != crc:
                 return pos, None
-        return pos, Entry(seq, ldev, offset, length, zero, data)
+        return pos, Entry(seq, ldev, offset, length, zero, data, (flags & MIRROR_MASK) >> MIRROR_SHIFT)
 
-    def read(self, from_seq: int, max_bytes: int) -> list[Entry]:
+    def _start(self, from_seq: int) -> tuple[int, int]:
+        """(offset, seq) to walk from to reach ``from_seq``: the nearest read cursor at or before it, or the head."""
+        best = (self.head, self.head_seq)
+        for pos, seq in self._cursors.values():
+            if best[1] < seq <= from_seq:
+                best = (pos, seq)
+        return best
+
+    def read(self, from_seq: int, max_bytes: int, reader: int = 0) -> list[Entry]:
         """Entries from ``from_seq`` on (at least one if any), up to about ``max_bytes`` of data.
 
-        The entries that follow one another in the file are read with one ``pread`` (a batch of 4 KiB
+        Each ``reader`` (a mirror) has its own cursor, so readers at different places do not walk from the
+        head. The entries that follow one another in the file are read with one ``pread`` (a batch of 4 KiB
         writes would otherwise cost two system calls per entry); their data are views of that buffer."""
         if from_seq < self.head_seq:
             from_seq = self.head_seq
         if from_seq >= self.next_seq:
             return []
-        if self._cursor is not None and self._cursor[1] == from_seq:
-            pos, seq = self._cursor
-        else:
-            pos, seq = self.head, self.head_seq
+        pos, seq = self._start(from_seq)
         out: list[Entry] = []
         total = 0
         while seq < self.next_seq and (not out or total < max_bytes):
@@ -199,7 +231,7 @@ class MasterJournal:
                 if entry.seq >= from_seq:
                     out.append(entry)
                     total += entry.length if not entry.zero else 0
-        self._cursor = (pos, seq)
+        self._cursors[reader] = (pos, seq)
         return out
 
     def _read_run(self, pos: int, seq: int, budget: int) -> tuple[list[Entry], int, int]:
@@ -226,7 +258,7 @@ class MasterJournal:
             data = b"" if zero else view[at + ENTRY.size:at + ENTRY.size + length]
             if _checksum(view[at:], data) != crc:
                 raise RuntimeError(f"journal {self.path.name}: entry {seq} fails its checksum")
-            entry = Entry(seq, ldev, offset, length, zero, data)
+            entry = Entry(seq, ldev, offset, length, zero, data, (flags & MIRROR_MASK) >> MIRROR_SHIFT)
             run.append(entry)
             got += 0 if zero else length
             at += entry.size
@@ -241,7 +273,7 @@ class MasterJournal:
         if self.count == 0:
             if self.tail != HEADER_SIZE or self.head != HEADER_SIZE:
                 self.head = self.tail = HEADER_SIZE
-                self._cursor = None
+                self._cursors.clear()
                 self._write_header()
             self.used = 0
             return HEADER_SIZE
@@ -254,8 +286,9 @@ class MasterJournal:
     def fits(self, length: int, zero: bool = False) -> bool:
         return self._place(ENTRY.size + (0 if zero else _align(length))) is not None
 
-    def append(self, ldev: int, offset: int, data: bytes | memoryview | None, length: int) -> int:
-        """Write one entry; returns its sequence number. Raises JournalFull if there is no room."""
+    def append(self, ldev: int, offset: int, data: bytes | memoryview | None, length: int, mirrors: int = 0) -> int:
+        """Write one entry for the ``mirrors`` (bit mu per mirror; 0 = all); returns its sequence number.
+        Raises JournalFull if there is no room."""
         zero = data is None
         need = ENTRY.size + (0 if zero else _align(length))
         pos = self._place(need)
@@ -267,9 +300,10 @@ class MasterJournal:
                 os.pwrite(self.fd, ENTRY.pack(ENTRY_MAGIC, WRAP, seq, 0, 0, 0, 0, 0), self.tail)
             self.used += self.size - self.tail
             self.tail = pos
-        head = ENTRY.pack(ENTRY_MAGIC, ZERO if zero else 0, seq, ldev, length, offset, 0, 0)
+        flags = (ZERO if zero else 0) | (mirrors & 0xF) << MIRROR_SHIFT
+        head = ENTRY.pack(ENTRY_MAGIC, flags, seq, ldev, length, offset, 0, 0)
         crc = _checksum(head, b"" if zero else data)  # type: ignore[arg-type]
-        head = ENTRY.pack(ENTRY_MAGIC, ZERO if zero else 0, seq, ldev, length, offset, crc, 0)
+        head = ENTRY.pack(ENTRY_MAGIC, flags, seq, ldev, length, offset, crc, 0)
         if zero:
             os.pwrite(self.fd, head, pos)
         else:
