@@ -154,10 +154,22 @@ def test_create_refusals(ur: UrLab) -> None:
         ur.create(vols[:1])
     assert e.value.message_id == "KART30013-E"
     ur.journals()
+    ur.journals(jid=2)
     ur.create(vols[:1])
-    with pytest.raises(ApiError) as e:  # the journal serves another mirror
-        ur.create(vols[1:], group="other", mu=2)
+    before = ur.pc.get("remote-copypairs")["data"]
+    with pytest.raises(ApiError) as e:  # mirror 1 of the journal serves another copy group
+        ur.create(vols[1:], group="other", mu=1)
+    assert e.value.message_id == "KART40063-E" and "mirror 1 of journal 1" in e.value.message
+    with pytest.raises(ApiError) as e:  # a P-VOL in two mirrors must keep its journal (a data volume has one)
+        ur.create([(vols[0][0], vols[1][1])], group="other", jid=2, mu=2)
+    assert e.value.message_id == "KART40063-E" and "belongs to one journal" in e.value.message
+    with pytest.raises(ApiError) as e:  # ...and be in one pair per mirror unit
+        ur.create([(vols[0][0], vols[1][1])], group="other", jid=1, mu=1)
     assert e.value.message_id == "KART40063-E"
+    with pytest.raises(ApiError) as e:  # an S-VOL is in one pair only
+        ur.create([(vols[1][0], vols[0][1])], group="other", jid=1, mu=2)
+    assert e.value.message_id == "KART40063-E" and "S-VOL" in e.value.message
+    assert ur.pc.get("remote-copypairs")["data"] == before and len(before) == 1  # nothing changed
     with pytest.raises(ApiError) as e:  # a journal in use cannot be deleted
         ur.pc.invoke("DELETE", "journals/1")
     assert e.value.message_id.startswith("KART") and "copy group" in e.value.message

@@ -142,14 +142,21 @@ class InFlight:
             r.done.set_result(None)
 
 
-class PairVolume:
-    """The replicator of a volume in a pair (see the module docstring for the order of things)."""
+Target = tuple["Pair", DirtyBitmap, WriteBarrier]
 
-    def __init__(self, engine: Replication, pair: Pair, bitmap: DirtyBitmap, barrier: WriteBarrier) -> None:
+
+class PairVolume:
+    """The replicator of a volume in a pair (see the module docstring for the order of things).
+
+    A UR P-VOL may be in several mirrors of its journal (multi-target): then ``targets`` has one entry per
+    pair, and a write goes through :meth:`_update_all` (one journal entry for the pairs in PAIR/PFUL, marks
+    for the others). Otherwise there is one target, and the write path below is the single pair's."""
+
+    def __init__(self, engine: Replication, targets: list[Target]) -> None:
         self.engine = engine
-        self.pair = pair
-        self.bitmap = bitmap
-        self.barrier = barrier
+        self.targets = targets
+        self.pair, self.bitmap, self.barrier = targets[0]
+        self.multi = len(targets) > 1
         self.inflight = InFlight()
         self.activity: dict[int, float] = {}  # marked activity extent -> last write (monotonic), oldest first
 
@@ -180,18 +187,57 @@ class PairVolume:
             self.bitmap.clear_range(ext * ACTIVITY_EXTENT, ACTIVITY_EXTENT)
 
     def write(self, volume: Volume, offset: int, data: bytes | memoryview, fua: bool) -> Coroutine[Any, Any, None]:
+        if self.multi:
+            return self._update_all(volume, offset, len(data), data, fua)
         return self._update(volume, offset, len(data), data, fua)  # (no coroutine of its own: one frame less)
 
     def discard(self, volume: Volume, offset: int, length: int, zero: bool, fua: bool) -> Coroutine[Any, Any, None]:
+        if self.multi:
+            return self._update_all(volume, offset, length, None, fua)
         return self._update(volume, offset, length, None, fua)
 
     async def flush(self, volume: Volume) -> None:
         await volume.flush_local()
-        mode = self.engine.write_mode(self.pair)
-        if mode == "forward":
-            await self.engine.forward_flush(self.pair)
-        elif mode == "journal":
-            await self.engine.ur.flush(self.pair)
+        journaled = None
+        for pair, _, _ in self.targets:
+            mode = self.engine.write_mode(pair)
+            if mode == "forward":
+                await self.engine.forward_flush(pair)
+            elif mode == "journal":
+                journaled = pair
+        if journaled is not None:
+            await self.engine.ur.flush(journaled)  # (one journal for all the mirrors of the volume)
+
+    async def _update_all(self, volume: Volume, offset: int, length: int, data: bytes | memoryview | None,
+                          fua: bool) -> None:
+        """A write to a P-VOL in several UR mirrors: the mirrors' barriers are entered (in group order), the
+        pairs not in PAIR/PFUL are marked, then one journal entry serves the others and the write is done
+        once. If a pair leaves PAIR/PFUL while the write waits for journal room, it is planned again."""
+        entered: list[WriteBarrier] = []
+        try:
+            for _, _, barrier in self.targets:
+                if barrier not in entered:
+                    if not barrier.try_enter():
+                        await barrier.enter()
+                    entered.append(barrier)
+            while True:
+                journaled = [p for p, _, _ in self.targets if self.engine.write_mode(p) == "journal"]
+                for pair, bitmap, _ in self.targets:
+                    if not any(pair is j for j in journaled):
+                        await bitmap.mark(offset, length)
+                if not journaled:
+                    self._write_local(volume, offset, length, data)
+                    if fua:
+                        await volume.flush_local()
+                    break
+                if await self.engine.ur.journal_write(journaled, volume, offset, length, data, fua):
+                    break
+            for pair, bitmap, _ in self.targets:
+                if pair.role == "P" and pair.status == "COPY":
+                    await bitmap.mark(offset, length)  # the copier may have cleared it meanwhile
+        finally:
+            for barrier in entered:
+                barrier.leave()
 
     async def _update(self, volume: Volume, offset: int, length: int, data: bytes | memoryview | None,
                       fua: bool) -> None:
@@ -201,7 +247,7 @@ class PairVolume:
             pair = self.pair
             mode = self.engine.write_mode(pair)
             if mode == "journal":  # UR: the journal entry is the record; the secondary pulls it
-                if await self.engine.ur.journal_write(pair, volume, offset, length, data, fua):
+                if await self.engine.ur.journal_write([pair], volume, offset, length, data, fua):
                     return
                 mode = "local"  # the mirror was suspended while the write waited for journal room
             if mode == "forward":

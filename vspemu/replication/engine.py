@@ -101,8 +101,8 @@ class Replication:
         self.bitmap_dir.mkdir(parents=True, exist_ok=True)
         self.groups: dict[str, CopyGroup] = {}
         self.pairs: dict[str, Pair] = {}
-        self.by_ldev: dict[int, Pair] = {}
-        self.bitmaps: dict[int, DirtyBitmap] = {}
+        self.ldev_pairs: dict[int, list[Pair]] = {}  # an LDEV is in one pair, or a P-VOL in up to 4 UR mirrors
+        self.bitmaps: dict[str, DirtyBitmap] = {}  # pair key -> the differential bitmap of its local volume
         self.runtime: dict[str, PairRuntime] = {}
         self.barriers: dict[str, WriteBarrier] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -126,45 +126,60 @@ class Replication:
     # -- records ----------------------------------------------------------------------------------------
     def _index(self, pair: Pair) -> None:
         self.pairs[pair.key] = pair
-        self.by_ldev[pair.local_ldev] = pair
+        self.ldev_pairs.setdefault(pair.local_ldev, []).append(pair)
         self.runtime.setdefault(pair.key, PairRuntime())
         vol = self.system.volumes.get(pair.local_ldev)
         if vol is not None:
-            self._attach(pair, vol)
+            self.bitmaps[pair.key] = self._open_bitmap(pair, vol)
+        self._attach(pair.local_ldev)
 
-    def _attach(self, pair: Pair, vol: Volume) -> None:
-        bm = self.bitmaps.get(pair.local_ldev)
-        if bm is None:
-            bm = DirtyBitmap.open(self.bitmap_dir / f"{pair.local_ldev:05d}.bmp", vol.size)
-            self.bitmaps[pair.local_ldev] = bm
-        barrier = self.barriers.setdefault(pair.group, WriteBarrier())
-        vol.replicator = PairVolume(self, pair, bm, barrier)
-        vol.write_gate = self._gate(pair)
-        ldev = self.system.ldevs[pair.local_ldev]
-        self.system.set_ldev_attribute(ldev, "HORC", True)
+    def _open_bitmap(self, pair: Pair, vol: Volume) -> DirtyBitmap:
+        """The pair's bitmap file, named by LDEV and mirror unit (a P-VOL may be in several UR mirrors)."""
+        path = self.bitmap_dir / f"{pair.local_ldev:05d}.mu{self.groups[pair.group].mu_number}.bmp"
+        legacy = self.bitmap_dir / f"{pair.local_ldev:05d}.bmp"  # before multi-target: one bitmap per LDEV
+        if not path.exists() and legacy.exists():
+            legacy.rename(path)
+        return DirtyBitmap.open(path, vol.size)
+
+    def bitmap(self, pair: Pair) -> DirtyBitmap:
+        return self.bitmaps[pair.key]
+
+    def pairs_of(self, ldev_id: int) -> list[Pair]:
+        return self.ldev_pairs.get(ldev_id, [])
+
+    def _attach(self, ldev_id: int) -> None:
+        """Give the volume the write path of its pairs (sorted by group: barriers are entered in that order)."""
+        vol = self.system.volumes.get(ldev_id)
+        ldev = self.system.ldevs.get(ldev_id)
+        pairs = sorted(self.pairs_of(ldev_id), key=lambda p: p.group)
+        if vol is not None:
+            targets = [(p, self.bitmaps[p.key], self.barriers.setdefault(p.group, WriteBarrier())) for p in pairs]
+            vol.replicator = PairVolume(self, targets) if targets else None
+            vol.write_gate = self._gate(pairs) if pairs else None
+        if ldev is not None:
+            self.system.set_ldev_attribute(ldev, "HORC", bool(pairs))
 
     def _detach(self, pair: Pair) -> None:
-        vol = self.system.volumes.get(pair.local_ldev)
-        if vol is not None:
-            vol.replicator = None
-            vol.write_gate = None
-        bm = self.bitmaps.pop(pair.local_ldev, None)
+        pairs = self.ldev_pairs.get(pair.local_ldev, [])
+        pairs[:] = [x for x in pairs if x is not pair]
+        if not pairs:
+            self.ldev_pairs.pop(pair.local_ldev, None)
+        bm = self.bitmaps.pop(pair.key, None)
         if bm is not None:
             bm.remove()
-        ldev = self.system.ldevs.get(pair.local_ldev)
-        if ldev is not None:
-            self.system.set_ldev_attribute(ldev, "HORC", False)
+        self._attach(pair.local_ldev)
 
     @staticmethod
-    def _gate(pair: Pair) -> Any:
+    def _gate(pairs: list[Pair]) -> Any:
         def gate(volume: Volume) -> None:
-            if pair.role == "P":
-                if pair.fenced:
-                    raise WriteRefused(f"P-VOL {volume.ldev_id} is fenced ({pair.fence}) after a failure")
-                if pair.pvol_write_protect:
-                    raise WriteRefused(f"P-VOL {volume.ldev_id} was split with write protection")
-            elif not pair.svol_writable:
-                raise WriteRefused(f"S-VOL {volume.ldev_id} is not writable in status {pair.status}")
+            for pair in pairs:
+                if pair.role == "P":
+                    if pair.fenced:
+                        raise WriteRefused(f"P-VOL {volume.ldev_id} is fenced ({pair.fence}) after a failure")
+                    if pair.pvol_write_protect:
+                        raise WriteRefused(f"P-VOL {volume.ldev_id} was split with write protection")
+                elif not pair.svol_writable:
+                    raise WriteRefused(f"S-VOL {volume.ldev_id} is not writable in status {pair.status}")
 
         return gate
 
@@ -175,12 +190,36 @@ class Replication:
         self.system.store.put("copy_groups", group.name, group.doc())
 
     def _guard_ldev(self, ldev: Ldev, action: str) -> None:
-        pair = self.by_ldev.get(ldev.ldev_id)
-        if pair is None:
-            return
-        if action == "expand" and pair.status in SUSPENDED:
-            return  # the array allows expanding split pair volumes (enhancedExpansion)
-        raise VspError("IN_USE", detail=f"ldev {ldev.ldev_id} is a {pair.role}-VOL of pair {pair.key}")
+        for pair in self.pairs_of(ldev.ldev_id):
+            if action == "expand" and pair.status in SUSPENDED:
+                continue  # the array allows expanding split pair volumes (enhancedExpansion)
+            raise VspError("IN_USE", detail=f"ldev {ldev.ldev_id} is a {pair.role}-VOL of pair {pair.key}")
+
+    def _check_pvol_free(self, pvol: int, group_name: str, replication_type: str, mu: int,
+                         journal_id: int | None) -> None:
+        """A volume is in one pair, except that a UR P-VOL may be in up to four mirrors (multi-target): one per
+        mirror unit (muNumber) of the same master journal, since a data volume belongs to one journal."""
+        for other in self.pairs_of(pvol):
+            og = self.groups[other.group]
+            if replication_type != "UR" or og.replication_type != "UR" or other.role != "P":
+                raise VspError("IN_USE", detail=f"ldev {pvol} is already a pair volume ({other.role}-VOL of "
+                                                f"pair {other.key})")
+            if og.local_journal_id != journal_id:
+                raise VspError("IN_USE", detail=f"ldev {pvol} is a data volume of journal {og.local_journal_id} "
+                                                f"(copy group {og.name}); a data volume belongs to one journal")
+            if og.mu_number == mu or og.name == group_name:
+                raise VspError("IN_USE", detail=f"ldev {pvol} is already a P-VOL of mirror {og.mu_number} "
+                                                f"(copy group {og.name})")
+
+    def shares_volumes(self, pairs: list[Pair]) -> bool:
+        """True if a volume of these pairs is also in a pair of another group (a multi-target P-VOL)."""
+        return any(len(self.pairs_of(p.local_ldev)) > 1 for p in pairs)
+
+    def _refuse_multi_target_swap(self, pairs: list[Pair]) -> None:
+        if self.shares_volumes(pairs):
+            raise VspError("WRONG_STATE", detail="a P-VOL of this mirror is in other mirrors too (multi-target); "
+                                                 "vspemu does not reverse such a mirror: delete the other mirrors "
+                                                 "first")
 
     def group_pairs(self, group: str) -> list[Pair]:
         return sorted((p for p in self.pairs.values() if p.group == group), key=lambda p: p.name)
@@ -345,7 +384,7 @@ class Replication:
         rt = self.runtime[pair.key]
         group = self.groups[pair.group]
         vol = self.system.volumes[pair.local_ldev]
-        bm = self.bitmaps[pair.local_ldev]
+        bm = self.bitmap(pair)
         barrier = self.barriers[pair.group]
         pair.copy_total = bm.count()
         pair.copy_done = 0
@@ -417,14 +456,12 @@ class Replication:
     # -- background: polling and activity-mark clearing ----------------------------------------------------
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for group in self.groups.values():
-            if group.replication_type == "UR":
-                self.ur.redo_after_restart(group)
+        self.ur.redo_after_restart()
         for pair in self.pairs.values():
             if pair.role != "P":
                 continue
             if pair.status == PAIR and self.groups[pair.group].replication_type == "TC" and \
-                    self.bitmaps[pair.local_ldev].count():
+                    self.bitmap(pair).count():
                 # after a restart, tracks marked while PAIR may differ: copy them before PAIR again
                 self._set(pair, COPY)
             if pair.status == COPY:
@@ -472,7 +509,7 @@ class Replication:
         normally) are cleared as a whole, as before.
         """
         def due(p: Pair) -> PairVolume | None:
-            bm = self.bitmaps.get(p.local_ldev)
+            bm = self.bitmaps.get(p.key)
             if p.role != "P" or p.status != PAIR or bm is None or not bm.count():
                 return None
             rep = getattr(self.system.volumes.get(p.local_ldev), "replicator", None)
@@ -528,8 +565,9 @@ class Replication:
         if "," in group_name:
             raise invalid("copyGroupName", group_name, "Commas are not allowed.")
         if replication_type == "UR":
-            self.ur.check_journal(pvol_journal if group_name not in self.groups else
-                                  self.groups[group_name].local_journal_id, group_name)
+            g = self.groups.get(group_name)
+            self.ur.check_journal(pvol_journal if g is None else g.local_journal_id, group_name,
+                                  mu_number or 0 if g is None else g.mu_number, "P")
         if replication_type == "TC" and fence not in FENCE_LEVELS:
             raise invalid("fenceLevel", fence, "Specify NEVER, DATA or STATUS for a TrueCopy pair.")
         remote = self.remotes.get(remote_device_id)
@@ -549,8 +587,8 @@ class Replication:
             if any(p.role != "P" for p in self.group_pairs(group_name)):
                 raise VspError("WRONG_STATE", detail="pairs can be added only on the primary side of the group")
         ldev = system.get_ldev(pvol)
-        if pvol in self.by_ldev:
-            raise VspError("IN_USE", detail=f"ldev {pvol} is already a pair volume")
+        self._check_pvol_free(pvol, group_name, replication_type, mu_number if group is None else group.mu_number,
+                              pvol_journal if group is None else group.local_journal_id)
         if "JNL" in ldev.extra_attributes:
             raise VspError("IN_USE", detail=f"ldev {pvol} is a journal volume")
         pgid = path_group_id if path_group_id is not None else (group.path_group_id if group else 0)
@@ -585,10 +623,12 @@ class Replication:
             if group.name not in self.groups:
                 self.groups[group.name] = group
                 self._save_group(group)
+                if replication_type == "UR":
+                    self.ur.start_mirror(group)
             self._save(pair)
         self._index(pair)
         if initial_copy:
-            bm = self.bitmaps[pvol]
+            bm = self.bitmap(pair)
             vol = system.volumes[pvol]
             bm.set_ranges([*vol.data_extents(), *extents])
             self.start_copy(pair)
@@ -634,7 +674,7 @@ class Replication:
                 if self.write_mode(p) == "forward":
                     # no write is in flight and every earlier one reached the S-VOL: the activity marks
                     # cover nothing that differs, so the resync will copy only what changes from now on
-                    self.bitmaps[p.local_ldev].clear_all()
+                    self.bitmap(p).clear_all()
             if todo[0].role == "P":
                 h = await self._try_call(group, "pair.set", {"group": group.name, "pairs": [p.name for p in todo],
                                                              "status": SSUS, "writable": svol_rw})
@@ -750,7 +790,7 @@ class Replication:
         """This side holds the P-VOLs: merge the S bitmaps, S to COPY, copy the marked tracks."""
         for p in todo:
             _, bits = await self.call(group, "pair.bitmap", {"group": group.name, "pair": p.name})
-            self.bitmaps[p.local_ldev].merge(bits)
+            self.bitmap(p).merge(bits)
         await self.call(group, "pair.set", {"group": group.name, "pairs": [p.name for p in todo],
                                             "status": COPY, "clear_bitmap": True})
         for p in todo:
@@ -764,11 +804,14 @@ class Replication:
     async def _swap_resync(self, group: CopyGroup, pairs: list[Pair], wait: bool) -> list[Pair]:
         """doSwapSvol: the S-VOLs become P-VOLs (from whichever side it is issued) and copy the differences."""
         self._check_resync(pairs, swap=True)
+        self._refuse_multi_target_swap(pairs)
         if all(p.role == "S" for p in pairs):
-            # this side becomes the primary
+            # this side becomes the primary (the other side refuses first if its P-VOLs are in other mirrors)
+            await self.call(group, "pair.swap", {"group": group.name, "pairs": [p.name for p in pairs],
+                                                 "to": "S", "check": True})
             for p in pairs:
                 _, bits = await self.call(group, "pair.bitmap", {"group": group.name, "pair": p.name})
-                self.bitmaps[p.local_ldev].merge(bits)
+                self.bitmap(p).merge(bits)
             await self.call(group, "pair.swap", {"group": group.name, "pairs": [p.name for p in pairs],
                                                  "to": "S"})
             self._become(group, pairs, "P")
@@ -778,7 +821,7 @@ class Replication:
             if group.replication_type == "UR":
                 self.ur.purge(group)
             for p in pairs:
-                bits = self.bitmaps[p.local_ldev].to_bytes()
+                bits = self.bitmap(p).to_bytes()
                 await self.call(group, "pair.bitmap", {"group": group.name, "pair": p.name, "merge": True}, bits)
             self._become(group, pairs, "S")
             await self.call(group, "pair.swap", {"group": group.name, "pairs": [p.name for p in pairs],
@@ -799,10 +842,12 @@ class Replication:
             p.extra["swapped"] = True
             self._set(p, COPY, COPY)
             if role == "S":
-                self.bitmaps[p.local_ldev].clear_all()
+                self.bitmap(p).clear_all()
         if all(p.role == role for p in self.group_pairs(group.name)):
             group.role = role  # journal ids stay with their systems; master and restore roles swap
             self._save_group(group)
+            if group.replication_type == "UR" and role == "P":
+                self.ur.start_mirror(group)
 
     async def _resync_after_swap(self, group: CopyGroup, pairs: list[Pair]) -> None:
         await self.call(group, "pair.set", {"group": group.name, "pairs": [p.name for p in pairs],
@@ -845,9 +890,8 @@ class Replication:
     def _forget(self, group: CopyGroup, pairs: list[Pair]) -> None:
         with self.system.store.transaction():
             for p in pairs:
-                self._detach(p)
                 self.pairs.pop(p.key, None)
-                self.by_ldev.pop(p.local_ldev, None)
+                self._detach(p)
                 self.runtime.pop(p.key, None)
                 self.system.store.delete("pairs", p.key)
             if not self.group_pairs(group.name):
@@ -862,7 +906,7 @@ class Replication:
         out: dict[str, Any] = {}
         for key, p in self.pairs.items():
             rt = self.runtime[key]
-            bm = self.bitmaps.get(p.local_ldev)
+            bm = self.bitmaps.get(p.key)
             out[key] = {"role": p.role, "status": p.status, "peerStatus": p.peer_status,
                         "tracksSentLastCopy": rt.tracks_sent, "bytesSentLastCopy": rt.bytes_sent,
                         "markedTracks": bm.count() if bm else 0, "copying": rt.copy_task is not None}
@@ -892,7 +936,7 @@ class Replication:
         if key in self.pairs:
             raise VspError("ALREADY_EXISTS", object_id=f"copy pair {incoming.name},{h['pair']} on the secondary")
         ldev = self.system.get_ldev(svol)
-        if svol in self.by_ldev:
+        if self.pairs_of(svol):
             raise VspError("IN_USE", detail=f"S-VOL {svol} is already a pair volume")
         if "JNL" in ldev.extra_attributes:
             raise VspError("IN_USE", detail=f"S-VOL {svol} is a journal volume")
@@ -900,7 +944,7 @@ class Replication:
             raise VspError("WRONG_STATE", detail=f"the S-VOL {svol} ({ldev.size} bytes) and the P-VOL "
                                                  f"({h['size']} bytes) differ in size")
         if incoming.replication_type == "UR":
-            self.ur.check_journal(incoming.local_journal_id, incoming.name)
+            self.ur.check_journal(incoming.local_journal_id, incoming.name, incoming.mu_number, "S")
         pair = Pair(group=incoming.name, name=str(h["pair"]), role="S", local_ldev=svol, remote_ldev=int(h["pvol"]),
                     status=str(h["status"]), peer_status=str(h["status"]), fence=str(h["fence"]),
                     copy_pace=int(h["copy_pace"]))
@@ -923,7 +967,7 @@ class Replication:
             if p is None:
                 continue
             if h.get("clear_bitmap"):
-                self.bitmaps[p.local_ldev].clear_all()
+                self.bitmap(p).clear_all()
             if "writable" in h:
                 p.svol_writable = bool(h["writable"])
             if status in (COPY, PAIR) and p.role == "S":
@@ -956,7 +1000,7 @@ class Replication:
         p = self.get_pair(group.name, str(h["pair"]))
         if group.replication_type == "UR":
             self.ur.purge(group)  # journaled writes the other side never restored differ too
-        bm = self.bitmaps[p.local_ldev]
+        bm = self.bitmap(p)
         if h.get("merge"):
             bm.merge(payload)
             return {}, b""
@@ -965,6 +1009,9 @@ class Replication:
     async def _h_swap(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
         group = self._peer_group(peer, h["group"])
         pairs = [self.get_pair(group.name, str(n)) for n in h["pairs"]]
+        self._refuse_multi_target_swap(pairs)
+        if h.get("check"):
+            return {}, b""
         role = str(h["to"])
         if all(p.role == role and p.extra.get("swapped") for p in pairs) and not h.get("resync"):
             return {}, b""
@@ -974,7 +1021,7 @@ class Replication:
         return {}, b""
 
     def _svol_for_peer(self, peer: PeerInfo, ldev_id: int) -> Pair:
-        p = self.by_ldev.get(ldev_id)
+        p = next((x for x in self.pairs_of(ldev_id) if x.role == "S"), None)
         group = self.groups.get(p.group) if p else None
         if p is None or group is None or group.remote_device_id != peer.storage_device_id or p.role != "S":
             raise VspError("WRONG_STATE", detail=f"ldev {ldev_id} is not an S-VOL of a pair with "

@@ -20,6 +20,17 @@ up, so pulling never waits for the disk (a flush per batch held the pull to the 
 
 vspemu keeps no restore-journal copy on the secondary: entries are applied on receipt and acknowledged
 once durable, and a restarted secondary simply receives the unacknowledged entries again (a redo log).
+
+**Multi-target.** A master journal serves up to four mirrors (mirror units, muNumber 0-3), each a copy group
+to its own secondary; a P-VOL may be in one pair of each (3DC multi-target with UR). A host write is
+journaled once, marked with the mirrors whose pair of that volume is in PAIR/PFUL (see :mod:`.journal`);
+the pairs of the volume in other statuses mark their bitmaps instead. Each mirror's secondary pulls the whole
+sequence: entries not for its mirror arrive as "skip" records, so its restore stays strictly in order. An
+entry is freed once every mirror that still holds entries has restored it; a mirror that is suspended turns
+its entries into bitmap marks and stops holding any (its *floor* in the journal header moves past them, so a
+later resync never receives an entry from before it). Journal full (PFUS) suspends the mirrors that hold the
+oldest entries, which frees room for the others. vspemu does not reverse (swap) a mirror whose P-VOLs are
+in other mirrors.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ PFUL_THRESHOLD = 80
 FLUSH_TIMEOUT = 120.0
 RESTORE_FLUSH_INTERVAL = 0.25  # secondary: seconds between background flushes of the S-VOLs while busy
 WIRE = struct.Struct("!QIQIB")  # seq, ldev, offset, length, zero
+SKIP_LDEV = 0xFFFFFFFF  # a wire record for no S-VOL of the mirror: the secondary only counts its sequence number
 
 
 class MirrorRuntime:
@@ -64,8 +76,8 @@ class MirrorRuntime:
         self.unflushed: set[Volume] = set()  # secondary: S-VOLs written since their last flush
         self.flush_task: asyncio.Task[None] | None = None
         self.flushed_at = time.monotonic()
+        self.last_own = 0  # primary: the last sequence number journaled for this mirror
         self.last_read = time.monotonic()  # primary: when the secondary last pulled
-        self.full_since: float | None = None
         self.new_entries = asyncio.Event()
         self.acked_event = asyncio.Event()
         self.restore_task: asyncio.Task[None] | None = None
@@ -82,6 +94,8 @@ class UniversalReplicator:
         self.journals = journals
         self.masters: dict[int, MasterJournal] = {}  # journal id -> open master journal
         self.mirrors: dict[str, MirrorRuntime] = {}
+        self.full_since: dict[int, float] = {}  # journal id -> since when a write waits for room
+        self.room: dict[int, asyncio.Event] = {}  # journal id -> set when entries are freed
         engine.link.register_handler("jnl.read", self._h_read)
         engine.link.register_handler("jnl.split", self._h_split)
         journals.users.append(self._journal_user)
@@ -94,15 +108,27 @@ class UniversalReplicator:
                 return f"copy group {g.name} (mirror {g.mu_number})"
         return None
 
-    def check_journal(self, journal_id: int | None, group_name: str) -> None:
-        """A UR group's local journal must exist and not serve another group."""
+    def check_journal(self, journal_id: int | None, group_name: str, mu: int, role: str) -> None:
+        """A UR group's local journal must exist, not serve another group with the same mirror unit, and be a
+        master journal (``role`` P) or a restore journal (S) for all its mirrors."""
         if journal_id is None:
             raise VspError("MISSING_PARAMETER", attribute="journalId")
         self.journals.get(journal_id)  # 404 if missing
         for g in self.engine.groups.values():
-            if g.replication_type == "UR" and g.local_journal_id == journal_id and g.name != group_name:
-                raise VspError("IN_USE", detail=f"journal {journal_id} is used by copy group {g.name} "
-                                                f"(mirror {g.mu_number}); vspemu serves one mirror per journal")
+            if g.replication_type != "UR" or g.local_journal_id != journal_id or g.name == group_name:
+                continue
+            if g.mu_number == mu:
+                raise VspError("IN_USE", detail=f"mirror {mu} of journal {journal_id} is used by copy group "
+                                                f"{g.name}")
+            if g.role != role:
+                kind = "master" if g.role == "P" else "restore"
+                raise VspError("IN_USE", detail=f"journal {journal_id} is the {kind} journal of copy group {g.name} "
+                                                f"(mirror {g.mu_number}); a journal has one role for all its mirrors")
+
+    def journal_groups(self, journal_id: int) -> list[CopyGroup]:
+        """The mirrors (copy groups with pairs) whose master journal is ``journal_id`` on this side."""
+        return [g for g in self.engine.groups.values() if g.replication_type == "UR" and g.role == "P"
+                and g.local_journal_id == journal_id and self.engine.group_pairs(g.name)]
 
     def master(self, group: CopyGroup) -> MasterJournal:
         jid = group.local_journal_id
@@ -119,58 +145,106 @@ class UniversalReplicator:
         rt = self.mirrors.get(group.name)
         if rt is None:
             rt = self.mirrors[group.name] = MirrorRuntime()
+            if group.role == "P" and group.local_journal_id is not None:
+                # (after a restart) the mirror may need every entry in the journal until its secondary says
+                mj = self.master(group)
+                rt.acked = max(mj.head_seq - 1, mj.floors[group.mu_number])
+                rt.last_own = mj.last_seq
         return rt
+
+    def start_mirror(self, group: CopyGroup) -> None:
+        """A mirror starts on this side as the primary (created, or reversed by a swap): no entry journaled
+        so far is for it (an earlier mirror with this mirror unit may have left some behind)."""
+        if group.local_journal_id is None:
+            return
+        mj = self.master(group)
+        mj.set_floor(group.mu_number, mj.last_seq)
+        rt = self.runtime(group)
+        rt.acked = rt.last_own = mj.last_seq
 
     def forget_group(self, group: CopyGroup) -> None:
         rt = self.mirrors.pop(group.name, None)
         if rt is not None and rt.restore_task is not None:
             rt.restore_task.cancel()
         jid = group.local_journal_id
+        others = [g for g in self.journal_groups(jid) if g.name != group.name] if jid is not None else []
         if jid is not None and jid in self.masters:
-            mj = self.masters.pop(jid)
-            mj.reset()
-            mj.close()
+            if others:  # the other mirrors keep the journal; this one holds no entry any more
+                if group.role == "P":
+                    self.masters[jid].set_floor(group.mu_number, self.masters[jid].last_seq)
+                self._release(jid)
+            else:
+                mj = self.masters.pop(jid)
+                mj.reset()
+                mj.close()
         if jid is not None and jid in self.journals.journals:
-            self.journals.set_runtime(jid, usage_rate=0, q_count=0, num_of_active_paths=0)
+            if not others:
+                self.journals.set_runtime(jid, usage_rate=0, q_count=0, num_of_active_paths=0)
             self.journals.set_runtime(jid, group.mu_number, journal_status="SMPL", is_data_copying=False,
-                                      consistency_group_id=0)
+                                      consistency_group_id=0, q_count=None)
 
     # -- the write path (primary) ------------------------------------------------------------------------
-    async def journal_write(self, pair: Pair, volume: Volume, offset: int, length: int,
+    async def journal_write(self, pairs: list[Pair], volume: Volume, offset: int, length: int,
                             data: bytes | memoryview | None, fua: bool) -> bool:
-        """Journal a host write, then write it locally. False if the mirror was suspended meanwhile."""
-        group = self.engine.groups[pair.group]
-        mj = self.master(group)
-        rt = self.runtime(group)
-        j = self.journals.get(group.local_journal_id)  # type: ignore[arg-type]
+        """Journal a host write for ``pairs`` (the volume's pairs in PAIR/PFUL, one per mirror of one journal),
+        then write it locally. False, with nothing written, if one of them left PAIR/PFUL meanwhile."""
+        engine = self.engine
+        groups = [engine.groups[p.group] for p in pairs]
+        jid = groups[0].local_journal_id
+        assert jid is not None
+        mj = self.master(groups[0])
+        j = self.journals.get(jid)
         if j.is_inflow_control_enabled and mj.usage_rate() >= PFUL_THRESHOLD:
             await asyncio.sleep(0.001 * (mj.usage_rate() - PFUL_THRESHOLD + 1))  # inflow control: slow down
         while not mj.fits(length, data is None):
-            if pair.status not in (PAIR, PFUL):
+            if any(p.status not in (PAIR, PFUL) for p in pairs):
                 return False
             now = time.monotonic()
-            if rt.full_since is None:
-                rt.full_since = now
-            if now - rt.full_since >= j.data_overflow_watch_seconds:
-                await self.suspend_mirror(group, PFUS, "the journal stayed full longer than the overflow watch")
+            since = self.full_since.setdefault(jid, now)
+            if now - since >= j.data_overflow_watch_seconds:
+                await self._overflow(jid)
+                self.full_since.pop(jid, None)
                 return False
-            rt.acked_event.clear()
-            await wait_event(rt.acked_event, 0.2)  # (no wait_for: host writes may run outside a task)
-        rt.full_since = None
-        seq = mj.append(pair.local_ldev, offset, data, length)
-        if (mj.usage_rate() >= PFUL_THRESHOLD) != (pair.status == PFUL):
-            self.refresh_group(group)  # PAIR <-> PFUL as the usage crosses 80 %
-        if not rt.samples or time.monotonic() - rt.samples[-1][1] > 0.05:
-            rt.samples.append((seq, time.monotonic()))
+            room = self.room.setdefault(jid, asyncio.Event())
+            room.clear()
+            await wait_event(room, 0.2)  # (no wait_for: host writes may run outside a task)
+        if any(p.status not in (PAIR, PFUL) for p in pairs):
+            return False
+        self.full_since.pop(jid, None)
+        mirrors = 0
+        for g in groups:
+            mirrors |= 1 << g.mu_number
+        seq = mj.append(pairs[0].local_ldev, offset, data, length, mirrors)
+        now = time.monotonic()
+        for p, g in zip(pairs, groups, strict=True):
+            rt = self.runtime(g)
+            rt.last_own = seq
+            if (mj.usage_rate() >= PFUL_THRESHOLD) != (p.status == PFUL):
+                self.refresh_group(g)  # PAIR <-> PFUL as the usage crosses 80 %
+            if not rt.samples or now - rt.samples[-1][1] > 0.05:
+                rt.samples.append((seq, now))
         if data is None:
             volume.discard_local(offset, length)
         else:
             volume.write_local(offset, data)
-        rt.new_entries.set()
+        for g in groups:
+            self.runtime(g).new_entries.set()
         if fua:
             await asyncio.to_thread(mj.sync)
             await volume.flush_local()
         return True
+
+    async def _overflow(self, jid: int) -> None:
+        """The journal stayed full for dataOverflowWatchInSeconds: PFUS for the mirrors that hold its oldest
+        entries (the others then find room)."""
+        self._release(jid)  # (entries that no mirror needs go first)
+        holding = [(self.runtime(g).acked, g) for g in self.journal_groups(jid) if self._holds(g)]
+        if not holding:
+            return
+        oldest = min(acked for acked, _ in holding)
+        for acked, g in holding:
+            if acked == oldest:
+                await self.suspend_mirror(g, PFUS, "the journal stayed full longer than the overflow watch")
 
     async def flush(self, pair: Pair) -> None:
         group = self.engine.groups[pair.group]
@@ -183,15 +257,17 @@ class UniversalReplicator:
             raise VspError("WRONG_STATE", detail=f"copy group {group.name} is not a primary here")
         mj = self.master(group)
         rt = self.runtime(group)
+        mu = group.mu_number
         rt.last_read = time.monotonic()
         restored = int(h.get("restored", 0))
         rt.applied = max(rt.applied, int(h.get("applied", restored)))
         if restored > rt.acked:
             rt.acked = restored
-            mj.free(restored)
             rt.acked_event.set()
+            self._release(group.local_journal_id)  # type: ignore[arg-type]
             self.refresh_group(group)
-        entries = mj.read(int(h.get("from", 0)), READ_MAX_BYTES)
+        first = max(int(h.get("from", 0)), mj.floors[mu] + 1)
+        entries = mj.read(first, READ_MAX_BYTES, mu)
         if not entries and not h.get("nowait"):
             rt.new_entries.clear()
             try:
@@ -199,15 +275,19 @@ class UniversalReplicator:
             except TimeoutError:
                 pass
             rt.last_read = time.monotonic()
-            entries = mj.read(int(h.get("from", 0)), READ_MAX_BYTES)
+            entries = mj.read(first, READ_MAX_BYTES, mu)
         svols = {p.local_ldev: p.remote_ldev for p in self.engine.group_pairs(group.name)}
         parts: list[bytes] = []
         for e in entries:
-            parts.append(WIRE.pack(e.seq, svols.get(e.ldev, 0xFFFFFFFF), e.offset, e.length, 1 if e.zero else 0))
+            if not mj.is_for(e, mu):  # another mirror's entry: only its place in the sequence
+                parts.append(WIRE.pack(e.seq, SKIP_LDEV, 0, 0, 1))
+                continue
+            parts.append(WIRE.pack(e.seq, svols.get(e.ldev, SKIP_LDEV), e.offset, e.length, 1 if e.zero else 0))
             if not e.zero:
                 parts.append(e.data)
-        return {"count": len(entries), "lastSeq": mj.last_seq, "qCount": mj.count, "usage": mj.usage_rate(),
-                "headSeq": mj.head_seq, "nextSeq": entries[-1].seq + 1 if entries else 0}, b"".join(parts)
+        return {"count": len(entries), "lastSeq": mj.last_seq, "qCount": self._q_count(group, mj),
+                "usage": mj.usage_rate(), "headSeq": max(mj.head_seq, mj.floors[mu] + 1),
+                "nextSeq": entries[-1].seq + 1 if entries else 0}, b"".join(parts)
 
     async def _h_split(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
         """A split issued on the secondary: the primary performs it (flush) for the whole mirror."""
@@ -319,8 +399,8 @@ class UniversalReplicator:
                 log.error("journal gap in %s: expected %d, got %d", group.name, rt.restored + 1, seq)
                 break
             vol = system.volumes.get(ldev)
-            pair = self.engine.by_ldev.get(ldev)
-            if vol is not None and pair is not None and pair.group == group.name and pair.role == "S":
+            pair = next((p for p in self.engine.pairs_of(ldev) if p.group == group.name), None)
+            if vol is not None and pair is not None and pair.role == "S":
                 if data is None:
                     vol.discard_local(offset, length)
                 else:
@@ -342,26 +422,64 @@ class UniversalReplicator:
             "group": group.name, "pairs": [p.name for p in pairs], "status": status}))
 
     def purge(self, group: CopyGroup) -> None:
+        """The mirror's entries not restored become bitmap marks; it holds no entry any more."""
         if group.role != "P" or group.local_journal_id is None:
             return
+        self._mark_pending(group)
+        self._release(group.local_journal_id)
+
+    def _mark_pending(self, group: CopyGroup) -> None:
         mj = self.master(group)
-        by_ldev = {p.local_ldev: p for p in self.engine.group_pairs(group.name)}
-        for e in mj.pending():
-            p = by_ldev.get(e.ldev)
-            if p is not None:
-                self.engine.bitmaps[p.local_ldev].mark_sync(e.offset, e.length)
-        mj.reset()
         rt = self.runtime(group)
-        rt.acked = mj.last_seq
+        mu = group.mu_number
+        if rt.last_own > rt.acked and mj.count:
+            by_ldev = {p.local_ldev: p for p in self.engine.group_pairs(group.name)}
+            for e in mj.pending():
+                p = by_ldev.get(e.ldev)
+                if p is not None and e.seq > rt.acked and mj.is_for(e, mu):
+                    self.engine.bitmap(p).mark_sync(e.offset, e.length)
+        mj.set_floor(mu, mj.last_seq)
+        rt.acked = rt.last_own = mj.last_seq
         rt.acked_event.set()
 
-    async def drain(self, group: CopyGroup, timeout: float = FLUSH_TIMEOUT) -> bool:
-        """Flush mode of a split: wait until the secondary restored every journaled write."""
-        mj = self.master(group)
+    def _holds(self, group: CopyGroup) -> bool:
         rt = self.runtime(group)
-        target = mj.last_seq
+        return rt.last_own > rt.acked
+
+    def _release(self, jid: int) -> None:
+        """Free the entries that no mirror of the journal needs any more.
+
+        A mirror needs the entries after the last one its secondary restored, as long as it has entries of
+        its own there; a mirror with such entries but no pair copying any more turns them into marks first."""
+        mj = self.masters.get(jid)
+        if mj is None:
+            return
+        needs: list[int] = []
+        for g in self.journal_groups(jid):
+            if not self._holds(g):
+                continue
+            if any(p.status in ACTIVE for p in self.engine.group_pairs(g.name)):
+                needs.append(self.runtime(g).acked)
+            else:
+                self._mark_pending(g)
+        if not needs:
+            if mj.count:
+                mj.reset()
+        elif min(needs) >= mj.head_seq:
+            mj.free(min(needs))
+        self.room.setdefault(jid, asyncio.Event()).set()
+
+    def _q_count(self, group: CopyGroup, mj: MasterJournal) -> int:
+        """Entries the mirror's secondary has still to restore (0 when none of them is for the mirror)."""
+        rt = self.runtime(group)
+        return max(0, mj.last_seq - rt.acked) if rt.last_own > rt.acked else 0
+
+    async def drain(self, group: CopyGroup, timeout: float = FLUSH_TIMEOUT) -> bool:
+        """Flush mode of a split: wait until the secondary restored every write journaled for the mirror."""
+        rt = self.runtime(group)
+        target = rt.last_own
         deadline = time.monotonic() + timeout
-        while rt.acked < target and mj.count:
+        while rt.acked < target:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -426,19 +544,20 @@ class UniversalReplicator:
                 elif p.status == PFUL and usage < PFUL_THRESHOLD:
                     engine._set(p, PAIR)
             statuses = {p.status for p in pairs}
+            q_count = self._q_count(group, mj)
             self.journals.set_runtime(jid, usage_rate=usage, q_marker=f"{mj.last_seq:08x}", q_count=mj.count,
                                       num_of_active_paths=active_paths)
             status = ("PJNF" if usage >= PFUL_THRESHOLD else "PJNN") if statuses & ACTIVE else \
                 "PJSF" if PFUS in statuses else "PJSE" if PSUE in statuses else "PJSN"
         else:
             statuses = {p.status for p in pairs}
-            self.journals.set_runtime(jid, usage_rate=0, q_marker=f"{rt.restored:08x}",
-                                      q_count=max(0, rt.remote_last_seq - rt.restored),
+            q_count = max(0, rt.remote_last_seq - rt.restored)
+            self.journals.set_runtime(jid, usage_rate=0, q_marker=f"{rt.restored:08x}", q_count=q_count,
                                       num_of_active_paths=active_paths)
             status = "SJNN" if statuses & ACTIVE else \
                 "SJSF" if PFUS in statuses else "SJSE" if PSUE in statuses else "SJSN"
         self.journals.set_runtime(jid, group.mu_number, journal_status=status, consistency_group_id=group.ctg_id,
-                                  is_data_copying=COPY in statuses)
+                                  is_data_copying=COPY in statuses, q_count=q_count)
 
     def lag(self, group: CopyGroup) -> dict[str, Any]:
         """RPO figures of a mirror on the primary: entries not restored and the age of the oldest."""
@@ -447,19 +566,25 @@ class UniversalReplicator:
         mj = self.master(group)
         rt = self.runtime(group)
         applied = max(rt.applied, rt.acked)
+        behind = rt.last_own > applied
         oldest = next((t for s, t in rt.samples if s > applied), None)
-        return {"qCount": mj.count, "usageRate": mj.usage_rate(), "lastSeq": mj.last_seq, "restoredSeq": rt.acked,
-                "appliedSeq": applied,
-                "lagSeconds": 0.0 if oldest is None or applied >= mj.last_seq else round(time.monotonic() - oldest, 3)}
+        return {"qCount": self._q_count(group, mj), "usageRate": mj.usage_rate(), "lastSeq": mj.last_seq,
+                "restoredSeq": rt.acked, "appliedSeq": applied,
+                "lagSeconds": round(time.monotonic() - oldest, 3) if behind and oldest is not None else 0.0}
 
-    def redo_after_restart(self, group: CopyGroup) -> None:
-        """A restarted primary writes every journaled entry to its P-VOL again (journal first, then volume)."""
-        if group.role != "P" or group.local_journal_id is None:
+    def redo_after_restart(self) -> None:
+        """A restarted primary writes every journaled entry to its P-VOLs again (journal first, then volume)."""
+        for jid in sorted({g.local_journal_id for g in self.engine.groups.values() if g.replication_type == "UR"
+                           and g.role == "P" and g.local_journal_id is not None}):
+            self._redo(jid, self.journal_groups(jid))
+
+    def _redo(self, jid: int, groups: list[CopyGroup]) -> None:
+        if not groups:
             return
-        mj = self.master(group)
+        mj = self.master(groups[0])
         if not mj.count:
             return
-        by_ldev = {p.local_ldev: p for p in self.engine.group_pairs(group.name)}
+        by_ldev = {p.local_ldev: p for g in groups for p in self.engine.group_pairs(g.name)}
         seq = mj.head_seq
         while seq <= mj.last_seq:
             batch = mj.read(seq, 64 << 20)
@@ -476,5 +601,4 @@ class UniversalReplicator:
             seq = batch[-1].seq + 1
         for vol in {self.engine.system.volumes[x] for x in by_ldev if x in self.engine.system.volumes}:
             vol.flush_sync()
-        log.info("journal %s: %d entries written to the P-VOLs again after a restart", group.local_journal_id,
-                 mj.count)
+        log.info("journal %s: %d entries written to the P-VOLs again after a restart", jid, mj.count)

@@ -39,6 +39,7 @@ class MirrorUnit:
     journal_status: str = "SMPL"
     consistency_group_id: int = 0
     is_data_copying: bool = False
+    q_count: int | None = None  # entries the mirror's secondary has still to restore (None: the journal's)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Journal:
     num_of_active_paths: int = 0
 
     RUNTIME = ("usage_rate", "q_marker", "q_count", "num_of_active_paths")
-    MIRROR_RUNTIME = ("journal_status", "consistency_group_id", "is_data_copying")
+    MIRROR_RUNTIME = ("journal_status", "consistency_group_id", "is_data_copying", "q_count")
 
     def doc(self) -> dict[str, Any]:
         d = asdict(self)
@@ -282,7 +283,7 @@ class Journals:
             "numOfActivePaths": j.num_of_active_paths,
             "usageRate": j.usage_rate,
             "qMarker": j.q_marker,
-            "qCount": j.q_count,
+            "qCount": j.q_count if m.q_count is None else m.q_count,  # per mirror, as raidcom shows Q-CNT
             "byteFormatCapacity": format_byte_capacity(blocks * 512),
             "blockCapacity": blocks,
             "numOfLdevs": len(j.ldev_ids),

@@ -200,10 +200,11 @@ async def list_local_pairs(ctx: Ctx, _s: Auth, replicationType: Literal["TC", "U
     eng = engine_of(ctx)
     out: list[dict[str, Any]] = []
     me = ctx.system
-    for ldev_id in sorted(eng.by_ldev):
+    pairs = sorted(eng.pairs.values(), key=lambda p: (p.local_ldev, eng.groups[p.group].mu_number))
+    for p in pairs:  # one entry per pair: a multi-target P-VOL shows once per mirror unit
+        ldev_id = p.local_ldev
         if ldev_id < headLdevId or (count and len(out) >= count):
             continue
-        p = eng.by_ldev[ldev_id]
         g = eng.groups[p.group]
         if replicationType is not None and g.replication_type != replicationType:
             continue
