@@ -367,8 +367,8 @@ class Connection:
     (over :data:`SMALL_PAYLOAD`) is received directly into a pooled, page-aligned buffer (one copy from the
     socket). A request payload reaches its handler as a memoryview of that buffer (the buffer is reused only
     once nobody references it); a reply payload reaches the caller as ``bytes``. A frame is written with one
-    ``writelines`` (header and payload, not concatenated); senders wait only while the transport's buffer is
-    above its high-water mark.
+    ``writev`` (header and payload, not concatenated, see :meth:`_write_two`); senders wait only while the
+    transport's buffer is above its high-water mark.
 
     Back-pressure: the connection stops reading while :data:`MAX_CONCURRENT_HANDLERS` requests are being
     served or their payloads reach :data:`MAX_INFLIGHT_PAYLOAD`.
@@ -453,12 +453,31 @@ class Connection:
         frame = encode_frame(ftype, request_id, header, n)
         try:
             if n:
-                self.transport.writelines((frame, payload))
+                self._write_two(frame, payload, n)
             else:
                 self.transport.write(frame)
         except (ConnectionError, OSError, RuntimeError) as e:
             self.close(PATH_COMMUNICATION_FAILED, f"send failed: {e}")
             raise LinkDown(str(e)) from e
+
+    def _write_two(self, frame: bytes, payload: bytes | bytearray | memoryview, n: int) -> None:
+        """Frame and payload with one ``writev`` straight to the socket while the transport has nothing queued
+        (what Python 3.12's ``writelines`` does; 3.11's joins them, a copy of every payload). What the socket
+        does not take now is handed to the transport, which copies only that rest."""
+        transport = self.transport
+        sent = 0
+        if self._fd >= 0 and not transport.get_write_buffer_size() and not transport.is_closing():
+            try:
+                sent = os.writev(self._fd, (frame, payload))
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            if sent == len(frame) + n:
+                return
+        if sent < len(frame):
+            transport.write(frame[sent:])
+            transport.write(payload)
+        else:
+            transport.write(memoryview(payload)[sent - len(frame):])
 
     async def _send(self, ftype: int, request_id: int, header: dict[str, Any],
                     payload: bytes | bytearray | memoryview = b"") -> None:
