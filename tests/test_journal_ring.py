@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vspemu.replication.journal import ENTRY, JournalFull, MasterJournal
+from vspemu.replication.journal import ENTRY, CorruptEntry, JournalFull, MasterJournal, parse_entries
 
 
 def open_journal(path: Path, size: int) -> MasterJournal:
@@ -147,3 +147,61 @@ def test_two_readers_and_mirror_bits_and_floors(tmp_path: Path) -> None:
         f.write(bytes(32))
     j = open_journal(path, 1 << 20)
     assert j.floors == [0, 0, 0, 0] and j.count == 20 and j.read(1, 1)[0].data == bytes(4096)
+
+
+def test_raw_reads_across_the_wrap_with_runs_of_other_mirrors(tmp_path: Path) -> None:
+    """read_raw hands out stored entries (checked by parse_entries on the other side), never across the wrap,
+    and splits them into runs for the reader's mirror and runs it only has to count."""
+    path = tmp_path / "jnl.img"
+    j = new_journal(path, 256 << 10)
+    rng = random.Random(5)
+    written: dict[int, tuple[int, bytes | None, int]] = {}
+    next_read = 1
+    for _ in range(60):
+        for _ in range(rng.randrange(1, 30)):
+            n = rng.choice([512, 4096, 100, 30000])
+            data = None if rng.random() < 0.2 else os.urandom(n)
+            bits = rng.choice([0b0010, 0b0100, 0b0110, 0])
+            try:
+                seq = j.append(5, rng.randrange(1 << 20), data, n, mirrors=bits)
+            except JournalFull:
+                break
+            written[seq] = (n, data, bits)
+        if rng.random() < 0.1:
+            j.set_floor(2, j.last_seq - rng.randrange(3))
+        while True:
+            raw, first, count, own = j.read_raw(next_read, rng.choice([1, 5000, 64 << 10]), mu=2)
+            if not count:
+                break
+            assert first == next_read
+            for seq in range(first, first + count):
+                bits = written[seq][2]
+                assert own == (seq > j.floors[2] and (not bits or bool(bits & 0b0100)))
+            if own:
+                got = list(parse_entries(raw, first))
+                assert [e.seq for e in got] == list(range(first, first + count))
+                for e in got:
+                    n, data, _ = written[e.seq]
+                    assert e.length == n and (None if e.zero else bytes(e.data)) == data
+            else:
+                assert raw == b""
+            next_read = first + count
+        j.free(next_read - 1)
+        assert j.count == 0
+
+
+def test_parse_entries_refuses_what_is_not_whole_next_and_intact(tmp_path: Path) -> None:
+    j = new_journal(tmp_path / "jnl.img", 1 << 20)
+    for i in range(3):
+        j.append(1, i * 4096, bytes([i + 1]) * 4096, 4096)
+    raw, first, count, own = j.read_raw(1, 1 << 20)
+    raw = bytes(raw)
+    assert count == 3 and own and len(list(parse_entries(raw, 1))) == 3
+    with pytest.raises(CorruptEntry, match="missing"):  # not the sequence number expected
+        list(parse_entries(raw, 2))
+    with pytest.raises(CorruptEntry, match="cut short"):
+        list(parse_entries(raw[:-100], 1))
+    bad = bytearray(raw)
+    bad[ENTRY.size + 4096 + ENTRY.size + 9] ^= 1  # a bit of the second entry's data
+    with pytest.raises(CorruptEntry, match="checksum"):
+        list(parse_entries(bad, 1))

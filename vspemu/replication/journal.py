@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +82,39 @@ class JournalFull(Exception):
     pass
 
 
+class CorruptEntry(Exception):
+    """An entry fails its checksum, or the next sequence number is not where it should be."""
+
+
 def _checksum(header: bytes | memoryview, data: bytes | memoryview) -> int:
     """CRC-32C of an entry: the first 32 bytes of its header (the crc field excluded), then its data."""
     return crc32c(data, crc32c(header[:32]))
+
+
+def parse_entries(raw: bytes | memoryview, first_seq: int) -> Iterator[Entry]:
+    """The entries of ``raw`` (as :meth:`MasterJournal.read_raw` returns them: stored entries, one after
+    the other, from ``first_seq`` on), each checked against its checksum; data are views of ``raw``.
+    Raises CorruptEntry at an entry that is not whole, not the next in sequence, or fails its checksum."""
+    view = memoryview(raw)
+    at, seq = 0, first_seq
+    while at < len(view):
+        if at + ENTRY.size > len(view):
+            raise CorruptEntry(f"entry {seq} is cut short")
+        fields = _fields(view, at, seq)
+        if fields is None or fields[0] & WRAP:
+            raise CorruptEntry(f"entry {seq} is missing")
+        flags, ldev, length, offset, crc = fields
+        zero = bool(flags & ZERO)
+        end = at + ENTRY.size + (0 if zero else length)
+        if end > len(view):
+            raise CorruptEntry(f"entry {seq} is cut short")
+        data = b"" if zero else view[at + ENTRY.size:end]
+        if _checksum(view[at:], data) != crc:
+            raise CorruptEntry(f"entry {seq} fails its checksum")
+        entry = Entry(seq, ldev, offset, length, zero, data, (flags & MIRROR_MASK) >> MIRROR_SHIFT)
+        yield entry
+        at += entry.size
+        seq += 1
 
 
 def _fields(raw: bytes | memoryview, at: int, seq: int) -> tuple[int, int, int, int, int] | None:
@@ -233,6 +264,73 @@ class MasterJournal:
                     total += entry.length if not entry.zero else 0
         self._cursors[reader] = (pos, seq)
         return out
+
+    def _seek(self, from_seq: int) -> tuple[int, int]:
+        """(offset, seq) of entry ``from_seq`` (head_seq <= from_seq < next_seq), walking entry headers from the
+        nearest cursor."""
+        pos, seq = self._start(from_seq)
+        while seq < from_seq:
+            npos, entry = self._read_at(pos, seq, with_data=False)
+            if entry is None:
+                if npos != pos:
+                    pos = npos
+                    continue
+                raise RuntimeError(f"journal {self.path.name}: entry {seq} is missing or corrupt")
+            pos, seq = npos + entry.size, seq + 1
+        return pos, seq
+
+    def read_raw(self, from_seq: int, max_bytes: int, mu: int = 0) -> tuple[bytes | memoryview, int, int, bool]:
+        """The entries from ``from_seq`` on as they are stored (headers, data, padding), read with one
+        ``pread`` and not copied again, for mirror ``mu`` (its read cursor): (raw, first seq, count, own).
+
+        Up to about ``max_bytes`` of data, at least one entry if any, never across the wrap, and either only
+        entries for the mirror (``own``) or only entries that are not (then ``raw`` is empty: the mirror
+        only has to count them). Checksums are left to the reader (:func:`parse_entries`), which makes the
+        check end to end."""
+        if from_seq < self.head_seq:
+            from_seq = self.head_seq
+        if from_seq >= self.next_seq:
+            return b"", from_seq, 0, True
+        pos, seq = self._seek(from_seq)
+        for _ in range(2):
+            if pos + ENTRY.size > self.size:
+                pos = HEADER_SIZE
+                continue
+            first = os.pread(self.fd, ENTRY.size, pos)
+            fields = _fields(first, 0, seq) if len(first) == ENTRY.size else None
+            if fields is None:
+                raise RuntimeError(f"journal {self.path.name}: entry {seq} is missing or corrupt")
+            if fields[0] & WRAP:
+                pos = HEADER_SIZE
+                continue
+            break
+        end = self.tail if self.tail > pos else self.size
+        first_size = ENTRY.size + (0 if fields[0] & ZERO else _align(fields[2]))
+        buf = os.pread(self.fd, min(end - pos, max(first_size, max_bytes + ENTRY.size + 4096)), pos)
+        at = count = got = 0  # at: where the next entry starts (the last one's padding may lie beyond buf)
+        own = True
+        floor = self.floors[mu]
+        while at + ENTRY.size <= len(buf) and seq < self.next_seq and (not count or got < max_bytes):
+            fields = _fields(buf, at, seq)
+            if fields is None or fields[0] & WRAP:
+                break
+            bits = (fields[0] & MIRROR_MASK) >> MIRROR_SHIFT
+            mine = seq > floor and (not bits or bool(bits >> mu & 1))
+            if not count:
+                own = mine
+            elif mine != own:
+                break
+            length = 0 if fields[0] & ZERO else fields[2]
+            if at + ENTRY.size + length > len(buf):
+                break
+            at += ENTRY.size + _align(length)
+            got += length
+            count += 1
+            seq += 1
+        self._cursors[mu] = (pos + at, seq)
+        if not own:
+            return b"", from_seq, count, False
+        return (buf if at >= len(buf) else memoryview(buf)[:at]), from_seq, count, True
 
     def _read_run(self, pos: int, seq: int, budget: int) -> tuple[list[Entry], int, int]:
         """The entries that follow one another from ``pos``, read with one ``pread``: (entries, pos, seq) after.

@@ -10,6 +10,8 @@ to the durable number are freed on the primary. The S-VOLs of a journal are ther
 the P-VOLs at one earlier moment. The secondary makes its S-VOLs durable (fdatasync) in the background, at
 most every :data:`RESTORE_FLUSH_INTERVAL` seconds while entries keep coming and at once when it has caught
 up, so pulling never waits for the disk (a flush per batch held the pull to the disk's flush rate).
+A batch travels as the entries are stored in the journal (read with one ``pread``, sent without another
+copy); the secondary checks each entry's CRC-32C, so the check covers the journal volume and the link.
 
 - Usage over 80 %: the pairs show PFUL (still copying); with inflow control on, writes are slowed.
 - A write that does not fit waits for room; if the journal stays full for dataOverflowWatchInSeconds the
@@ -25,7 +27,7 @@ once durable, and a restarted secondary simply receives the unacknowledged entri
 to its own secondary; a P-VOL may be in one pair of each (3DC multi-target with UR). A host write is
 journaled once, marked with the mirrors whose pair of that volume is in PAIR/PFUL (see :mod:`.journal`);
 the pairs of the volume in other statuses mark their bitmaps instead. Each mirror's secondary pulls the whole
-sequence: entries not for its mirror arrive as "skip" records, so its restore stays strictly in order. An
+sequence: a run of entries not for its mirror arrives as a count only, so its restore stays in order. An
 entry is freed once every mirror that still holds entries has restored it; a mirror that is suspended turns
 its entries into bitmap marks and stops holding any (its *floor* in the journal header moves past them, so a
 later resync never receives an entry from before it). Journal full (PFUS) suspends the mirrors that hold the
@@ -37,14 +39,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from vspemu.aio import wait_event
 from vspemu.errors import VspError
-from vspemu.replication.journal import MasterJournal
+from vspemu.replication.journal import CorruptEntry, MasterJournal, parse_entries
 from vspemu.replication.link import PeerInfo
 from vspemu.replication.model import ACTIVE, COPY, PAIR, PFUL, PFUS, PSUE, CopyGroup, Pair
 
@@ -61,8 +62,6 @@ MONITOR_INTERVAL = 0.2
 PFUL_THRESHOLD = 80
 FLUSH_TIMEOUT = 120.0
 RESTORE_FLUSH_INTERVAL = 0.25  # secondary: seconds between background flushes of the S-VOLs while busy
-WIRE = struct.Struct("!QIQIB")  # seq, ldev, offset, length, zero
-SKIP_LDEV = 0xFFFFFFFF  # a wire record for no S-VOL of the mirror: the secondary only counts its sequence number
 
 
 class MirrorRuntime:
@@ -267,27 +266,22 @@ class UniversalReplicator:
             self._release(group.local_journal_id)  # type: ignore[arg-type]
             self.refresh_group(group)
         first = max(int(h.get("from", 0)), mj.floors[mu] + 1)
-        entries = mj.read(first, READ_MAX_BYTES, mu)
-        if not entries and not h.get("nowait"):
+        raw, first, count, own = mj.read_raw(first, READ_MAX_BYTES, mu)
+        if not count and not h.get("nowait"):
             rt.new_entries.clear()
             try:
                 await asyncio.wait_for(rt.new_entries.wait(), LONG_POLL)
             except TimeoutError:
                 pass
             rt.last_read = time.monotonic()
-            entries = mj.read(first, READ_MAX_BYTES, mu)
-        svols = {p.local_ldev: p.remote_ldev for p in self.engine.group_pairs(group.name)}
-        parts: list[bytes] = []
-        for e in entries:
-            if not mj.is_for(e, mu):  # another mirror's entry: only its place in the sequence
-                parts.append(WIRE.pack(e.seq, SKIP_LDEV, 0, 0, 1))
-                continue
-            parts.append(WIRE.pack(e.seq, svols.get(e.ldev, SKIP_LDEV), e.offset, e.length, 1 if e.zero else 0))
-            if not e.zero:
-                parts.append(e.data)
-        return {"count": len(entries), "lastSeq": mj.last_seq, "qCount": self._q_count(group, mj),
-                "usage": mj.usage_rate(), "headSeq": max(mj.head_seq, mj.floors[mu] + 1),
-                "nextSeq": entries[-1].seq + 1 if entries else 0}, b"".join(parts)
+            raw, first, count, own = mj.read_raw(first, READ_MAX_BYTES, mu)
+        # the entries go as they are stored (no copy here); the secondary checks them and maps P-VOLs to
+        # S-VOLs. A run of entries that are not for this mirror (other mirrors' bits, or up to its floor) goes
+        # as a count only ("skip"): the secondary's restore still steps through every sequence number.
+        svols = {str(p.local_ldev): p.remote_ldev for p in self.engine.group_pairs(group.name)}
+        return {"count": count, "first": first, "skip": not own, "mu": mu, "floor": mj.floors[mu], "svols": svols,
+                "lastSeq": mj.last_seq, "qCount": self._q_count(group, mj), "usage": mj.usage_rate(),
+                "headSeq": max(mj.head_seq, mj.floors[mu] + 1), "nextSeq": first + count if count else 0}, raw
 
     async def _h_split(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
         """A split issued on the secondary: the primary performs it (flush) for the whole mirror."""
@@ -350,12 +344,16 @@ class UniversalReplicator:
                     rt.restored = int(h["headSeq"]) - 1
                     if not rt.unflushed:
                         rt.durable = max(rt.durable, rt.restored)
-                if payload:
+                got = int(h.get("count", 0)) > 0
+                if got:
                     if int(h.get("nextSeq", 0)) > rt.restored + 1:  # the next batch, while this one applies
                         ahead = asyncio.get_running_loop().create_task(self._read(group, rt, int(h["nextSeq"]), True))
-                    rt.unflushed.update(self._apply(group, payload, rt))
+                    if h.get("skip"):
+                        self._skip(group, h, rt)
+                    else:
+                        rt.unflushed.update(self._apply(group, h, payload, rt))
                 if rt.restored > rt.durable and (rt.flush_task is None or rt.flush_task.done()):
-                    if not payload:  # caught up: make it durable now, the next read reports it
+                    if not got:  # caught up: make it durable now, the next read reports it
                         await self._flush_restored(rt)
                     elif time.monotonic() - rt.flushed_at >= RESTORE_FLUSH_INTERVAL:
                         rt.flush_task = asyncio.get_running_loop().create_task(self._flush_restored(rt))
@@ -381,32 +379,45 @@ class UniversalReplicator:
             raise
         rt.durable = max(rt.durable, target)
 
-    def _apply(self, group: CopyGroup, payload: bytes, rt: MirrorRuntime) -> list[Volume]:
-        """Apply entries strictly in sequence order; stop at a gap (it would break consistency)."""
+    @staticmethod
+    def _skip(group: CopyGroup, h: dict[str, Any], rt: MirrorRuntime) -> None:
+        """A run of entries that are not for this mirror: restored as soon as they are next in sequence."""
+        first, last = int(h["first"]), int(h["first"]) + int(h["count"]) - 1
+        if rt.restored and first > rt.restored + 1:
+            log.error("journal gap in %s: expected %d, got %d", group.name, rt.restored + 1, first)
+            return
+        rt.restored = max(rt.restored, last)
+
+    def _apply(self, group: CopyGroup, h: dict[str, Any], payload: bytes, rt: MirrorRuntime) -> list[Volume]:
+        """Apply the entries of a ``jnl.read`` reply strictly in sequence order; stop at a gap or a corrupt
+        entry (either would break consistency; the next read asks again from there)."""
         system = self.engine.system
         touched: dict[int, Volume] = {}
-        view = memoryview(payload)
-        pos = 0
-        while pos < len(view):
-            seq, ldev, offset, length, zero = WIRE.unpack_from(view, pos)
-            pos += WIRE.size
-            data = None if zero else view[pos:pos + length]
-            if not zero:
-                pos += length
-            if seq <= rt.restored and rt.restored:
-                continue  # already applied (a resent entry)
-            if rt.restored and seq != rt.restored + 1:
-                log.error("journal gap in %s: expected %d, got %d", group.name, rt.restored + 1, seq)
-                break
-            vol = system.volumes.get(ldev)
-            pair = next((p for p in self.engine.pairs_of(ldev) if p.group == group.name), None)
-            if vol is not None and pair is not None and pair.role == "S":
-                if data is None:
-                    vol.discard_local(offset, length)
-                else:
-                    vol.write_local(offset, data)
-                touched[ldev] = vol
-            rt.restored = seq
+        mu, floor = int(h["mu"]), int(h["floor"])
+        svols = {int(k): int(v) for k, v in h["svols"].items()}
+        volumes: dict[int, Volume | None] = {}  # S-VOL id -> the volume, if it is an S-VOL of this mirror
+        try:
+            for e in parse_entries(payload, int(h["first"])):
+                if e.seq <= rt.restored and rt.restored:
+                    continue  # already applied (a resent entry)
+                if rt.restored and e.seq != rt.restored + 1:
+                    log.error("journal gap in %s: expected %d, got %d", group.name, rt.restored + 1, e.seq)
+                    break
+                svol = svols.get(e.ldev) if e.seq > floor and e.is_for(mu) else None
+                if svol is not None:
+                    if svol not in volumes:
+                        pair = next((p for p in self.engine.pairs_of(svol) if p.group == group.name), None)
+                        volumes[svol] = system.volumes.get(svol) if pair is not None and pair.role == "S" else None
+                    vol = volumes[svol]
+                    if vol is not None:
+                        if e.zero:
+                            vol.discard_local(e.offset, e.length)
+                        else:
+                            vol.write_local(e.offset, e.data)
+                        touched[svol] = vol
+                rt.restored = e.seq
+        except CorruptEntry as exc:
+            log.error("journal read for %s: %s", group.name, exc)
         return list(touched.values())
 
     # -- suspension ------------------------------------------------------------------------------------

@@ -353,8 +353,10 @@ class _Connection(asyncio.BufferedProtocol):
             else:
                 self._reply(handle, _nbd_errno(exc))
         else:
-            if not self._closed:
-                transport.writelines((header[sent:], view) if sent < _REPLY.size else (view,))
+            if not self._closed:  # (two writes: Python 3.11's writelines would join them, one more copy)
+                if sent < _REPLY.size:
+                    transport.write(header[sent:])
+                transport.write(view)
         del view
         pool.put(buf)
 
