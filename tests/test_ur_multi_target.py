@@ -123,7 +123,17 @@ def test_one_journal_feeds_two_mirrors(mt: MultiTarget) -> None:
     assert set(units) == {1, 2} and {u["journalStatus"] for u in units.values()} <= {"PJNN", "PJNF"}
     listed = mt.pc.get("remote-copypairs", replicationType="UR")["data"]
     assert sorted((x["ldevId"], x["muNumber"]) for x in listed) == sorted((pv, mu) for pv in mt.pvols for mu in (1, 2))
+    # a third P-VOL in mirror 1 only: its entries reach mirror 2's secondary as counts, not data
+    solo_p, solo_s = mt.pc.create_ldev("32M"), m1.sc.create_ldev("32M")
+    mt.pc.add_lun(solo_p)
+    m1.sc.add_lun(solo_s)
+    mt.pc.invoke("POST", "remote-mirror-copypairs", {
+        "copyGroupName": m1.name, "copyPairName": "solo", "replicationType": "UR",
+        "remoteStorageDeviceId": m1.s.storage_device_id, "pvolLdevId": solo_p, "svolLdevId": solo_s,
+        "isNewGroupCreation": False, "fenceLevel": "ASYNC", "doInitialCopy": True}, remote=m1.sc)
     # journaled writes reach both secondaries
+    for k in range(40):
+        mt.write(solo_p, k * 300 * 1024, os.urandom(64 * 1024))
     for i, pv in enumerate(mt.pvols):
         for k in range(30):
             mt.write(pv, (k * 2053 + i * 7) * 4096 % (SIZE - MiB), os.urandom(4096 * (1 + k % 4)))
@@ -133,6 +143,7 @@ def test_one_journal_feeds_two_mirrors(mt: MultiTarget) -> None:
     for m in (m1, m2):
         mt.wait_drained(m)
         mt.assert_same(m)
+    assert volume_digest(mt.p.nbd_port, solo_p, SIZE) == volume_digest(m1.s.nbd_port, solo_s, SIZE)
     for m in (m1, m2):
         assert [x["journalStatus"] for x in m.sc.get("journals", journalInfo="basic")["data"]] == ["SJNN"]
 
