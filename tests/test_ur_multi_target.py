@@ -173,6 +173,10 @@ def test_one_journal_feeds_two_mirrors(mt: MultiTarget) -> None:
                      {"parameters": {"replicationType": "UR", "doSwapSvol": True}}, remote=mt.pc)
     assert e.value.message_id == "KART40062-E" and "multi-target" in e.value.message  # the job fails
     assert mt.statuses(m1) == {("PSUS", "SSWS")} and mt.statuses(m2) == {("PAIR", "PAIR")}
+    # horctakeover (auto) on the other secondary: a swap-takeover is not possible, so an SVOL-takeover
+    ns = f"NotSpecified,{m2.name},{m2.name}S_,NotSpecified"
+    m2.sc.invoke("POST", f"remote-mirror-copygroups/{ns}/actions/takeover/invoke", {"parameters": {}})
+    assert mt.statuses(m2) == {("PSUS", "SSWS")}
 
 
 def test_journal_full_suspends_only_the_mirror_that_holds_it(mt: MultiTarget) -> None:

@@ -721,7 +721,10 @@ class Replication:
         if mode == "auto":
             # swap-takeover when the primary answers and the pairs are in sync; else SVOL-takeover
             h = await self._try_call(group, "pair.state", {"group": group.name, "states": {}})
-            if h is not None and all(h.get("states", {}).get(p.name) in (PAIR, PFUL) for p in pairs):
+            if h is not None and all(h.get("states", {}).get(p.name) in (PAIR, PFUL) for p in pairs) and \
+                    await self._try_call(group, "pair.swap", {"group": group.name, "pairs": [p.name for p in pairs],
+                                                              "to": "S", "check": True}) is not None:
+                # (the primary refuses a swap when its P-VOLs feed other mirrors: then SVOL-takeover below)
                 await self._take_over(group, pairs)
                 await self._swap_resync(group, pairs, wait=True)
                 return pairs
