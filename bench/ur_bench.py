@@ -2,7 +2,8 @@
 
 Usage: python bench/ur_bench.py [--dir DIR] [--backlog-gib 4] [--burst-gib 1]
 
-- P-VOL 1 MiB sequential write throughput (fio over NBD, iodepth 8) with a UR pair vs an unpaired volume;
+- P-VOL 1 MiB sequential write throughput (fio over NBD, iodepth 8) with a UR pair vs an unpaired volume,
+  and with the P-VOL in two mirrors of its journal (multi-target: a third system as the second secondary);
 - lag (seconds behind, qCount) under a steady write load at half the link's throughput, the link's
   throughput being measured first in the same run (an initial copy);
 - time for the S-VOLs to catch up after a burst of writes;
@@ -22,6 +23,7 @@ from pathlib import Path
 from benchlib import cpu_row, fio, print_table, start_linked
 
 from vspemu.client import VspClient
+from vspemu.lab import SystemProcess, link_systems
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -31,11 +33,11 @@ def stats(c: VspClient, group: str) -> dict:
     return c.raw("GET", "vspemu/v1/replication/stats", headers=c.headers()).json()["mirrors"][group]
 
 
-def ur_pair(pc: VspClient, sc: VspClient, group: str, pv: int, sv: int, jid: int) -> None:
+def ur_pair(pc: VspClient, sc: VspClient, group: str, pv: int, sv: int, jid: int, mu: int = 0) -> None:
     pc.invoke("POST", "remote-mirror-copypairs", {
         "copyGroupName": group, "copyPairName": "u", "replicationType": "UR",
         "remoteStorageDeviceId": sc.storage_device_id, "pvolLdevId": pv, "svolLdevId": sv,
-        "isNewGroupCreation": True, "fenceLevel": "ASYNC", "muNumber": 0, "pvolJournalId": jid,
+        "isNewGroupCreation": True, "fenceLevel": "ASYNC", "muNumber": mu, "pvolJournalId": jid,
         "svolJournalId": jid}, remote=sc, timeout=3600)
 
 
@@ -91,6 +93,26 @@ def main() -> None:
         rows.append(("the same, run again (journal pages cached)", f"{again['MiBps']:.0f} MiB/s",
                      f"unpaired {base_r['MiBps']:.0f} MiB/s", f"{again['MiBps'] / base_r['MiBps']:.2f}x"))
         rows.append(cpu_row("run again", base_r, again))
+        # 1b. multi-target: the same P-VOL also in mirror 1 of its journal, to a third system (the journal is
+        #     written once and read by two secondaries); that mirror is deleted again afterwards
+        s2 = SystemProcess(base / "s2", 482003, extra_args=["--log-level", "warning"])
+        try:
+            s2.start()
+            s2c = s2.client()
+            link_systems(pc, s2c)
+            s2c.create_journal(1, [s2c.create_ldev(jsize)])
+            ur_pair(pc, s2c, "ur2", pv, s2c.create_ldev(vol), 1, mu=1)
+            two = fio(p.nbd_port, pv, "write", "1M", 8, "2G", pids={**pids, "S2": s2.proc.pid})
+            for group in ("ur", "ur2"):
+                wait_drained(pc, group)
+            rows.append(("the same, P-VOL in two mirrors (two secondaries)", f"{two['MiBps']:.0f} MiB/s",
+                         f"one mirror {again['MiBps']:.0f}, unpaired {base_r['MiBps']:.0f} MiB/s",
+                         f"{two['MiBps'] / base_r['MiBps']:.2f}x"))
+            rows.append(cpu_row("two mirrors", base_r, two))
+            pc.invoke("DELETE", f"remote-mirror-copygroups/{s2.storage_device_id},ur2,ur2P_,ur2S_", remote=s2c)
+            s2c.close()
+        finally:
+            s2.stop()
         # 2. lag under a steady load at half the link's throughput
         rate = max(1, int(min(link_mibps, ur_r["MiBps"]) / 2))
         lags: list[float] = []
