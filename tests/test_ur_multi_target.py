@@ -275,3 +275,32 @@ def test_a_recreated_mirror_never_receives_older_entries(mt: MultiTarget) -> Non
         m1.s.resume()
     mt.wait_drained(m1)
     mt.assert_same(m1)
+
+
+def test_a_write_waiting_for_room_is_journaled_once_another_mirror_gave_it_up(mt: MultiTarget) -> None:
+    """Volume X is only in mirror 1, volume Y only in mirror 2, both mirrors in journal 1. Mirror 2's
+    secondary stops; Y's writes fill the journal; a write to X waits for room until mirror 2 is suspended
+    (PFUS), and must then be journaled for mirror 1, not just marked in a bitmap that PAIR never copies."""
+    m1, m2 = mt.m1, mt.m2
+    x, y = mt.pvols
+    mt.pvols = [x]  # the helpers' volume lists: mirror 1 has X only, mirror 2 has Y only
+    m1.svols, m2.svols = m1.svols[:1], m2.svols[1:]
+    mt.create(m1)
+    mt.pvols = [y]
+    mt.create(m2)
+    mt.pc.invoke("PATCH", "journals/1", {"dataOverflowWatchInSeconds": 2})
+    m2.s.pause()
+    try:
+        for k in range(15):  # 15 entries of 1 MiB + 64 bytes: the 16 MiB journal has no room for a 16th
+            mt.write(y, k * MiB, os.urandom(MiB))
+        t0 = time.monotonic()
+        mt.write(x, 4 * MiB, b"X" * MiB)  # waits for room; then mirror 2 goes PFUS
+        assert time.monotonic() - t0 >= 1.5
+        assert mt.local_statuses(m2) == {"PFUS"} and mt.local_statuses(m1) <= {"PAIR", "PFUL"}
+    finally:
+        m2.s.resume()
+    mt.pvols = [x]
+    mt.wait_drained(m1)
+    with NbdClient("127.0.0.1", m1.s.nbd_port, str(m1.svols[0])) as c:
+        assert c.read(4 * MiB, MiB) == b"X" * MiB
+    mt.assert_same(m1)

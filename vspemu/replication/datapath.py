@@ -246,10 +246,12 @@ class PairVolume:
         try:
             pair = self.pair
             mode = self.engine.write_mode(pair)
-            if mode == "journal":  # UR: the journal entry is the record; the secondary pulls it
+            while mode == "journal":  # UR: the journal entry is the record; the secondary pulls it
                 if await self.engine.ur.journal_write([pair], volume, offset, length, data, fua):
                     return
-                mode = "local"  # the mirror was suspended while the write waited for journal room
+                # the write waited for journal room, and a mirror was suspended to make some: if it was this
+                # one, the write is now "local" (a mark); if another one sharing the journal, journal it now
+                mode = self.engine.write_mode(pair)
             if mode == "forward":
                 first = offset // ACTIVITY_EXTENT
                 last = (offset + max(length, 1) - 1) // ACTIVITY_EXTENT
