@@ -40,3 +40,36 @@ def test_short_writes_go_on_where_they_stopped(tmp_path: Path, monkeypatch: pyte
     assert vol.read(100, len(small)) == small and vol.read(200000, len(big)) == big
     assert max(calls) <= WRITE_PIECE and len(calls) > 4
     vol.close()
+
+
+def test_a_write_waiting_at_a_pair_barrier_takes_the_volumes_new_path(tmp_path: Path) -> None:
+    """A pair is deleted (or its P-VOL joins another mirror) while a host write waits at the pair's barrier:
+    the write then goes through the volume's write path as it is now, not through the old pair's."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from vspemu.replication.bitmap import DirtyBitmap
+    from vspemu.replication.datapath import PairVolume, WriteBarrier
+    from vspemu.replication.model import Pair
+
+    async def scenario() -> None:
+        vol = Volume.create(1, tmp_path / "v.img", 8 << 20)
+        bm = DirtyBitmap.open(tmp_path / "v.bmp", vol.size)
+        barrier = WriteBarrier()
+        pair = Pair(group="g", name="p", role="P", local_ldev=1, remote_ldev=2, status="PSUS", peer_status="SSUS")
+        engine = SimpleNamespace(write_mode=lambda p: "local")
+        vol.replicator = PairVolume(engine, [(pair, bm, barrier)])  # type: ignore[arg-type]
+        await barrier.hold()  # a status change or a deletion in progress
+        write = asyncio.ensure_future(vol.write(4096, b"w" * 4096))
+        await asyncio.sleep(0.01)
+        assert not write.done()
+        vol.replicator = None  # the pair is gone
+        await barrier.release()
+        await write
+        assert vol.read(4096, 4096) == b"w" * 4096
+        assert bm.count() == 0  # the old pair's bitmap was not touched
+        await vol.write(0, b"u" * 512)  # and a later write goes the same way at once
+        assert bm.count() == 0
+        vol.close()
+
+    asyncio.run(scenario())

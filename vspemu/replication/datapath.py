@@ -220,6 +220,8 @@ class PairVolume:
                     if not barrier.try_enter():
                         await barrier.enter()
                     entered.append(barrier)
+            if volume.replicator is not self:
+                return await self._again(volume, offset, length, data, fua, entered)
             while True:
                 journaled = [p for p, _, _ in self.targets if self.engine.write_mode(p) == "journal"]
                 for pair, bitmap, _ in self.targets:
@@ -239,10 +241,24 @@ class PairVolume:
             for barrier in entered:
                 barrier.leave()
 
+    async def _again(self, volume: Volume, offset: int, length: int, data: bytes | memoryview | None, fua: bool,
+                     entered: list[WriteBarrier]) -> None:
+        """The volume's pairs changed while this write waited at a barrier (a pair was deleted, or the P-VOL
+        joined another mirror): leave, and write through the volume's write path as it is now."""
+        for barrier in entered:
+            barrier.leave()
+        entered.clear()
+        if data is None:
+            await volume.discard(offset, length, True, fua)
+        else:
+            await volume.write(offset, data, fua)
+
     async def _update(self, volume: Volume, offset: int, length: int, data: bytes | memoryview | None,
                       fua: bool) -> None:
         if not self.barrier.try_enter():
             await self.barrier.enter()
+            if volume.replicator is not self:
+                return await self._again(volume, offset, length, data, fua, [self.barrier])
         try:
             pair = self.pair
             mode = self.engine.write_mode(pair)

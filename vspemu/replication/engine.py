@@ -619,19 +619,28 @@ class Replication:
                 await self._try_call(group, "pair.delete", {"group": group.name, "pairs": [pair.name]})
                 raise
             extents = [EXTENT.unpack_from(payload, i) for i in range(0, len(payload), EXTENT.size)]
-        with system.store.transaction():
-            if group.name not in self.groups:
-                self.groups[group.name] = group
-                self._save_group(group)
-                if replication_type == "UR":
-                    self.ur.start_mirror(group)
-            self._save(pair)
-        self._index(pair)
-        if initial_copy:
-            bm = self.bitmap(pair)
-            vol = system.volumes[pvol]
-            bm.set_ranges([*vol.data_extents(), *extents])
-            self.start_copy(pair)
+        # a P-VOL already in other mirrors: no write in flight on it while its write path changes and the
+        # new pair's bitmap is filled from what the volume holds (a write that waits goes the new way)
+        held = [self.barriers[p.group] for p in sorted(self.pairs_of(pvol), key=lambda p: p.group)]
+        for barrier in held:
+            await barrier.hold()
+        try:
+            with system.store.transaction():
+                if group.name not in self.groups:
+                    self.groups[group.name] = group
+                    self._save_group(group)
+                    if replication_type == "UR":
+                        self.ur.start_mirror(group)
+                self._save(pair)
+            self._index(pair)
+            if initial_copy:
+                bm = self.bitmap(pair)
+                vol = system.volumes[pvol]
+                bm.set_ranges([*vol.data_extents(), *extents])
+                self.start_copy(pair)
+        finally:
+            for barrier in reversed(held):
+                await barrier.release()
         return group, pair
 
     def _select(self, group: CopyGroup, pair_name: str | None) -> list[Pair]:
@@ -887,8 +896,21 @@ class Replication:
         else:  # from the S side: S -> SMPL, the P side goes PSUS when it learns of it
             await self._try_call(group, "pair.state", {"group": group.name,
                                                        "states": dict.fromkeys(names, SMPL)})
-        self._forget(group, pairs)
+        await self._forget_held(group, pairs)
         return pairs
+
+    async def _forget_held(self, group: CopyGroup, pairs: list[Pair]) -> None:
+        """Forget the pairs with the group's barrier held: no host write is in flight on their volumes (one
+        that waits meanwhile goes on through the volume's new write path, see PairVolume)."""
+        barrier = self.barriers.get(group.name)
+        if barrier is None:
+            self._forget(group, pairs)
+            return
+        await barrier.hold()
+        try:
+            self._forget(group, pairs)
+        finally:
+            await barrier.release()
 
     def _forget(self, group: CopyGroup, pairs: list[Pair]) -> None:
         with self.system.store.transaction():
@@ -995,7 +1017,7 @@ class Replication:
         if group is None or group.remote_device_id != peer.storage_device_id:
             return {}, b""
         pairs = [p for p in self.group_pairs(group.name) if p.name in h["pairs"]]
-        self._forget(group, pairs)
+        await self._forget_held(group, pairs)
         return {}, b""
 
     async def _h_bitmap(self, peer: PeerInfo, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
