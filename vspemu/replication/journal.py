@@ -279,6 +279,19 @@ class MasterJournal:
             pos, seq = npos + entry.size, seq + 1
         return pos, seq
 
+    def _header_of(self, pos: int, seq: int) -> tuple[int, tuple[int, int, int, int, int]]:
+        """(offset, header fields) of entry ``seq``, which is at ``pos`` or, after a wrap, at the start."""
+        for _ in range(2):
+            if pos + ENTRY.size <= self.size:
+                raw = os.pread(self.fd, ENTRY.size, pos)
+                fields = _fields(raw, 0, seq) if len(raw) == ENTRY.size else None
+                if fields is None:
+                    break
+                if not fields[0] & WRAP:
+                    return pos, fields
+            pos = HEADER_SIZE
+        raise RuntimeError(f"journal {self.path.name}: entry {seq} is missing or corrupt")
+
     def read_raw(self, from_seq: int, max_bytes: int, mu: int = 0) -> tuple[bytes | memoryview, int, int, bool]:
         """The entries from ``from_seq`` on as they are stored (headers, data, padding), read with one
         ``pread`` and not copied again, for mirror ``mu`` (its read cursor): (raw, first seq, count, own).
@@ -292,18 +305,7 @@ class MasterJournal:
         if from_seq >= self.next_seq:
             return b"", from_seq, 0, True
         pos, seq = self._seek(from_seq)
-        for _ in range(2):
-            if pos + ENTRY.size > self.size:
-                pos = HEADER_SIZE
-                continue
-            first = os.pread(self.fd, ENTRY.size, pos)
-            fields = _fields(first, 0, seq) if len(first) == ENTRY.size else None
-            if fields is None:
-                raise RuntimeError(f"journal {self.path.name}: entry {seq} is missing or corrupt")
-            if fields[0] & WRAP:
-                pos = HEADER_SIZE
-                continue
-            break
+        pos, fields = self._header_of(pos, seq)
         end = self.tail if self.tail > pos else self.size
         first_size = ENTRY.size + (0 if fields[0] & ZERO else _align(fields[2]))
         buf = os.pread(self.fd, min(end - pos, max(first_size, max_bytes + ENTRY.size + 4096)), pos)
