@@ -74,8 +74,17 @@ class Entry:
     def size(self) -> int:
         return ENTRY.size + (0 if self.zero else _align(self.length))
 
-    def is_for(self, mu: int) -> bool:
-        return not self.mirrors or bool(self.mirrors >> mu & 1)
+    def is_for(self, mu: int, floor: int = 0) -> bool:
+        return for_mirror(self.seq, self.mirrors, mu, floor)
+
+
+def for_mirror(seq: int, mirrors: int, mu: int, floor: int = 0) -> bool:
+    """Whether entry ``seq`` with the mirror bits ``mirrors`` is for mirror ``mu`` whose floor is ``floor``."""
+    return seq > floor and (not mirrors or bool(mirrors >> mu & 1))
+
+
+def _mirrors(flags: int) -> int:
+    return (flags & MIRROR_MASK) >> MIRROR_SHIFT
 
 
 class JournalFull(Exception):
@@ -111,7 +120,7 @@ def parse_entries(raw: bytes | memoryview, first_seq: int) -> Iterator[Entry]:
         data = b"" if zero else view[at + ENTRY.size:end]
         if _checksum(view[at:], data) != crc:
             raise CorruptEntry(f"entry {seq} fails its checksum")
-        entry = Entry(seq, ldev, offset, length, zero, data, (flags & MIRROR_MASK) >> MIRROR_SHIFT)
+        entry = Entry(seq, ldev, offset, length, zero, data, _mirrors(flags))
         yield entry
         at += entry.size
         seq += 1
@@ -169,7 +178,7 @@ class MasterJournal:
         os.fdatasync(self.fd)
 
     def is_for(self, entry: Entry, mu: int) -> bool:
-        return entry.seq > self.floors[mu] and entry.is_for(mu)
+        return entry.is_for(mu, self.floors[mu])
 
     def _recover(self) -> None:
         raw = os.pread(self.fd, _HDR.size, 0)
@@ -225,7 +234,7 @@ class MasterJournal:
                 data = os.pread(self.fd, length, pos + ENTRY.size)
             if _checksum(raw, data) != crc:
                 return pos, None
-        return pos, Entry(seq, ldev, offset, length, zero, data, (flags & MIRROR_MASK) >> MIRROR_SHIFT)
+        return pos, Entry(seq, ldev, offset, length, zero, data, _mirrors(flags))
 
     def _start(self, from_seq: int) -> tuple[int, int]:
         """(offset, seq) to walk from to reach ``from_seq``: the nearest read cursor at or before it, or the head."""
@@ -316,8 +325,7 @@ class MasterJournal:
             fields = _fields(buf, at, seq)
             if fields is None or fields[0] & WRAP:
                 break
-            bits = (fields[0] & MIRROR_MASK) >> MIRROR_SHIFT
-            mine = seq > floor and (not bits or bool(bits >> mu & 1))
+            mine = for_mirror(seq, _mirrors(fields[0]), mu, floor)
             if not count:
                 own = mine
             elif mine != own:
@@ -358,7 +366,7 @@ class MasterJournal:
             data = b"" if zero else view[at + ENTRY.size:at + ENTRY.size + length]
             if _checksum(view[at:], data) != crc:
                 raise RuntimeError(f"journal {self.path.name}: entry {seq} fails its checksum")
-            entry = Entry(seq, ldev, offset, length, zero, data, (flags & MIRROR_MASK) >> MIRROR_SHIFT)
+            entry = Entry(seq, ldev, offset, length, zero, data, _mirrors(flags))
             run.append(entry)
             got += 0 if zero else length
             at += entry.size

@@ -403,7 +403,7 @@ class UniversalReplicator:
                 if rt.restored and e.seq != rt.restored + 1:
                     log.error("journal gap in %s: expected %d, got %d", group.name, rt.restored + 1, e.seq)
                     break
-                svol = svols.get(e.ldev) if e.seq > floor and e.is_for(mu) else None
+                svol = svols.get(e.ldev) if e.is_for(mu, floor) else None
                 if svol is not None:
                     if svol not in volumes:
                         pair = next((p for p in self.engine.pairs_of(svol) if p.group == group.name), None)
