@@ -496,6 +496,9 @@ def test_the_secondary_polls_for_the_next_small_write(monkeypatch: pytest.Monkey
                                         data) == ({}, b"")
                 assert served[-1] == data
             assert spinner.served > 20 and ticks > 0
+            # The count goes up after the reply is sent, so the last write's may still be on its way: let B's loop
+            # finish the callback that served it before reading the count.
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(asyncio.sleep(0), b_loop))
             before = spinner.served
             for _ in range(30):
                 await group.call(L.DATA_WRITE, {"ldev": 3, "offset": 0, "length": 4096, "copy": True}, b"c" * 4096)
