@@ -148,15 +148,24 @@ Target = tuple["Pair", DirtyBitmap, WriteBarrier]
 class PairVolume:
     """The replicator of a volume in a pair (see the module docstring for the order of things).
 
-    A UR P-VOL may be in several mirrors of its journal (multi-target): then ``targets`` has one entry per
-    pair, and a write goes through :meth:`_update_all` (one journal entry for the pairs in PAIR/PFUL, marks
-    for the others). Otherwise there is one target, and the write path below is the single pair's."""
+    A P-VOL may be in several pairs (multi-target): up to four UR mirrors of its journal, and at most one
+    TrueCopy pair beside them (3DC multi-target). Then ``targets`` has one entry per pair (in group order, the
+    order barriers are entered), and a write goes through :meth:`_update_all`: one journal entry for the UR
+    pairs in PAIR/PFUL, the TrueCopy S-VOL sent the write as in the single-pair path, marks for the others.
+    Otherwise there is one target, and the write path below is the single pair's. ``pair``/``bitmap``/
+    ``barrier`` are the TrueCopy pair's if there is one (its activity extents are kept here), else the first.
+    """
 
     def __init__(self, engine: Replication, targets: list[Target]) -> None:
         self.engine = engine
         self.targets = targets
         self.pair, self.bitmap, self.barrier = targets[0]
         self.multi = len(targets) > 1
+        self.tc_pair: Pair | None = None  # (multi-target only: the single path does not need to know)
+        for target in targets if self.multi else ():
+            if engine.groups[target[0].group].replication_type == "TC":
+                self.pair, self.bitmap, self.barrier = target
+                self.tc_pair = target[0]
         self.inflight = InFlight()
         self.activity: dict[int, float] = {}  # marked activity extent -> last write (monotonic), oldest first
 
@@ -210,10 +219,13 @@ class PairVolume:
 
     async def _update_all(self, volume: Volume, offset: int, length: int, data: bytes | memoryview | None,
                           fua: bool) -> None:
-        """A write to a P-VOL in several UR mirrors: the mirrors' barriers are entered (in group order), the
-        pairs not in PAIR/PFUL are marked, then one journal entry serves the others and the write is done
-        once. If a pair leaves PAIR/PFUL while the write waits for journal room, it is planned again."""
+        """A write to a P-VOL in several pairs: the pairs' barriers are entered (in group order), the pairs
+        that neither journal nor forward it are marked, then one journal entry serves the UR pairs in PAIR/PFUL
+        (it writes the volume) and, for a TrueCopy pair in PAIR, the write is sent to its S-VOL and the host is
+        answered once the S side has it. If a UR pair leaves PAIR/PFUL while the write waits for journal room,
+        it is planned again."""
         entered: list[WriteBarrier] = []
+        flight: _Range | None = None
         try:
             for _, _, barrier in self.targets:
                 if barrier not in entered:
@@ -222,24 +234,56 @@ class PairVolume:
                     entered.append(barrier)
             if volume.replicator is not self:
                 return await self._again(volume, offset, length, data, fua, entered)
+            if self.tc_pair is not None:  # overlapping writes reach the TrueCopy S-VOL in the order written here
+                flight = self.inflight.try_begin(offset, offset + length) or \
+                    await self.inflight.begin(offset, offset + length)
+            written = False
             while True:
-                journaled = [p for p, _, _ in self.targets if self.engine.write_mode(p) == "journal"]
-                for pair, bitmap, _ in self.targets:
-                    if not any(pair is j for j in journaled):
+                modes = [(pair, bitmap, self.engine.write_mode(pair)) for pair, bitmap, _ in self.targets]
+                for _pair, bitmap, mode in modes:
+                    if mode == "local":
                         await bitmap.mark(offset, length)
+                    elif mode == "forward" and (extents := self._touch_activity(offset, length)) is not None:
+                        await bitmap.mark(*extents)
+                journaled = [pair for pair, _, mode in modes if mode == "journal"]
                 if not journaled:
-                    self._write_local(volume, offset, length, data)
-                    if fua:
-                        await volume.flush_local()
                     break
                 if await self.engine.ur.journal_write(journaled, volume, offset, length, data, fua):
+                    written = True
                     break
+            tc = self.tc_pair
+            if tc is not None and self.engine.write_mode(tc) == "forward":
+                def local() -> None:
+                    if not written:
+                        self._write_local(volume, offset, length, data)
+
+                await self.engine.forward_write(tc, self, offset, length, data, fua, local)
+                written = True
+            if not written:
+                self._write_local(volume, offset, length, data)
+            if fua:
+                await volume.flush_local()
             for pair, bitmap, _ in self.targets:
                 if pair.role == "P" and pair.status == "COPY":
                     await bitmap.mark(offset, length)  # the copier may have cleared it meanwhile
         finally:
+            if flight is not None:
+                self.inflight.end(flight)
             for barrier in entered:
                 barrier.leave()
+
+    def _touch_activity(self, offset: int, length: int) -> tuple[int, int] | None:
+        """A TrueCopy write in PAIR: the activity extents it touches become the most recently written; returns
+        the range the bitmap must mark (durably, before the write) if it is not marked yet."""
+        first = offset // ACTIVITY_EXTENT
+        last = (offset + max(length, 1) - 1) // ACTIVITY_EXTENT
+        now = time.monotonic()
+        act = self.activity
+        for ext in range(first, last + 1):
+            act.pop(ext, None)
+            act[ext] = now  # most recently written last
+        marked = first * ACTIVITY_EXTENT, (last + 1 - first) * ACTIVITY_EXTENT
+        return None if self.bitmap.is_marked(*marked) else marked
 
     async def _again(self, volume: Volume, offset: int, length: int, data: bytes | memoryview | None, fua: bool,
                      entered: list[WriteBarrier]) -> None:
@@ -269,16 +313,9 @@ class PairVolume:
                 # one, the write is now "local" (a mark); if another one sharing the journal, journal it now
                 mode = self.engine.write_mode(pair)
             if mode == "forward":
-                first = offset // ACTIVITY_EXTENT
-                last = (offset + max(length, 1) - 1) // ACTIVITY_EXTENT
-                now = time.monotonic()
-                act = self.activity
-                for ext in range(first, last + 1):
-                    act.pop(ext, None)
-                    act[ext] = now  # most recently written last
-                marked = first * ACTIVITY_EXTENT, (last + 1 - first) * ACTIVITY_EXTENT
-                if not self.bitmap.is_marked(*marked):
-                    await self.bitmap.mark(*marked)
+                extents = self._touch_activity(offset, length)
+                if extents is not None:
+                    await self.bitmap.mark(*extents)
                 flight = self.inflight.try_begin(offset, offset + length) or \
                     await self.inflight.begin(offset, offset + length)
                 try:

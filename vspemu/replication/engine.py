@@ -101,7 +101,7 @@ class Replication:
         self.bitmap_dir.mkdir(parents=True, exist_ok=True)
         self.groups: dict[str, CopyGroup] = {}
         self.pairs: dict[str, Pair] = {}
-        self.ldev_pairs: dict[int, list[Pair]] = {}  # an LDEV is in one pair, or a P-VOL in up to 4 UR mirrors
+        self.ldev_pairs: dict[int, list[Pair]] = {}  # an LDEV's pairs: one, or a P-VOL's (multi-target)
         self.bitmaps: dict[str, DirtyBitmap] = {}  # pair key -> the differential bitmap of its local volume
         self.runtime: dict[str, PairRuntime] = {}
         self.barriers: dict[str, WriteBarrier] = {}
@@ -197,19 +197,33 @@ class Replication:
 
     def _check_pvol_free(self, pvol: int, group_name: str, replication_type: str, mu: int,
                          journal_id: int | None) -> None:
-        """A volume is in one pair, except that a UR P-VOL may be in up to four mirrors (multi-target): one per
-        mirror unit (muNumber) of the same master journal, since a data volume belongs to one journal."""
+        """A volume is in one pair, except a P-VOL of a multi-target set-up: a UR P-VOL may be in up to four
+        mirrors, one per mirror unit (muNumber) of the same master journal, since a data volume belongs to one
+        journal; and beside those in one TrueCopy pair (3DC multi-target). TrueCopy has mirror unit 0, so the UR
+        mirrors of such a volume use mirror units 1-3, as in the array's 3DC configurations (CCI MU# h1-h3).
+        A cascade (an S-VOL that is also a P-VOL) is not supported."""
         for other in self.pairs_of(pvol):
             og = self.groups[other.group]
-            if replication_type != "UR" or og.replication_type != "UR" or other.role != "P":
+            if other.role != "P":
                 raise VspError("IN_USE", detail=f"ldev {pvol} is already a pair volume ({other.role}-VOL of "
                                                 f"pair {other.key})")
-            if og.local_journal_id != journal_id:
-                raise VspError("IN_USE", detail=f"ldev {pvol} is a data volume of journal {og.local_journal_id} "
-                                                f"(copy group {og.name}); a data volume belongs to one journal")
-            if og.mu_number == mu or og.name == group_name:
-                raise VspError("IN_USE", detail=f"ldev {pvol} is already a P-VOL of mirror {og.mu_number} "
-                                                f"(copy group {og.name})")
+            if og.name == group_name:
+                raise VspError("IN_USE", detail=f"ldev {pvol} is already a P-VOL of copy group {og.name}")
+            if replication_type == "TC" and og.replication_type == "TC":
+                raise VspError("IN_USE", detail=f"ldev {pvol} is already the P-VOL of TrueCopy pair {other.key}; "
+                                                "a volume is in one TrueCopy pair")
+            if replication_type == "UR" and og.replication_type == "UR":
+                if og.local_journal_id != journal_id:
+                    raise VspError("IN_USE", detail=f"ldev {pvol} is a data volume of journal "
+                                                    f"{og.local_journal_id} (copy group {og.name}); a data volume "
+                                                    "belongs to one journal")
+                if og.mu_number == mu:
+                    raise VspError("IN_USE", detail=f"ldev {pvol} is already a P-VOL of mirror {og.mu_number} "
+                                                    f"(copy group {og.name})")
+            elif (mu if replication_type == "UR" else og.mu_number) == 0:
+                raise VspError("IN_USE", detail=f"ldev {pvol} is a P-VOL of TrueCopy and UR pairs (3DC "
+                                                "multi-target): TrueCopy has mirror unit 0, so its UR mirrors "
+                                                "use mirror units 1-3")
 
     def shares_volumes(self, pairs: list[Pair]) -> bool:
         """True if a volume of these pairs is also in a pair of another group (a multi-target P-VOL)."""
