@@ -248,3 +248,29 @@ def test_a_pvol_in_a_ur_mirror_joins_a_truecopy_pair(three: ThreeSites) -> None:
     assert not errors
     three.wait_drained(mu=2)
     assert three.same(near) and three.same(far)
+
+
+def test_primary_restart_with_truecopy_and_a_ur_backlog(three: ThreeSites) -> None:
+    """The primary is killed while its UR mirror holds a backlog; after the restart TrueCopy copies its marked
+    extents again (COPY, then PAIR) and the far site restores the rest: all three hold the same bytes."""
+    near, far = three.near, three.far
+    three.create_tc()
+    three.create_ur()
+    far.s.pause()
+    try:
+        for pv in three.pvols:
+            three.write(pv, MiB, os.urandom(3 * MiB))
+            with NbdClient("127.0.0.1", three.p.nbd_port, str(pv)) as c:
+                c.write(9 * MiB, os.urandom(MiB), fua=True)
+        assert three.same(near)
+        three.p.kill()
+    finally:
+        far.s.resume()
+    three.p.start()
+    three.pc = three.p.client()
+    for site in (near, far):
+        three.pc.wait_path_status(f"{site.s.serial},R9,0", "NML_01", 30)
+    three.wait(near, TC, {("PAIR", "PAIR")})
+    three.wait_drained()
+    assert three.statuses(far, UR) == {("PAIR", "PAIR")}
+    assert three.same(near) and three.same(far)
