@@ -237,7 +237,7 @@ class PairVolume:
             if self.tc_pair is not None:  # overlapping writes reach the TrueCopy S-VOL in the order written here
                 flight = self.inflight.try_begin(offset, offset + length) or \
                     await self.inflight.begin(offset, offset + length)
-            written = False
+            written = False  # the volume holds the write (journal_write writes it, and flushes it for FUA)
             while True:
                 modes = [(pair, bitmap, self.engine.write_mode(pair)) for pair, bitmap, _ in self.targets]
                 for _pair, bitmap, mode in modes:
@@ -258,11 +258,12 @@ class PairVolume:
                         self._write_local(volume, offset, length, data)
 
                 await self.engine.forward_write(tc, self, offset, length, data, fua, local)
-                written = True
-            if not written:
+                if fua and not written:
+                    await volume.flush_local()
+            elif not written:
                 self._write_local(volume, offset, length, data)
-            if fua:
-                await volume.flush_local()
+                if fua:
+                    await volume.flush_local()
             for pair, bitmap, _ in self.targets:
                 if pair.role == "P" and pair.status == "COPY":
                     await bitmap.mark(offset, length)  # the copier may have cleared it meanwhile
