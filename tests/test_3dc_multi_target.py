@@ -46,12 +46,13 @@ class ThreeSites:
     def gid(self, site: Site, group: str) -> str:
         return f"{site.s.storage_device_id},{group},{group}P_,{group}S_"
 
-    def create_tc(self, pvols: list[int] | None = None, svols: list[int] | None = None, group: str = TC) -> None:
+    def create_tc(self, pvols: list[int] | None = None, svols: list[int] | None = None, group: str = TC,
+                  **extra: object) -> None:
         for i, (pv, sv) in enumerate(zip(pvols or self.pvols, svols or self.near.svols, strict=True)):
             self.pc.invoke("POST", "remote-mirror-copypairs", {
                 "copyGroupName": group, "copyPairName": f"t{i}", "replicationType": "TC",
                 "remoteStorageDeviceId": self.near.s.storage_device_id, "pvolLdevId": pv, "svolLdevId": sv,
-                "isNewGroupCreation": i == 0, "fenceLevel": "NEVER", "copyPace": 15}, remote=self.near.c)
+                "isNewGroupCreation": i == 0, "fenceLevel": "NEVER", "copyPace": 15, **extra}, remote=self.near.c)
 
     def create_ur(self, mu: int = 1, group: str = UR) -> None:
         for i, (pv, sv) in enumerate(zip(self.pvols, self.far.svols, strict=True)):
@@ -223,6 +224,10 @@ def test_a_pvol_in_a_ur_mirror_joins_a_truecopy_pair(three: ThreeSites) -> None:
     journal see the same writes."""
     near, far, pv0 = three.near, three.far, three.pvols[0]
     three.create_ur(mu=2)
+    with pytest.raises(ApiError) as e:  # a TrueCopy group given the UR mirror's unit (bitmaps are named by it)
+        three.create_tc(muNumber=2)
+    assert e.value.message_id == "KART40063-E" and "other than 2" in e.value.message
+    assert three.pc.get("remote-copypairs", replicationType="TC")["data"] == []
     stop = threading.Event()
     errors: list[BaseException] = []
 

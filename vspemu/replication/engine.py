@@ -220,10 +220,15 @@ class Replication:
                 if og.mu_number == mu:
                     raise VspError("IN_USE", detail=f"ldev {pvol} is already a P-VOL of mirror {og.mu_number} "
                                                     f"(copy group {og.name})")
-            elif (mu if replication_type == "UR" else og.mu_number) == 0:
+                continue
+            # one TrueCopy pair and one UR pair (a TrueCopy group created with a muNumber keeps it, and the
+            # bitmap files are named by mirror unit: see _open_bitmap)
+            ur_mu, tc_mu = (mu, og.mu_number) if replication_type == "UR" else (og.mu_number, mu or 0)
+            if ur_mu in (0, tc_mu):
                 raise VspError("IN_USE", detail=f"ldev {pvol} is a P-VOL of TrueCopy and UR pairs (3DC "
                                                 "multi-target): TrueCopy has mirror unit 0, so its UR mirrors "
-                                                "use mirror units 1-3")
+                                                "use mirror units 1-3" + (f" other than {tc_mu}, the TrueCopy "
+                                                                         "group's" if tc_mu else ""))
 
     def shares_volumes(self, pairs: list[Pair]) -> bool:
         """True if a volume of these pairs is also in a pair of another group (a multi-target P-VOL)."""
