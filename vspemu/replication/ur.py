@@ -32,7 +32,8 @@ entry is freed once every mirror that still holds entries has restored it; a mir
 its entries into bitmap marks and stops holding any (its *floor* in the journal header moves past them, so a
 later resync never receives an entry from before it). Journal full (PFUS) suspends the mirrors that hold the
 oldest entries, which frees room for the others. vspemu does not reverse (swap) a mirror whose P-VOLs are
-in other mirrors.
+in other mirrors. Beside its UR mirrors (on mirror units 1-3 then), a P-VOL may be in one TrueCopy pair (3DC
+multi-target; the write path is :meth:`~vspemu.replication.datapath.PairVolume._update_all`).
 """
 
 from __future__ import annotations
