@@ -56,3 +56,23 @@ def linked(make_system: MakeSystem) -> Iterator[tuple[SystemProcess, SystemProce
     yield p, s, pc, sc
     pc.close()
     sc.close()
+
+
+def primary_and_two_secondaries(make_system: MakeSystem, journals: tuple[int, ...]
+                                ) -> tuple[list[SystemProcess], list[VspClient], list[list[int]]]:
+    """Three systems, the first registered with each of the others; a 16 MiB journal 1 on the systems at the
+    indexes ``journals``; on every system two 32 MiB volumes with LUNs: (systems, clients, volumes)."""
+    from vspemu.lab import link_systems
+
+    systems = [make_system() for _ in range(3)]
+    clients = [s.client() for s in systems]
+    link_systems(clients[0], clients[1])
+    link_systems(clients[0], clients[2])
+    for i in journals:
+        clients[i].create_journal(1, [clients[i].create_ldev("16M")])
+    volumes = []
+    for c in clients:
+        volumes.append([c.create_ldev("32M") for _ in range(2)])
+        for v in volumes[-1]:
+            c.add_lun(v)
+    return systems, clients, volumes

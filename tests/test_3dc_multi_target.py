@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import MakeSystem
+from tests.conftest import MakeSystem, primary_and_two_secondaries
 from vspemu.client import ApiError, VspClient
 from vspemu.client.nbd import NbdClient
-from vspemu.lab import SystemProcess, link_systems, volume_digest
+from vspemu.lab import SystemProcess, volume_digest
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -99,18 +99,8 @@ class ThreeSites:
 
 @pytest.fixture
 def three(make_system: MakeSystem) -> Iterator[ThreeSites]:
-    p, near, far = make_system(), make_system(), make_system()
-    pc, nc, fc = p.client(), near.client(), far.client()
-    link_systems(pc, nc)
-    link_systems(pc, fc)
-    for c in (pc, fc):
-        c.create_journal(1, [c.create_ldev("16M")])
-    vols: dict[VspClient, list[int]] = {}
-    for c in (pc, nc, fc):
-        vols[c] = [c.create_ldev("32M") for _ in range(2)]
-        for v in vols[c]:
-            c.add_lun(v)
-    lab = ThreeSites(p, pc, vols[pc], Site(near, nc, vols[nc]), Site(far, fc, vols[fc]))
+    (p, near, far), (pc, nc, fc), (pvols, nv, fv) = primary_and_two_secondaries(make_system, journals=(0, 2))
+    lab = ThreeSites(p, pc, pvols, Site(near, nc, nv), Site(far, fc, fv))
     for pv in lab.pvols:
         lab.write(pv, 0, os.urandom(8 * MiB))
     yield lab

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import MakeSystem
+from tests.conftest import MakeSystem, primary_and_two_secondaries
 from vspemu.client import ApiError, VspClient
 from vspemu.client.nbd import NbdClient
-from vspemu.lab import SystemProcess, link_systems, volume_digest
+from vspemu.lab import SystemProcess, volume_digest
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -94,18 +94,8 @@ class MultiTarget:
 
 @pytest.fixture
 def mt(make_system: MakeSystem) -> Iterator[MultiTarget]:
-    p, s1, s2 = make_system(), make_system(), make_system()
-    pc, c1, c2 = p.client(), s1.client(), s2.client()
-    link_systems(pc, c1)
-    link_systems(pc, c2)
-    for c in (pc, c1, c2):
-        c.create_journal(1, [c.create_ldev("16M")])
-    vols: dict[VspClient, list[int]] = {}
-    for c in (pc, c1, c2):
-        vols[c] = [c.create_ldev("32M") for _ in range(2)]
-        for v in vols[c]:
-            c.add_lun(v)
-    lab = MultiTarget(p, pc, vols[pc], Mirror("mt1", 1, s1, c1, vols[c1]), Mirror("mt2", 2, s2, c2, vols[c2]))
+    (p, s1, s2), (pc, c1, c2), (pvols, v1, v2) = primary_and_two_secondaries(make_system, journals=(0, 1, 2))
+    lab = MultiTarget(p, pc, pvols, Mirror("mt1", 1, s1, c1, v1), Mirror("mt2", 2, s2, c2, v2))
     for pv in lab.pvols:
         lab.write(pv, 0, os.urandom(8 * MiB))
     yield lab
