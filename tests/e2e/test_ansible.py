@@ -251,6 +251,32 @@ def test_universal_replicator(alab: AnsibleLab) -> None:
     assert alab.digest("p", pv) == alab.digest("s", sv)
 
 
+def test_truecopy_and_ur_from_one_pvol(alab: AnsibleLab) -> None:
+    """3DC multi-target as the collection does it: hv_truecopy, then hv_hur on mirror unit 1 of the same
+    P-VOL; host writes reach both S-VOLs; then both pairs are split and deleted with the collection."""
+    try:
+        alab.pc.create_journal(21, [alab.pc.create_ldev("256M")])
+        alab.sc.create_journal(23, [alab.sc.create_ldev("256M")])
+    except ApiError as e:
+        unavailable(f"journals for UR could not be created: {e}")
+    pv, svol_tc = alab.volumes()
+    svol_ur = alab.sc.create_ldev(VOLUME)
+    alab.sc.add_lun(svol_ur)
+    ids = {"pvol": pv, "svol_tc": svol_tc, "svol_ur": svol_ur, "pjnl": 21, "sjnl": 23}
+    alab.play("tdc.yml", phase="create", **ids)
+    with NbdClient("127.0.0.1", alab.p.nbd_port, str(pv)) as c:
+        for k in range(16):
+            c.write(k * 2 * MiB + 4096 * k, os.urandom(256 * 1024))
+        c.flush()
+    deadline = time.monotonic() + 60
+    while any(j["qCount"] for j in alab.pc.get("journals", journalInfo="basic")["data"] if j["journalId"] == 21):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert alab.digest("s", svol_tc) == alab.digest("p", pv) == alab.digest("s", svol_ur)
+    alab.play("tdc.yml", phase="delete", **ids)
+    assert alab.pc.get("remote-copypairs")["data"] == [] and alab.sc.get("remote-copypairs")["data"] == []
+
+
 def test_remote_storage_registration(alab: AnsibleLab) -> None:
     """Last (it tears the link down): unregister with the SDK, then register and connect with the collection."""
     for local in (alab.pc, alab.sc):
