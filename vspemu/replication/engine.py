@@ -236,9 +236,9 @@ class Replication:
 
     def _refuse_multi_target_swap(self, pairs: list[Pair]) -> None:
         if self.shares_volumes(pairs):
-            raise VspError("WRONG_STATE", detail="a P-VOL of this mirror is in other mirrors too (multi-target); "
-                                                 "vspemu does not reverse such a mirror: delete the other mirrors "
-                                                 "first")
+            raise VspError("WRONG_STATE", detail="a P-VOL of this copy group is in pairs of other copy groups too "
+                                                 "(multi-target); vspemu does not reverse such pairs: delete the "
+                                                 "other pairs first")
 
     def group_pairs(self, group: str) -> list[Pair]:
         return sorted((p for p in self.pairs.values() if p.group == group), key=lambda p: p.name)
@@ -1065,7 +1065,8 @@ class Replication:
         return {}, b""
 
     def _svol_for_peer(self, peer: PeerInfo, ldev_id: int) -> Pair:
-        p = next((x for x in self.pairs_of(ldev_id) if x.role == "S"), None)
+        pairs = self.ldev_pairs.get(ldev_id)
+        p = pairs[0] if pairs else None  # (an S-VOL is in one pair only: if the first is not an S pair, none is)
         group = self.groups.get(p.group) if p else None
         if p is None or group is None or group.remote_device_id != peer.storage_device_id or p.role != "S":
             raise VspError("WRONG_STATE", detail=f"ldev {ldev_id} is not an S-VOL of a pair with "

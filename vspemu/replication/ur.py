@@ -216,8 +216,8 @@ class UniversalReplicator:
             mirrors |= 1 << g.mu_number
         seq = mj.append(pairs[0].local_ldev, offset, data, length, mirrors)
         now = time.monotonic()
-        for p, g in zip(pairs, groups, strict=True):
-            rt = self.runtime(g)
+        runtimes = [self.runtime(g) for g in groups]
+        for p, g, rt in zip(pairs, groups, runtimes, strict=True):
             rt.last_own = seq
             if (mj.usage_rate() >= PFUL_THRESHOLD) != (p.status == PFUL):
                 self.refresh_group(g)  # PAIR <-> PFUL as the usage crosses 80 %
@@ -227,8 +227,8 @@ class UniversalReplicator:
             volume.discard_local(offset, length)
         else:
             volume.write_local(offset, data)
-        for g in groups:
-            self.runtime(g).new_entries.set()
+        for rt in runtimes:
+            rt.new_entries.set()
         if fua:
             await asyncio.to_thread(mj.sync)
             await volume.flush_local()
@@ -444,7 +444,7 @@ class UniversalReplicator:
         mj = self.master(group)
         rt = self.runtime(group)
         mu = group.mu_number
-        if rt.last_own > rt.acked and mj.count:
+        if self._holds(group) and mj.count:
             by_ldev = {p.local_ldev: p for p in self.engine.group_pairs(group.name)}
             for e in mj.pending():
                 p = by_ldev.get(e.ldev)
@@ -479,7 +479,9 @@ class UniversalReplicator:
                 mj.reset()
         elif min(needs) >= mj.head_seq:
             mj.free(min(needs))
-        self.room.setdefault(jid, asyncio.Event()).set()
+        room = self.room.get(jid)  # (made by a write that waits for room)
+        if room is not None:
+            room.set()
 
     def _q_count(self, group: CopyGroup, mj: MasterJournal) -> int:
         """Entries the mirror's secondary has still to restore (0 when none of them is for the mirror)."""
