@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -61,7 +62,9 @@ def linked(make_system: MakeSystem) -> Iterator[tuple[SystemProcess, SystemProce
 def primary_and_two_secondaries(make_system: MakeSystem, journals: tuple[int, ...]
                                 ) -> tuple[list[SystemProcess], list[VspClient], list[list[int]]]:
     """Three systems, the first registered with each of the others; a 16 MiB journal 1 on the systems at the
-    indexes ``journals``; on every system two 32 MiB volumes with LUNs: (systems, clients, volumes)."""
+    indexes ``journals``; on every system two 32 MiB volumes with LUNs, the first system's holding 8 MiB of
+    random data: (systems, clients, volumes)."""
+    from vspemu.client.nbd import NbdClient
     from vspemu.lab import link_systems
 
     systems = [make_system() for _ in range(3)]
@@ -75,4 +78,7 @@ def primary_and_two_secondaries(make_system: MakeSystem, journals: tuple[int, ..
         volumes.append([c.create_ldev("32M") for _ in range(2)])
         for v in volumes[-1]:
             c.add_lun(v)
+    for v in volumes[0]:
+        with NbdClient("127.0.0.1", systems[0].nbd_port, str(v)) as nbd:
+            nbd.write(0, os.urandom(8 << 20))
     return systems, clients, volumes

@@ -101,8 +101,6 @@ class ThreeSites:
 def three(make_system: MakeSystem) -> Iterator[ThreeSites]:
     (p, near, far), (pc, nc, fc), (pvols, nv, fv) = primary_and_two_secondaries(make_system, journals=(0, 2))
     lab = ThreeSites(p, pc, pvols, Site(near, nc, nv), Site(far, fc, fv))
-    for pv in lab.pvols:
-        lab.write(pv, 0, os.urandom(8 * MiB))
     yield lab
     for c in (pc, nc, fc):
         c.close()

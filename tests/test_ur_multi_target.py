@@ -96,8 +96,6 @@ class MultiTarget:
 def mt(make_system: MakeSystem) -> Iterator[MultiTarget]:
     (p, s1, s2), (pc, c1, c2), (pvols, v1, v2) = primary_and_two_secondaries(make_system, journals=(0, 1, 2))
     lab = MultiTarget(p, pc, pvols, Mirror("mt1", 1, s1, c1, v1), Mirror("mt2", 2, s2, c2, v2))
-    for pv in lab.pvols:
-        lab.write(pv, 0, os.urandom(8 * MiB))
     yield lab
     for c in (pc, c1, c2):
         c.close()
