@@ -73,3 +73,49 @@ def test_a_write_waiting_at_a_pair_barrier_takes_the_volumes_new_path(tmp_path: 
         vol.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("end", ["close", "remove"])
+def test_a_closed_or_removed_volume_never_reopens_its_file(tmp_path: Path, end: str) -> None:
+    """After close() / remove() every I/O path fails, even when a new LDEV with the same id (same file
+    name) exists by then: the old object must not reach it (issue 14)."""
+    import asyncio
+
+    from vspemu.volumes.volume import VolumeIOError
+
+    path = tmp_path / "00005.img"
+    vol = Volume.create(5, path, 1 << 20)
+    vol.write_local(0, b"old")
+    drops: list[int] = []
+    vol.attach_host(lambda: drops.append(1))
+    getattr(vol, end)()
+    assert drops == [1]  # its host connections were dropped
+    Volume.create(5, path, 1 << 20).close()  # the new LDEV 5
+    for io in (lambda: vol.fd, lambda: vol.read(0, 3), lambda: vol.write_local(0, b"new"),
+               lambda: vol.discard_local(0, 4096), vol.flush_sync, lambda: asyncio.run(vol.write(0, b"new")),
+               lambda: asyncio.run(vol.flush()), lambda: vol.attach_host(lambda: None)):
+        with pytest.raises(VolumeIOError):
+            io()
+    assert path.read_bytes() == bytes(1 << 20)
+
+
+def test_refused_host_io(tmp_path: Path) -> None:
+    """A journal volume: host writes, discards and flushes are refused; its own (local) I/O is not."""
+    import asyncio
+
+    from vspemu.volumes.volume import WriteRefused
+
+    vol = Volume.create(6, tmp_path / "v.img", 1 << 20)
+    drops: list[int] = []
+    vol.attach_host(lambda: drops.append(1))
+    vol.refuse_host_io("a journal volume accepts no host I/O")
+    assert drops == [1] and vol.host_connections == 0
+    for io in (vol.write(0, b"x"), vol.discard(0, 4096), vol.flush()):
+        with pytest.raises(WriteRefused):
+            asyncio.run(io)
+    vol.write_local(0, b"journal")
+    assert vol.read(0, 7) == b"journal"
+    vol.refuse_host_io(None)
+    asyncio.run(vol.write(0, b"host"))
+    assert vol.read(0, 7) == b"hostnal"
+    vol.close()

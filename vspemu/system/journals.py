@@ -18,7 +18,7 @@ from typing import Any
 
 from vspemu.errors import VspError, invalid, not_found
 from vspemu.system.capacity import format_byte_capacity
-from vspemu.system.storage import Ldev, StorageSystem
+from vspemu.system.storage import JOURNAL_ATTRIBUTE, Ldev, StorageSystem
 
 MAX_JOURNAL_ID = 255
 MAX_JOURNAL_VOLUMES = 2  # one journal volume and one reserve journal volume (VSP 5000 / E series)
@@ -26,7 +26,7 @@ MIRROR_UNITS = 4
 COPY_SPEEDS = (3, 10, 100, 256)  # Mbps
 COPY_PACES = ("L", "M", "H")
 MAX_MP_BLADE_ID = 15
-JNL = "JNL"
+JNL = JOURNAL_ATTRIBUTE  # the LDEV attribute of a journal volume (it refuses host I/O)
 PAIR_ATTRIBUTE = "HORC"
 
 

@@ -39,6 +39,10 @@ MODEL_PREFIX = {
 # the short "storage type id" used in remote path groups and remote-copypairs (api-spec 1.4)
 MODEL_TYPE_ID = {"900000": "R9", "800000": "R8"}
 
+# the LDEV attribute of a journal volume (vspemu.system.journals): such a volume refuses host I/O
+JOURNAL_ATTRIBUTE = "JNL"
+JOURNAL_REFUSAL = "a journal volume accepts no host I/O"
+
 HOST_PORTS = ["CL1-A", "CL2-A", "CL1-B", "CL2-B"]
 REPLICATION_PORTS = ["CL3-A", "CL4-A", "CL3-B", "CL4-B"]
 
@@ -154,7 +158,9 @@ class StorageSystem:
         for doc in self.store.load("ldevs").values():
             ldev = Ldev(**doc)
             self.ldevs[ldev.ldev_id] = ldev
-            self.volumes[ldev.ldev_id] = Volume(ldev.ldev_id, self._ldev_path(ldev.ldev_id), ldev.size)
+            vol = self.volumes[ldev.ldev_id] = Volume(ldev.ldev_id, self._ldev_path(ldev.ldev_id), ldev.size)
+            if JOURNAL_ATTRIBUTE in ldev.extra_attributes:
+                vol.refuse_host_io(JOURNAL_REFUSAL)
         self.ports = {p: Port(p, wwn=self._wwn(i)) for i, p in enumerate(HOST_PORTS)}
         for i, p in enumerate(REPLICATION_PORTS):
             self.ports[p] = Port(p, attributes=["MCU", "RCU"], wwn=self._wwn(len(HOST_PORTS) + i))
@@ -282,6 +288,10 @@ class StorageSystem:
         else:
             return
         self.save_ldev(ldev)
+        if attribute == JOURNAL_ATTRIBUTE:  # a journal volume refuses host I/O (and loses its connections)
+            vol = self.volumes.get(ldev.ldev_id)
+            if vol is not None:
+                vol.refuse_host_io(JOURNAL_REFUSAL if on else None)
 
     def ldev_luns(self, ldev_id: int) -> list[Lun]:
         return [lun for lun in self.luns.values() if lun.ldev_id == ldev_id]
@@ -331,19 +341,25 @@ class StorageSystem:
         return path
 
     def delete_lun(self, lun_id: str) -> None:
-        self.get_lun(lun_id)
+        lun = self.get_lun(lun_id)
         self.store.delete("luns", lun_id)
         del self.luns[lun_id]
+        vol = self.volumes.get(lun.ldev_id)
+        if vol is not None and not self.ldev_luns(lun.ldev_id):  # its last path: hosts lose access now
+            vol.drop_hosts()
 
     # -- host I/O export --------------------------------------------------------------------------
     def exported_volume(self, name: str) -> Volume | None:
-        """The volume behind an NBD export name (the LDEV id), if the LDEV has an LU path."""
-        if not name.isdigit():
+        """The volume behind an NBD export name (the LDEV id), if the LDEV has an LU path (and is no journal
+        volume). The connection is dropped when the last LU path goes or the LDEV is deleted."""
+        if not (name.isascii() and name.isdigit()) or len(name) > 5:
             return None
         ldev_id = int(name)
-        if ldev_id not in self.ldevs or not self.ldev_luns(ldev_id):
+        ldev = self.ldevs.get(ldev_id)
+        if ldev is None or JOURNAL_ATTRIBUTE in ldev.extra_attributes or not self.ldev_luns(ldev_id):
             return None
-        return self.volumes[ldev_id]
+        vol = self.volumes[ldev_id]
+        return None if vol.closed or vol.host_io_refused is not None else vol
 
     def export_names(self) -> list[str]:
         return sorted({str(lun.ldev_id) for lun in self.luns.values()}, key=int)

@@ -25,6 +25,12 @@ Durability: a WRITE/TRIM/WRITE_ZEROES with ``FUA`` and every FLUSH are answered 
 ``Volume.flush`` (fdatasync) returned. One flush covers all connections (one file per LDEV), hence
 ``CAN_MULTI_CONN``.
 
+Revocation: a connection in transmission registers with its volume (``Volume.attach_host``); when the
+LDEV loses its last LU path, is deleted (``Volume.remove``) or becomes a journal volume, the volume calls
+the connection's drop callback and the connection is aborted at once (nothing more of its requests is
+served). A closed or removed volume never reopens its file, so a stale connection cannot reach a new LDEV
+that reuses the id; a volume whose host I/O is refused (journal) answers ``NBD_EPERM``.
+
 Errors: ``WriteRefused`` -> ``NBD_EPERM``, ``VolumeIOError`` and other I/O errors -> ``NBD_EIO``, a range
 past the end -> ``NBD_EINVAL`` (``NBD_ENOSPC`` for WRITE / WRITE_ZEROES), unknown command -> ``NBD_EINVAL``.
 A bad request magic or a broken handshake closes the connection.
@@ -40,6 +46,7 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, cast
 
 from vspemu.aio import resume
@@ -174,6 +181,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._closed = True
         self._phase = _DONE
         self._server._connections.discard(self)
+        if self._volume is not None:
+            self._volume.detach_host(self._drop)
         self._payload = self._payload_view = None
         if self._sock is not None:
             self._sock.close()
@@ -202,8 +211,13 @@ class _Connection(asyncio.BufferedProtocol):
             self._payload = self._payload_view = None
             flags, handle, offset = self._payload_req
             assert buf is not None
-            self._write(flags, handle, offset, view, buf)
-            del view, buf
+            if self._phase == _TRANSMISSION:
+                self._write(flags, handle, offset, view, buf)
+                del view
+            else:  # dropped (or closed) meanwhile: the payload goes nowhere
+                del view
+                self._server._pool.put(buf)
+            del buf
         else:
             self._end += nbytes
         self._parse()
@@ -284,7 +298,9 @@ class _Connection(asyncio.BufferedProtocol):
     def _command(self, flags: int, cmd: int, handle: int, offset: int, length: int) -> None:
         volume = self._volume
         assert volume is not None
-        if cmd == CMD_READ:
+        if volume.host_io_refused is not None:  # a journal volume (its connections are dropped, too)
+            self._reply(handle, NBD_EPERM)
+        elif cmd == CMD_READ:
             self._read(handle, offset, length)
         elif cmd == CMD_FLUSH:
             self._run(volume.flush(), handle, 0, None)
@@ -430,6 +446,20 @@ class _Connection(asyncio.BufferedProtocol):
         if self._transport is not None and not self._closed:
             self._transport.close()
 
+    def _abort(self) -> None:
+        """End the connection now: nothing more is read, answered or sent (unsent replies are dropped)."""
+        self._phase = _DONE
+        if self._transport is not None and not self._closed:
+            self._closed = True
+            self._transport.abort()
+
+    def _drop(self) -> None:
+        """The volume's host access was revoked (last LU path gone, LDEV deleted, journal volume)."""
+        volume = self._volume
+        log.info("NBD: LDEV %s is no longer exported, dropping a connection",
+                 volume.ldev_id if volume is not None else "?")
+        self._abort()
+
     # -- handshake ------------------------------------------------------------------------------------
     def _handshake(self) -> None:
         rx = self._rx
@@ -517,12 +547,20 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _lookup(self, name: str) -> Volume | None:
         try:
-            return self._server._lookup(name)
+            volume = self._server._lookup(name)
         except Exception:
             log.exception("NBD: export lookup failed for %r", name)
             return None
+        if volume is None or volume.closed or volume.host_io_refused is not None:
+            return None
+        return volume
 
     def _start_transmission(self, volume: Volume) -> None:
+        try:
+            volume.attach_host(self._drop)  # so that revoking the export drops this connection
+        except VolumeIOError:  # closed between the lookup and now (cannot happen on one loop, but never serve it)
+            self._abort()
+            return
         self._volume = volume
         self._phase = _TRANSMISSION
 
@@ -535,10 +573,31 @@ class _Connection(asyncio.BufferedProtocol):
             self._transport.write(data)
 
 
+@dataclass
+class NbdLimits:
+    """What one NBD server allows (docs/nbd.md); a timeout of 0 means none."""
+
+    max_connections: int = 256  # server-wide, in any phase
+    max_connections_per_client: int = 64  # per client IP address
+    handshake_timeout: float = 10.0  # seconds from accept to the end of option negotiation
+    idle_timeout: float = 600.0  # seconds a connection may receive nothing (and send nothing out)
+    buffer_budget: int = 256 << 20  # server-wide bytes of request payloads and unsent replies
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1 or self.max_connections_per_client < 1:
+            raise ValueError("NBD connection limits must be at least 1")
+        if self.handshake_timeout < 0 or self.idle_timeout < 0:
+            raise ValueError("NBD timeouts must not be negative (0 = none)")
+        if self.buffer_budget < MAX_REQUEST:
+            raise ValueError(f"the NBD buffer budget must be at least {MAX_REQUEST >> 20} MiB (one request)")
+
+
 class NbdServer:
     """Serves LDEVs over NBD; the export name is the LDEV id in decimal."""
 
-    def __init__(self, lookup: Callable[[str], Volume | None], list_exports: Callable[[], list[str]]) -> None:
+    def __init__(self, lookup: Callable[[str], Volume | None], list_exports: Callable[[], list[str]],
+                 limits: NbdLimits | None = None) -> None:
+        self.limits = limits or NbdLimits()
         self._lookup = lookup
         self._list_exports = list_exports
         self._server: asyncio.AbstractServer | None = None

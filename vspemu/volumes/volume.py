@@ -10,6 +10,12 @@ Every host write passes one gate and one hook (see docs/architecture.md):
 
 With no gate and no replicator (an unpaired volume) a write is a plain ``os.pwrite`` (in pieces of at most
 :data:`WRITE_PIECE`).
+
+Host access is revocable: a host connection (NBD) registers a drop callback with
+:meth:`Volume.attach_host`; :meth:`Volume.drop_hosts` (the LDEV lost its last LU path), :meth:`Volume.close`
+and :meth:`Volume.remove` call them, and :attr:`Volume.host_io_refused` (a journal volume) makes the host
+I/O paths refuse. After ``close()`` or ``remove()`` every I/O path fails (:class:`VolumeIOError`): the file
+is never reopened, so a stale ``Volume`` can never reach a new LDEV that reuses the id.
 """
 
 from __future__ import annotations
@@ -89,6 +95,11 @@ class Volume:
         self.path = path
         self.size = size
         self._fd: int | None = None
+        self._closed = False
+        # host connections holding this volume: each callback drops its connection (see drop_hosts)
+        self._hosts: set[Callable[[], None]] = set()
+        # why host I/O (NBD read and write) is refused, e.g. a journal volume; None: allowed
+        self.host_io_refused: str | None = None
         self.write_gate: Callable[[Volume], None] | None = None
         self.replicator: Replicator | None = None
 
@@ -107,14 +118,54 @@ class Volume:
 
     @property
     def fd(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR)
-        return self._fd
+        fd = self._fd
+        if fd is None:
+            if self._closed:  # never reopen: the path may belong to a new LDEV with the same id by now
+                raise VolumeIOError(f"LDEV {self.ldev_id}: the volume is closed")
+            fd = self._fd = os.open(self.path, os.O_RDWR)
+        return fd
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
+        """Drop the host connections and close the file for good (every later I/O fails)."""
+        self._closed = True
+        self.drop_hosts()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    # -- host connections ---------------------------------------------------------------------------
+    def attach_host(self, drop: Callable[[], None]) -> None:
+        """A host connection opened this volume; ``drop()`` ends it (called by :meth:`drop_hosts`)."""
+        if self._closed:
+            raise VolumeIOError(f"LDEV {self.ldev_id}: the volume is closed")
+        self._hosts.add(drop)
+
+    def detach_host(self, drop: Callable[[], None]) -> None:
+        self._hosts.discard(drop)
+
+    def drop_hosts(self) -> None:
+        """End every host connection to this volume (its last LU path went, it was deleted or closed)."""
+        hosts, self._hosts = self._hosts, set()
+        for drop in hosts:
+            drop()
+
+    @property
+    def host_connections(self) -> int:
+        return len(self._hosts)
+
+    def refuse_host_io(self, reason: str | None) -> None:
+        """Refuse (``reason``) or allow again (None) host I/O; refusing drops the open host connections."""
+        self.host_io_refused = reason
+        if reason is not None:
+            self.drop_hosts()
+
+    def check_host_io(self) -> None:
+        if self.host_io_refused is not None:
+            raise WriteRefused(f"LDEV {self.ldev_id}: {self.host_io_refused}")
 
     def resize(self, size: int) -> None:
         os.ftruncate(self.fd, size)
@@ -137,12 +188,16 @@ class Volume:
         return os.pread(self.fd, length, offset)
 
     def check_writable(self) -> None:
+        if self.host_io_refused is not None:
+            self.check_host_io()
         gate = self.write_gate
         if gate is not None:
             gate(self)
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         """A host write: gate, then the replicator (if paired) or the local write."""
+        if self.host_io_refused is not None:
+            self.check_host_io()
         gate = self.write_gate
         if gate is not None:
             gate(self)
@@ -156,6 +211,8 @@ class Volume:
 
     async def discard(self, offset: int, length: int, zero: bool = True, fua: bool = False) -> None:
         """TRIM or WRITE_ZEROES: the range reads as zeros afterwards (we never leave stale data)."""
+        if self.host_io_refused is not None:
+            self.check_host_io()
         gate = self.write_gate
         if gate is not None:
             gate(self)
@@ -185,6 +242,8 @@ class Volume:
 
     async def flush(self) -> None:
         """A host FLUSH: this volume's data is durable (and, in a pair, the other side's too)."""
+        if self.host_io_refused is not None:
+            self.check_host_io()
         rep = self.replicator
         if rep is None:
             await self.flush_local()
