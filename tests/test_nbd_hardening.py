@@ -3,12 +3,18 @@ server's connection limits, handshake and idle timeouts and buffer budget."""
 
 from __future__ import annotations
 
+import socket
+import struct
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from vspemu import nbdproto as P
 from vspemu.client import VspClient, nbd as nbdc
 from vspemu.client.nbd import NbdClient, NbdError, NbdOptionError
 from vspemu.lab import SystemProcess
@@ -182,3 +188,175 @@ def test_a_removed_volume_drops_its_connections(tmp_path: Path) -> None:
         assert path.read_bytes()[:3] == b"\0\0\0"
     finally:
         srv.stop()
+
+
+# -- limits: connections, handshake and idle timeouts, buffer budget (standalone server) ---------------------
+class _Standalone:
+    """``python -m vspemu.volumes.nbd_main`` on a free port (export "0")."""
+
+    def __init__(self, tmp_path: Path, *args: str, size: int = 64 << 20) -> None:
+        root = Path(__file__).resolve().parent.parent
+        self.err = tmp_path / "nbd.err"
+        cmd = [sys.executable, "-m", "vspemu.volumes.nbd_main", "--file", str(tmp_path / "disk.img"),
+               "--size", str(size), "--port", "0", *args]
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=self.err.open("w"), text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("NBD listening on"), line + self.err.read_text()
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def client(self, source: str | None = None) -> NbdClient:
+        if source is None:
+            return NbdClient("127.0.0.1", self.port, "0", timeout=20)
+        real = socket.create_connection
+        try:  # connect from another loopback address (another "client host")
+            socket.create_connection = lambda addr, timeout=None, *_a, **_k: real(  # type: ignore[assignment]
+                addr, timeout, source_address=(source, 0))
+            return NbdClient("127.0.0.1", self.port, "0", timeout=20)
+        finally:
+            socket.create_connection = real  # type: ignore[assignment]
+
+    def rss(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def stop(self) -> None:
+        alive = self.proc.poll() is None
+        self.proc.terminate()
+        self.proc.wait(10)
+        assert alive, "the NBD server died: " + self.err.read_text()
+
+
+@pytest.fixture
+def standalone(tmp_path: Path) -> Iterator[Callable[..., _Standalone]]:
+    started: list[_Standalone] = []
+
+    def start(*args: str, size: int = 64 << 20) -> _Standalone:
+        started.append(_Standalone(tmp_path, *args, size=size))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def _refused(port: int, source: str = "127.0.0.1") -> bool:
+    """A connection over the limit is closed before the greeting: EOF (or a reset), never a hang."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(source, 0)) as sock:
+        try:
+            return sock.recv(18) == b""
+        except ConnectionResetError:
+            return True
+
+
+def _wait_closed(sock: socket.socket, deadline: float = 30) -> None:
+    """The server closes the connection (EOF or reset) before the deadline; whatever it sent is skipped."""
+    sock.settimeout(deadline)
+    try:
+        while sock.recv(1 << 20):
+            pass
+    except ConnectionResetError:
+        pass
+
+
+def test_connection_limits(standalone: Callable[..., _Standalone]) -> None:
+    srv = standalone("--max-connections", "5", "--max-connections-per-client", "3")
+    mine = [srv.client() for _ in range(3)]
+    assert _refused(srv.port)  # a 4th from the same address
+    other = [srv.client("127.0.0.2"), srv.client("127.0.0.2")]  # another client host has its own share
+    assert _refused(srv.port, "127.0.0.3")  # 5 in all: the server-wide cap
+    for i, c in enumerate(mine + other):  # the connections already open keep working
+        c.write(i * 4096, bytes([i + 1]) * 4096)
+        assert c.read(i * 4096, 4096) == bytes([i + 1]) * 4096
+    mine.pop().close()  # one goes: room for one more
+    end = time.monotonic() + 30
+    while True:
+        try:
+            late = srv.client()
+            break
+        except (OSError, NbdOptionError):
+            assert time.monotonic() < end
+            time.sleep(0.05)
+    assert late.read(0, 4096) == bytes([1]) * 4096
+    for c in [*mine, *other, late]:
+        c.close()
+
+
+def test_handshake_timeout(standalone: Callable[..., _Standalone]) -> None:
+    srv = standalone("--handshake-timeout", "1")
+    silent = socket.create_connection(("127.0.0.1", srv.port), timeout=20)  # connects, never answers
+    assert len(silent.recv(18)) == 18  # the greeting
+    stuck = socket.create_connection(("127.0.0.1", srv.port), timeout=20)  # negotiates, never ends it
+    stuck.recv(18)
+    stuck.sendall(struct.pack(">I", 3) + struct.pack(">QII", P.IHAVEOPT, P.OPT_LIST, 0))
+    with srv.client() as c:  # a client that finished its handshake is not affected
+        _wait_closed(silent)
+        _wait_closed(stuck)
+        c.write(0, b"after")
+        assert c.read(0, 5) == b"after"
+    silent.close()
+    stuck.close()
+
+
+def test_idle_timeout(standalone: Callable[..., _Standalone]) -> None:
+    srv = standalone("--idle-timeout", "2")
+    idle = srv.client()
+    busy = srv.client()
+    end = time.monotonic() + 4
+    while time.monotonic() < end:  # requests every 0.1 s keep a connection open
+        busy.write(0, b"busy")
+        time.sleep(0.1)
+    _wait_closed(idle.sock)
+    assert busy.read(0, 4) == b"busy"
+    busy.close()
+    idle.sock.close()
+
+
+def test_buffer_budget_bounds_memory_of_clients_that_never_read(standalone: Callable[..., _Standalone]) -> None:
+    """Six connections send four 32 MiB READs each and never read a reply: before the budget the server
+    held ~60 MiB per connection (~360 MiB); now the replies held are bounded by the budget (32 MiB), and
+    connections that hold buffers others wait for are closed after the stall timeout."""
+    srv = standalone("--buffer-budget", "32", "--stall-timeout", "2", size=128 << 20)
+    base = srv.rss()
+    hogs = [socket.create_connection(("127.0.0.1", srv.port), timeout=20) for _ in range(6)]
+    for sock in hogs:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    for sock in hogs:
+        sock.recv(18)
+        name = b"0"
+        sock.sendall(struct.pack(">I", 3) + struct.pack(">QII", P.IHAVEOPT, P.OPT_EXPORT_NAME, len(name)) + name)
+        got = b""
+        while len(got) < 10:
+            got += sock.recv(10 - len(got))
+        for i in range(4):
+            sock.sendall(struct.pack(">IHHQQI", P.REQUEST_MAGIC, 0, P.CMD_READ, i, i << 25, 32 << 20))
+    peak = 0
+    end = time.monotonic() + 8
+    while time.monotonic() < end:
+        peak = max(peak, srv.rss())
+        time.sleep(0.05)
+    grew = peak - base
+    assert grew < (32 + 40) << 20, f"RSS grew by {grew >> 20} MiB"
+    with srv.client() as c:  # the stalled connections were closed: the others are served again
+        c.write(0, b"served")
+        assert c.read(0, 6) == b"served"
+    for sock in hogs:
+        sock.close()
+
+
+def test_serve_takes_the_nbd_limits(make_system: Callable[..., SystemProcess]) -> None:
+    """`vspemu serve --nbd-...` reaches the NBD server (here: the per-client cap and the handshake timeout)."""
+    system = make_system(extra_args=["--nbd-max-connections-per-client", "2", "--nbd-handshake-timeout", "1"])
+    with system.client() as api:
+        ldev = api.create_ldev("16M")
+        api.add_lun(ldev)
+    silent = socket.create_connection(("127.0.0.1", system.nbd_port), timeout=20)
+    assert len(silent.recv(18)) == 18
+    with _nbd(system, ldev) as c:
+        assert _refused(system.nbd_port)  # two connections from this address already
+        _wait_closed(silent)  # the handshake timeout
+        c.write(0, b"ok")
+        assert c.read(0, 2) == b"ok"
+    silent.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
@@ -19,6 +19,7 @@ from vspemu.replication.link import Link
 from vspemu.system.remotes import MIN_TIMEOUT_FOR_REMOTE_IO, Remotes
 from vspemu.system.sessions import Sessions
 from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER, REPLICATION_PORTS, StorageSystem
+from vspemu.volumes.nbd import NbdLimits
 
 log = logging.getLogger("vspemu")
 
@@ -43,6 +44,7 @@ class ServerConfig:
     link_ports: list[int] | None = None
     link_port_base: int | None = None
     min_remote_io_timeout: int = MIN_TIMEOUT_FOR_REMOTE_IO
+    nbd_limits: NbdLimits = field(default_factory=NbdLimits)  # connections, timeouts, buffers (docs/nbd.md)
 
 
 def raise_fd_limit() -> None:
@@ -108,7 +110,7 @@ async def serve(cfg: ServerConfig) -> None:
     if cfg.nbd_port is not None:
         from vspemu.volumes.nbd import NbdServer
 
-        nbd = NbdServer(ctx.system.exported_volume, ctx.system.export_names)
+        nbd = NbdServer(ctx.system.exported_volume, ctx.system.export_names, cfg.nbd_limits)
         await nbd.start(cfg.nbd_host, cfg.nbd_port)
     await start_link(cfg, ctx)
     assert ctx.link is not None and ctx.replication is not None

@@ -54,6 +54,17 @@ def serve(
                                                         "(default: free ports chosen once and kept).")] = None,
     min_remote_io_timeout: Annotated[int, typer.Option(help="Lowest timeoutValueForRemoteIOInSeconds accepted "
                                                             "(the array's is 10; lower only for fast tests).")] = 10,
+    nbd_max_connections: Annotated[int, typer.Option(help="NBD connections at most, server-wide.")] = 256,
+    nbd_max_connections_per_client: Annotated[int, typer.Option(help="NBD connections at most per client "
+                                                                     "address.")] = 64,
+    nbd_handshake_timeout: Annotated[float, typer.Option(help="Seconds an NBD client has to finish option "
+                                                              "negotiation (0 = no limit).")] = 10.0,
+    nbd_idle_timeout: Annotated[float, typer.Option(help="Seconds an NBD connection may send nothing (and read "
+                                                         "no reply) before it is closed (0 = never).")] = 600.0,
+    nbd_buffer_budget: Annotated[int, typer.Option(help="MiB of NBD request payloads and unsent replies held "
+                                                        "at most, server-wide (at least 32).")] = 256,
+    nbd_stall_timeout: Annotated[float, typer.Option(help="Seconds an NBD connection that does not read its "
+                                                          "replies may hold buffers others wait for.")] = 30.0,
 ) -> None:
     """Run one storage system in this process."""
     from vspemu.server import ServerConfig, run
@@ -71,10 +82,18 @@ def serve(
             raise typer.BadParameter("--link-ports takes four comma-separated numbers")
     if min_remote_io_timeout < 1:
         raise typer.BadParameter("--min-remote-io-timeout must be at least 1")
+    from vspemu.volumes.nbd import NbdLimits
+
+    try:
+        nbd_limits = NbdLimits(nbd_max_connections, nbd_max_connections_per_client, nbd_handshake_timeout,
+                               nbd_idle_timeout, nbd_buffer_budget << 20, nbd_stall_timeout)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     run(ServerConfig(serial=serial, data_dir=data_dir, rest_host=rest_host, rest_port=rest_port,
                      nbd_host=nbd_host, nbd_port=nbd_port or None, model=model, user=user, password=password,
                      cert=cert, key=key, link_host=link_host, link_ports=ports, link_port_base=link_port_base,
-                     min_remote_io_timeout=min_remote_io_timeout))
+                     min_remote_io_timeout=min_remote_io_timeout,
+                     nbd_limits=nbd_limits))
 
 
 def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> bool:

@@ -45,6 +45,7 @@ import mmap
 import os
 import socket
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
@@ -95,6 +96,8 @@ RX_SIZE = 256 << 10  # per connection receive buffer (headers, options, small pa
 SMALL_WRITE = 64 << 10  # payloads up to this size are taken from the receive buffer (copied)
 SENDFILE_MIN = 64 << 10  # READ replies from this size on are sent with sendfile when the socket has room
 MAX_OPTION = 64 << 10  # largest option payload accepted during the handshake
+HANDSHAKE_OUTPUT = 1 << 20  # unsent option replies beyond this: the client does not read them, close
+WRITE_HIGH = 256 << 10  # transport write buffer: pause_writing above this, resume_writing once empty
 
 
 TF_HAS_FLAGS = 1 << 0
@@ -145,8 +148,15 @@ class _Connection(asyncio.BufferedProtocol):
         self._server = server
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._rx = bytearray(RX_SIZE)
+        self._rx: mmap.mmap | bytearray = bytearray(0)  # RX_SIZE once admitted (see connection_made)
         self._rxv = memoryview(self._rx)
+        self._addr = ""  # the client's address (for the per-client connection limit)
+        self._admitted = False
+        self._charge = 0  # what this connection counts against the server's buffer budget
+        self._waiting = False  # in the server's queue of connections waiting for budget
+        self._born = self._active_at = self._loop.time()
+        self._rx_seen = False  # received something since the last sweep
+        self._last_wbs = 0  # transport write buffer size at the last sweep
         self._start = 0  # unparsed bytes are self._rx[self._start:self._end]
         self._end = 0
         self._phase = _CLIENT_FLAGS
@@ -170,8 +180,19 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self._transport = transport
-        transport.set_write_buffer_limits(high=INFLIGHT_LIMIT // 2, low=INFLIGHT_LIMIT // 8)
-        self._server._connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self._addr = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if not self._server._admit(self):  # over a connection limit: close before the greeting
+            self._closed = True
+            self._phase = _DONE
+            transport.close()
+            return
+        self._admitted = True
+        # an anonymous mapping: its pages are zero-filled on first use, so an idle connection costs a page
+        self._rx = mmap.mmap(-1, RX_SIZE)
+        self._rxv = memoryview(self._rx)
+        # pause_writing when replies pile up, resume_writing once they are all out: the budget learns of it
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=0)
         sock = transport.get_extra_info("socket")
         if sock is not None:  # a duplicate, for send(MSG_MORE) + sendfile of large READ replies
             self._sock = socket.socket(fileno=os.dup(sock.fileno()))
@@ -180,7 +201,10 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._phase = _DONE
-        self._server._connections.discard(self)
+        if self._admitted:
+            self._admitted = False
+            self._server._leave(self)
+        self._account()  # releases this connection's share of the budget
         if self._volume is not None:
             self._volume.detach_host(self._drop)
         self._payload = self._payload_view = None
@@ -220,6 +244,7 @@ class _Connection(asyncio.BufferedProtocol):
             del buf
         else:
             self._end += nbytes
+        self._rx_seen = True
         self._parse()
 
     def eof_received(self) -> bool | None:
@@ -229,11 +254,12 @@ class _Connection(asyncio.BufferedProtocol):
         pass  # the unsent reply bytes are counted by _parse, which stops reading
 
     def resume_writing(self) -> None:
+        self._account()  # every reply is out: give the budget back
         self._maybe_resume()
 
     # -- parsing ---------------------------------------------------------------------------------------
     def _parse(self) -> None:
-        if self._parsing or self._paused:
+        if self._parsing or self._paused or self._closed:
             return
         self._parsing = True
         try:
@@ -245,6 +271,10 @@ class _Connection(asyncio.BufferedProtocol):
             self._parsing = False
 
     def _requests(self) -> None:
+        self._serve_requests()
+        self._account()
+
+    def _serve_requests(self) -> None:
         rx, rxv = self._rx, self._rxv
         transport = self._transport
         assert transport is not None
@@ -259,7 +289,8 @@ class _Connection(asyncio.BufferedProtocol):
                 continue
             if end - start < 28:
                 return
-            if self._pending + transport.get_write_buffer_size() >= INFLIGHT_LIMIT:
+            inflight = self._pending + transport.get_write_buffer_size()
+            if inflight >= INFLIGHT_LIMIT:
                 self._paused = True
                 transport.pause_reading()
                 return
@@ -268,6 +299,16 @@ class _Connection(asyncio.BufferedProtocol):
                 log.info("NBD: bad request magic %#x, closing the connection", magic)
                 self._close()
                 return
+            if (cmd == CMD_READ or cmd == CMD_WRITE) and length <= MAX_REQUEST:
+                # the server-wide buffer budget: reserve this request's payload / reply, or wait for it
+                server = self._server
+                charge = inflight + length
+                used = server._used + charge - self._charge
+                if used > server._budget:
+                    self._wait_for_budget()
+                    return
+                server._used = used
+                self._charge = charge
             # after a large WRITE, expect another one (see get_buffer)
             self._header_only = cmd == CMD_WRITE and SMALL_WRITE < length <= MAX_REQUEST
             if cmd == CMD_WRITE:
@@ -417,6 +458,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._reply(handle, err)
         if buf is not None:
             self._server._pool.put(buf)
+        self._account()
         self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
         self._after_completion()
 
@@ -426,6 +468,64 @@ class _Connection(asyncio.BufferedProtocol):
                 self._close()
         else:
             self._maybe_resume()
+
+    def _account(self) -> None:
+        """Bring this connection's share of the server's buffer budget up to date."""
+        transport = self._transport
+        if self._closed or transport is None:
+            new = 0
+        else:
+            new = self._pending + transport.get_write_buffer_size()
+            if self._payload_view is not None:
+                new += len(self._payload_view)
+        old = self._charge
+        if new != old:
+            self._charge = new
+            server = self._server
+            server._used += new - old
+            if new < old and server._waiters:
+                server._release()
+
+    def _wait_for_budget(self) -> None:
+        """Stop reading until the server has budget for this connection's next request."""
+        self._paused = True
+        assert self._transport is not None
+        self._transport.pause_reading()
+        if not self._waiting:
+            self._waiting = True
+            self._server._waiters.append(self)
+
+    def _sweep(self, now: float) -> None:
+        """Called every tick by the server: the handshake and idle timeouts, stale budget shares."""
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        limits = self._server.limits
+        self._account()
+        if self._phase < _TRANSMISSION:
+            if limits.handshake_timeout and now - self._born >= limits.handshake_timeout:
+                log.info("NBD: %s did not finish the handshake in %g s, closing", self._addr,
+                         limits.handshake_timeout)
+                self._abort()
+            return
+        wbs = transport.get_write_buffer_size()
+        busy = self._rx_seen or self._tasks or self._waiting or wbs < self._last_wbs
+        self._rx_seen = False
+        self._last_wbs = wbs
+        if busy:
+            self._active_at = now
+            return
+        # no request came in, no reply went out, nothing of ours is running: idle, or a client that does
+        # not read its replies (then its share of the budget is held for nothing)
+        timeout = limits.idle_timeout if self._phase == _TRANSMISSION else (
+            limits.handshake_timeout or limits.idle_timeout)  # closing: the client does not read the last replies
+        if self._charge and self._server._waiters and limits.stall_timeout:  # and others wait for its budget
+            timeout = min(timeout, limits.stall_timeout) if timeout else limits.stall_timeout
+        if timeout and now - self._active_at >= timeout:
+            log.info("NBD: connection from %s made no progress for %g s (%d reply bytes unsent, %d connections "
+                     "waiting for buffers), closing", self._addr, now - self._active_at, wbs,
+                     len(self._server._waiters))
+            self._abort()
 
     def _maybe_resume(self) -> None:
         transport = self._transport
@@ -463,7 +563,13 @@ class _Connection(asyncio.BufferedProtocol):
     # -- handshake ------------------------------------------------------------------------------------
     def _handshake(self) -> None:
         rx = self._rx
+        transport = self._transport
+        assert transport is not None
         while self._phase < _TRANSMISSION:
+            if transport.get_write_buffer_size() > HANDSHAKE_OUTPUT:
+                log.info("NBD: %s does not read its option replies, closing", self._addr)
+                self._abort()
+                return
             start, avail = self._start, self._end - self._start
             if self._phase == _CLIENT_FLAGS:
                 if avail < 4:
@@ -563,6 +669,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self._volume = volume
         self._phase = _TRANSMISSION
+        self._active_at = self._loop.time()
 
     def _opt_reply(self, option: int, reply: int, data: bytes = b"") -> None:
         self._send(_OPT_REPLY.pack(REPLY_MAGIC_OPT, option, reply, len(data)) + data)
@@ -582,11 +689,14 @@ class NbdLimits:
     handshake_timeout: float = 10.0  # seconds from accept to the end of option negotiation
     idle_timeout: float = 600.0  # seconds a connection may receive nothing (and send nothing out)
     buffer_budget: int = 256 << 20  # server-wide bytes of request payloads and unsent replies
+    # seconds a connection holding part of the budget may make no progress (its replies are not read) while
+    # other connections wait for budget
+    stall_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.max_connections_per_client < 1:
             raise ValueError("NBD connection limits must be at least 1")
-        if self.handshake_timeout < 0 or self.idle_timeout < 0:
+        if min(self.handshake_timeout, self.idle_timeout, self.stall_timeout) < 0:
             raise ValueError("NBD timeouts must not be negative (0 = none)")
         if self.buffer_budget < MAX_REQUEST:
             raise ValueError(f"the NBD buffer budget must be at least {MAX_REQUEST >> 20} MiB (one request)")
@@ -602,7 +712,80 @@ class NbdServer:
         self._list_exports = list_exports
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
-        self._pool = BufferPool(POOL_LIMIT)
+        self._per_client: dict[str, int] = {}
+        self._pool = BufferPool(min(POOL_LIMIT, self.limits.buffer_budget // 4))
+        self._budget = self.limits.buffer_budget
+        self._used = 0  # sum of the connections' charges
+        self._waiters: deque[_Connection] = deque()  # connections waiting for budget, first come first served
+        self._wake_pending = False
+        self._sweeper: asyncio.Task[None] | None = None
+        self._refusal_logged = -1e9
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Request payloads and unsent replies held now (what counts against the buffer budget)."""
+        return self._used
+
+    def _admit(self, conn: _Connection) -> bool:
+        limits = self.limits
+        n = self._per_client.get(conn._addr, 0)
+        if len(self._connections) >= limits.max_connections or n >= limits.max_connections_per_client:
+            now = conn._loop.time()
+            if now - self._refusal_logged >= 10:  # at most one line per 10 s, whatever a client does
+                self._refusal_logged = now
+                log.warning("NBD: connection from %s refused: %d connections (%d from it), limits %d and %d per "
+                            "client", conn._addr, len(self._connections), n, limits.max_connections,
+                            limits.max_connections_per_client)
+            return False
+        self._per_client[conn._addr] = n + 1
+        self._connections.add(conn)
+        return True
+
+    def _leave(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+        n = self._per_client.get(conn._addr, 0) - 1
+        if n > 0:
+            self._per_client[conn._addr] = n
+        else:
+            self._per_client.pop(conn._addr, None)
+        if conn._waiting:
+            conn._waiting = False
+            try:
+                self._waiters.remove(conn)
+            except ValueError:
+                pass
+
+    def _release(self) -> None:
+        """Budget was given back: let the waiting connections try again (soon, not inside the caller)."""
+        if not self._wake_pending:
+            self._wake_pending = True
+            asyncio.get_running_loop().call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        waiters = self._waiters
+        for _ in range(len(waiters)):  # each at most once: one that still does not fit queues up again
+            if not waiters or self._used >= self._budget:
+                break
+            conn = waiters.popleft()
+            conn._waiting = False
+            conn._maybe_resume()  # parses again: takes its budget, or waits again at the end of the queue
+
+    async def _sweep_forever(self) -> None:
+        limits = self.limits
+        timeouts = [t for t in (limits.handshake_timeout, limits.idle_timeout, limits.stall_timeout) if t]
+        tick = min(1.0, max(0.05, min(timeouts) / 4)) if timeouts else 1.0
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for conn in list(self._connections):
+                try:
+                    conn._sweep(now)
+                except Exception:  # never let one connection stop the sweeping
+                    log.exception("NBD: sweeping a connection failed")
+            if self._waiters:
+                self._release()
 
     @property
     def port(self) -> int:
@@ -613,11 +796,15 @@ class NbdServer:
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True, backlog=128)
+        self._sweeper = loop.create_task(self._sweep_forever())
 
     async def close(self) -> None:
         """Stop listening, close every connection and let volume operations already started finish."""
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         tasks = [t for c in self._connections for t in c._tasks]
         for conn in list(self._connections):
             conn._close()

@@ -3,6 +3,8 @@
     python -m vspemu.volumes.nbd_main --file PATH --size BYTES --port P [--name 0]
 
 Prints ``NBD listening on HOST:PORT`` once it accepts connections (``--port 0`` picks a free port).
+``--max-connections``, ``--max-connections-per-client``, ``--handshake-timeout``, ``--idle-timeout``,
+``--buffer-budget`` (MiB) and ``--stall-timeout`` set the server's limits (:class:`NbdLimits`, docs/nbd.md).
 ``--read-only-gate`` installs a write gate that refuses every write (``NBD_EPERM``); ``--slow-replicator S``
 installs a replicator that waits S seconds before each local write (exercises the asynchronous path).
 """
@@ -14,7 +16,7 @@ import asyncio
 import signal
 from pathlib import Path
 
-from vspemu.volumes.nbd import NbdServer
+from vspemu.volumes.nbd import NbdLimits, NbdServer
 from vspemu.volumes.volume import Volume, WriteRefused
 
 
@@ -59,7 +61,9 @@ async def _serve(args: argparse.Namespace, volume: Volume) -> None:
         volume.write_gate = _refuse
     if args.slow_replicator:
         volume.replicator = _SlowReplicator(args.slow_replicator)
-    server = NbdServer(lambda name: volume if name == args.name else None, lambda: [args.name])
+    limits = NbdLimits(args.max_connections, args.max_connections_per_client, args.handshake_timeout,
+                       args.idle_timeout, args.buffer_budget << 20, args.stall_timeout)
+    server = NbdServer(lambda name: volume if name == args.name else None, lambda: [args.name], limits)
     await server.start(args.host, args.port)
     print(f"NBD listening on {args.host}:{server.port}", flush=True)
     stop = asyncio.Event()
@@ -81,6 +85,13 @@ def main() -> None:
     parser.add_argument("--read-only-gate", action="store_true", help="refuse every write with NBD_EPERM")
     parser.add_argument("--slow-replicator", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+    d = NbdLimits()
+    parser.add_argument("--max-connections", type=int, default=d.max_connections)
+    parser.add_argument("--max-connections-per-client", type=int, default=d.max_connections_per_client)
+    parser.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout, metavar="SECONDS")
+    parser.add_argument("--idle-timeout", type=float, default=d.idle_timeout, metavar="SECONDS")
+    parser.add_argument("--buffer-budget", type=int, default=d.buffer_budget >> 20, metavar="MIB")
+    parser.add_argument("--stall-timeout", type=float, default=d.stall_timeout, metavar="SECONDS")
     args = parser.parse_args()
     volume = _open_volume(args)
     if args.no_uvloop:
