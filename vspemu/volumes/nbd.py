@@ -17,9 +17,19 @@ a task while the next requests are read; its reply is sent when it finishes (rep
 order, as NBD allows). Reads bypass ``Volume.read`` (same ``pread`` semantics, on ``Volume.fd``).
 
 Memory bound: a connection stops reading from its socket while the payload of its unfinished writes plus
-its unsent reply bytes reach ``INFLIGHT_LIMIT`` (32 MiB); at most one more request (``MAX_REQUEST``, 32 MiB)
-can be accepted beyond that, so a connection holds at most 64 MiB of request/reply data plus its 256 KiB
-receive buffer, whatever the client does. Free payload buffers are pooled server-wide up to 64 MiB.
+its unsent reply bytes reach ``INFLIGHT_LIMIT`` (32 MiB). Server-wide, every READ / WRITE reserves its
+payload or reply size against :attr:`NbdLimits.buffer_budget` before it is served; a connection whose next
+request does not fit stops reading and queues until budget comes back (a write completes, a transport's
+replies are all out: ``resume_writing`` with a low-water mark of 0, or the next sweep). So the request/reply
+data held is at most the budget, whatever the clients do, plus per connection a receive buffer of 256 KiB
+(an anonymous mapping: only the pages used are resident). Free payload buffers are pooled server-wide up to
+64 MiB (a quarter of the budget at most).
+
+Limits (:class:`NbdLimits`): connections server-wide and per client address (one over a limit is closed
+before the greeting); a handshake timeout; an idle timeout for connections that neither send requests nor
+take their replies; a stall timeout for a connection that holds budget others are waiting for while its
+replies do not move. One sweeper task checks every connection a few times per shortest timeout (at most
+every second); the hot path only sets a flag per receive and keeps a running sum.
 
 Durability: a WRITE/TRIM/WRITE_ZEROES with ``FUA`` and every FLUSH are answered only after
 ``Volume.flush`` (fdatasync) returned. One flush covers all connections (one file per LDEV), hence
@@ -810,6 +820,8 @@ class NbdServer:
             conn._close()
         if tasks:
             await asyncio.wait(tasks, timeout=30)
+        for conn in list(self._connections):  # clients that do not read their last replies: no waiting for them
+            conn._abort()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
