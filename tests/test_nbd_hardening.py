@@ -300,6 +300,28 @@ def test_handshake_timeout(standalone: Callable[..., _Standalone]) -> None:
     stuck.close()
 
 
+def test_a_client_that_does_not_read_its_option_replies_is_closed(standalone: Callable[..., _Standalone]) -> None:
+    """Options answered into a socket nobody reads: the server closes the connection after 1 MiB of unsent
+    replies instead of buffering them without end (no handshake timeout here, to show that bound alone)."""
+    srv = standalone("--handshake-timeout", "0")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(20)
+    sock.connect(("127.0.0.1", srv.port))
+    sock.recv(18)
+    sock.sendall(struct.pack(">I", 3))
+    option = struct.pack(">QII", P.IHAVEOPT, P.OPT_LIST, 0)  # each answered with two replies (~50 bytes)
+    try:
+        for _ in range(40):  # up to 40 x 50,000 options: ~100 MiB of replies if nothing stopped them
+            sock.sendall(option * 50_000)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # closed by the server while we were sending
+    _wait_closed(sock)
+    sock.close()
+    with srv.client() as c:
+        assert c.read(0, 4) == bytes(4)
+
+
 def test_idle_timeout(standalone: Callable[..., _Standalone]) -> None:
     srv = standalone("--idle-timeout", "2")
     idle = srv.client()
