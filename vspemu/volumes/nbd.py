@@ -17,8 +17,8 @@ a task while the next requests are read; its reply is sent when it finishes (rep
 order, as NBD allows). Reads bypass ``Volume.read`` (same ``pread`` semantics, on ``Volume.fd``).
 
 Memory bound: a connection stops reading from its socket while the payload of its unfinished writes plus
-its unsent reply bytes reach ``INFLIGHT_LIMIT`` (32 MiB). Server-wide, every READ / WRITE reserves its
-payload or reply size against :attr:`NbdLimits.buffer_budget` before it is served; a connection whose next
+its unsent reply bytes reach ``INFLIGHT_LIMIT`` (32 MiB). Server-wide, every READ / WRITE needs room for its
+payload or reply within :attr:`NbdLimits.buffer_budget` before it is served; a connection whose next
 request does not fit stops reading and queues until budget comes back (a write completes, a transport's
 replies are all out: ``resume_writing`` with a low-water mark of 0, or the next sweep). So the request/reply
 data held is at most the budget, whatever the clients do, plus per connection a receive buffer of 256 KiB
@@ -281,10 +281,6 @@ class _Connection(asyncio.BufferedProtocol):
             self._parsing = False
 
     def _requests(self) -> None:
-        self._serve_requests()
-        self._account()
-
-    def _serve_requests(self) -> None:
         rx, rxv = self._rx, self._rxv
         transport = self._transport
         assert transport is not None
@@ -295,30 +291,27 @@ class _Connection(asyncio.BufferedProtocol):
                 self._skip -= n
                 self._start = start + n
                 if self._skip:
-                    return
+                    break
                 continue
             if end - start < 28:
-                return
+                break
             inflight = self._pending + transport.get_write_buffer_size()
             if inflight >= INFLIGHT_LIMIT:
                 self._paused = True
                 transport.pause_reading()
-                return
+                break
             magic, flags, cmd, handle, offset, length = _REQ.unpack_from(rx, start)
             if magic != REQUEST_MAGIC:
                 log.info("NBD: bad request magic %#x, closing the connection", magic)
                 self._close()
-                return
+                break
             if (cmd == CMD_READ or cmd == CMD_WRITE) and length <= MAX_REQUEST:
-                # the server-wide buffer budget: reserve this request's payload / reply, or wait for it
+                # the server-wide buffer budget: room for this request's payload / reply, or wait for it. The
+                # other connections' shares cannot change while we parse; ours is brought up to date after.
                 server = self._server
-                charge = inflight + length
-                used = server._used + charge - self._charge
-                if used > server._budget:
+                if server._used - self._charge + inflight + length > server._budget:
                     self._wait_for_budget()
-                    return
-                server._used = used
-                self._charge = charge
+                    break
             # after a large WRITE, expect another one (see get_buffer)
             self._header_only = cmd == CMD_WRITE and SMALL_WRITE < length <= MAX_REQUEST
             if cmd == CMD_WRITE:
@@ -332,7 +325,7 @@ class _Connection(asyncio.BufferedProtocol):
                     self._start = start + total
                     self._write(flags, handle, offset, bytes(rxv[start + 28 : start + total]), None)
                 elif length <= SMALL_WRITE:
-                    return  # wait for the rest (get_buffer keeps room for it)
+                    break  # wait for the rest (get_buffer keeps room for it)
                 else:  # receive the payload directly into its own buffer
                     buf = self._server._pool.get(length)
                     view = memoryview(buf)[:length]
@@ -341,10 +334,16 @@ class _Connection(asyncio.BufferedProtocol):
                     self._payload, self._payload_view, self._payload_got = buf, view, have
                     self._payload_req = (flags, handle, offset)
                     self._start = self._end = 0
-                    return
+                    break
             else:
                 self._start = start + 28
                 self._command(flags, cmd, handle, offset, length)
+        # this connection's share of the budget, as it is now (inline: this runs once per socket read)
+        charge = self._pending + transport.get_write_buffer_size()
+        if self._payload_view is not None:
+            charge += len(self._payload_view)
+        if charge != self._charge or self._closed:
+            self._account()
 
     def _command(self, flags: int, cmd: int, handle: int, offset: int, length: int) -> None:
         volume = self._volume
