@@ -3,10 +3,18 @@ and the checks of what a peer sends."""
 
 from __future__ import annotations
 
-import pytest
+import os
+from pathlib import Path
+from typing import Any
 
-from vspemu.client import ApiError, VspClient
-from vspemu.lab import SystemProcess
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import MakeSystem
+from vspemu.cli.main import app
+from vspemu.client import ApiError, VspClient, tls_verify
+from vspemu.lab import SystemProcess, free_port, link_systems, set_link_ports
 
 CG = "azg"
 
@@ -67,3 +75,123 @@ def test_not_specified_refused_where_the_remote_side_changes(
     assert sc.get(s_ns)["svolStatus"] == "SSWS"
     sc.invoke("POST", f"{s_ns}/actions/takeover/invoke", {"parameters": {"mode": "forceSplit"}})
     assert sc.get(s_ns)["svolStatus"] == "SSWS"
+
+
+# -- item 1: a link secret is accepted only inside a registration the registering system confirms -----------
+def _peer_ids(c: VspClient) -> dict[str, bool]:
+    return {x["storageDeviceId"]: x["registered"] for x in c.private("GET", "link/paths")["peers"]}
+
+
+def _refused(c: VspClient, path: str, body: dict[str, Any]) -> ApiError:
+    with pytest.raises(ApiError) as e:
+        c.private("POST", path, body)
+    return e.value
+
+
+def test_forged_link_peers_refused_and_nothing_changes(
+        linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient]) -> None:
+    p, s, pc, sc = linked
+    before = _peer_ids(sc)
+    assert before == {p.storage_device_id: True}
+    forged = {"storageDeviceId": p.storage_device_id, "serialNumber": p.serial, "model": p.model,
+              "restServerIp": "127.0.0.1", "restServerPort": p.rest_port, "secret": "ab" * 32,
+              "linkPorts": [{"portId": "CL3-A", "host": "127.0.0.1", "port": free_port()}],
+              "isMutualDiscovery": True}
+    # a session on the secondary alone: no nonce -> refused
+    e = _refused(sc, "link-peers", forged)
+    assert (e.status, e.message_id) == (400, "KART40039-E")
+    # with a nonce it obtained itself: replacing a registered peer's secret is refused
+    nonce = sc.private("POST", "link-peers/nonces", {"storageDeviceId": p.storage_device_id})["nonce"]
+    e = _refused(sc, "link-peers", {**forged, "nonce": nonce})
+    assert (e.status, e.message_id) == (409, "KART40045-E")
+    e = _refused(sc, "link-peers", {**forged, "nonce": nonce, "rekeyProof": "00" * 32})  # used once
+    assert (e.status, e.message_id) == (400, "KART40039-E")
+    nonce = sc.private("POST", "link-peers/nonces", {"storageDeviceId": p.storage_device_id})["nonce"]
+    e = _refused(sc, "link-peers", {**forged, "nonce": nonce, "rekeyProof": "00" * 32})  # a wrong proof
+    assert (e.status, e.message_id) == (409, "KART40045-E")
+    # a new peer: the system at the REST address given must confirm the registration; the primary does not
+    fake = "900000999999"
+    nonce = sc.private("POST", "link-peers/nonces", {"storageDeviceId": fake})["nonce"]
+    e = _refused(sc, "link-peers", {**forged, "storageDeviceId": fake, "nonce": nonce})
+    assert (e.status, e.message_id) == (401, "KART40061-E")
+    # a nonce is bound to the id it was issued for
+    nonce = sc.private("POST", "link-peers/nonces", {"storageDeviceId": fake})["nonce"]
+    e = _refused(sc, "link-peers", {**forged, "nonce": nonce})
+    assert (e.status, e.message_id) == (400, "KART40039-E")
+    # removing the primary's record from the secondary alone is refused too
+    e = _refused(sc, f"link-peers/{p.storage_device_id}/forget", {"isMutualDeletion": True})
+    assert e.status == 400
+    nonce = sc.private("POST", "link-peers/nonces", {"storageDeviceId": p.storage_device_id})["nonce"]
+    e = _refused(sc, f"link-peers/{p.storage_device_id}/forget",
+                 {"isMutualDeletion": True, "nonce": nonce, "proof": "00" * 32})
+    assert (e.status, e.message_id) == (401, "KART40061-E")
+    assert _peer_ids(sc) == before
+    # the link still authenticates with the secret of the real registration
+    set_link_ports(sc, False)
+    set_link_ports(sc, True)
+    gid = pc.get("remotepath-groups")["data"][0]["remotepathGroupId"]
+    pc.wait_path_status(gid, "NML_01", 30)
+    assert pc.link_test(s.serial, 0, count=5)["succeeded"] == 5
+    # and a proper mutual deletion and registration again still work
+    for c in (pc, sc):
+        for g in c.get("remotepath-groups")["data"]:
+            c.invoke("DELETE", f"remotepath-groups/{g['remotepathGroupId']}")
+    pc.unregister_remote(sc, mutual=True)
+    assert _peer_ids(sc) == {} and _peer_ids(pc) == {}
+    link_systems(pc, sc)
+    assert pc.link_test(s.serial, 0, count=5)["succeeded"] == 5
+
+
+def test_registration_confirm_answers_only_a_running_registration(system: SystemProcess) -> None:
+    r = httpx.post(f"{system.rest_url}/ConfigurationManager/vspemu/v1/registrations/confirm",
+                   json={"storageDeviceId": "900000999999", "nonce": "00" * 16},
+                   verify=tls_verify(str(system.cert_path)))
+    assert r.status_code == 404 and r.json()["messageId"].startswith("KART"), r.text
+
+
+# -- item 3: certificates pinned at registration; the SDK and the CLI verify ---------------------------------
+def test_impostor_at_the_pinned_address_is_refused(
+        linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient], tmp_path: Path) -> None:
+    p, s, pc, sc = linked
+    assert pc.get("remote-mirror-copygroups", remote=sc, remoteStorageDeviceId=s.storage_device_id)["data"] == []
+    sc.close()
+    s.stop()
+    # another system with the same identity (serial, model) but its own certificate, at the same address
+    imp = SystemProcess(tmp_path / "impostor", s.serial, rest_port=s.rest_port).start()
+    try:
+        with imp.client() as ic:
+            with pytest.raises(ApiError) as e:
+                pc.get("remote-mirror-copygroups", remote=ic, remoteStorageDeviceId=s.storage_device_id)
+            assert (e.value.status, e.value.message_id) == (412, "KART40065-E")
+            assert "certificate" in str(e.value.body), e.value.body
+    finally:
+        imp.stop()
+    # the real system back at its address: accepted again
+    s.start()
+    with s.client() as sc2:
+        assert pc.get("remote-mirror-copygroups", remote=sc2,
+                      remoteStorageDeviceId=s.storage_device_id)["data"] == []
+
+
+def test_sdk_verifies_by_default(make_system: MakeSystem, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VSPEMU_CA_CERT", raising=False)
+    a, b = make_system(), make_system()
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        VspClient(a.rest_url)
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        VspClient(a.rest_url, verify=str(b.cert_path))  # another system's certificate
+    for verify in (str(a.cert_path), False, f"{b.cert_path}{os.pathsep}{a.cert_path}"):
+        with VspClient(a.rest_url, verify=verify) as c:
+            assert c.storage_device_id == a.storage_device_id
+    monkeypatch.setenv("VSPEMU_CA_CERT", str(a.cert_path))
+    with VspClient(a.rest_url) as c:
+        assert c.storage_device_id == a.storage_device_id
+    monkeypatch.delenv("VSPEMU_CA_CERT")
+    # the CLI: refused without a certificate, fine with --ca-cert or --insecure
+    urls = ["--primary", a.rest_url, "--secondary", b.rest_url]
+    r = CliRunner().invoke(app, ["pair", "display", "-g", "nothing", *urls])
+    assert r.exit_code == 2 and "cannot reach" in r.output, r.output
+    certs = f"{a.cert_path}{os.pathsep}{b.cert_path}"
+    for opts in (["--ca-cert", certs], ["--insecure"]):
+        r = CliRunner().invoke(app, ["pair", *opts, "display", "-g", "nothing", *urls])
+        assert "KART" in r.output and "cannot reach" not in r.output, (opts, r.output)  # the array answered
