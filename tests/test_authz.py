@@ -3,7 +3,10 @@ and the checks of what a peer sends."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,8 @@ from tests.conftest import MakeSystem
 from vspemu.cli.main import app
 from vspemu.client import ApiError, VspClient, tls_verify
 from vspemu.lab import SystemProcess, free_port, link_systems, set_link_ports
+from vspemu.replication import peer_headers
+from vspemu.replication.link import Link, RemoteError
 
 CG = "azg"
 
@@ -195,3 +200,77 @@ def test_sdk_verifies_by_default(make_system: MakeSystem, monkeypatch: pytest.Mo
     for opts in (["--ca-cert", certs], ["--insecure"]):
         r = CliRunner().invoke(app, ["pair", *opts, "display", "-g", "nothing", *urls])
         assert "KART" in r.output and "cannot reach" not in r.output, (opts, r.output)  # the array answered
+
+
+# -- item 4: names, and what a peer sends ------------------------------------------------------------------------
+def test_group_and_pair_names_with_separators_are_refused(
+        linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient]) -> None:
+    p, s, pc, sc = linked
+    pv, sv = pc.create_ldev("16M"), sc.create_ldev("16M")
+    base = {"copyGroupName": "g", "copyPairName": "p", "replicationType": "TC",
+            "remoteStorageDeviceId": s.storage_device_id, "pvolLdevId": pv, "svolLdevId": sv,
+            "isNewGroupCreation": True, "fenceLevel": "NEVER"}
+    for field, value in (("copyGroupName", "a,b"), ("copyGroupName", "a/b"), ("copyPairName", "x/y"),
+                         ("copyPairName", "x,y"), ("copyPairName", "x y"), ("localDeviceGroupName", "d%2C"),
+                         ("remoteDeviceGroupName", "r/s")):
+        with pytest.raises(ApiError) as e:
+            pc.invoke("POST", "remote-mirror-copypairs", {**base, field: value}, remote=sc)
+        assert (e.value.status, e.value.message_id) == (400, "KART40039-E"), (field, value)
+    for c in (pc, sc):
+        assert c.get("remote-copypairs")["data"] == []
+        assert c.get("remote-mirror-copygroups")["data"] == []
+
+
+def _link_secret(system: SystemProcess, peer_id: str) -> bytes:
+    with sqlite3.connect(system.data_dir / "config.sqlite3") as con:
+        row = con.execute("SELECT doc FROM objects WHERE kind = 'remote_storages' AND id = ?", (peer_id,)).fetchone()
+    return bytes.fromhex(json.loads(row[0])["secret"])
+
+
+def test_bad_peer_headers_get_an_error_reply_and_change_nothing(
+        linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient]) -> None:
+    p, s, pc, sc = linked
+    sv = sc.create_ldev("16M")
+    secret = _link_secret(p, s.storage_device_id)
+    ports = {x["portId"]: int(x["port"]) for x in sc.link_info()["linkPorts"]}
+    good_group = {"name": "pg", "local_dg": "pgS_", "remote_dg": "pgP_", "remote_device_id": s.storage_device_id,
+                  "remote_serial": s.serial, "replication_type": "TC", "role": "S", "path_group_id": 0,
+                  "mu_number": 0, "local_journal_id": None, "remote_journal_id": None, "ctg_id": -1}
+    good = {"group": good_group, "pair": "p1", "pvol": 0, "svol": sv, "size": 16 << 20, "status": "COPY",
+            "fence": "NEVER", "copy_pace": 3, "new_group": True}
+    assert peer_headers.create_header(good)["group"]["mu_number"] == 0  # what the real primary sends passes
+    bad = [{**good, "group": {**good_group, "mu_number": "../../../x"}},
+           {**good, "group": {**good_group, "mu_number": 99}},
+           {**good, "group": {**good_group, "name": "a/b"}},
+           {**good, "group": {**good_group, "role": "X"}},
+           {**good, "group": {**good_group, "evil": 1}},
+           {**good, "group": "pg"},
+           {**good, "pair": "x,y"},
+           {**good, "svol": "0"},
+           {**good, "status": "BOGUS"},
+           {**good, "copy_pace": 10**30}]
+
+    async def main() -> None:
+        # the primary's identity and secret (as a compromised or buggy peer would hold them)
+        fake = Link(p.storage_device_id, p.serial, lambda d: secret if d == s.storage_device_id else None,
+                    lambda d, port: ("127.0.0.1", ports[port]) if port in ports else None, ports={"CL3-A": 0})
+        await fake.start()
+        try:
+            group = fake.ensure_group(s.serial, s.storage_device_id, 9, 10)
+            await group.add_path("CL3-A", "CL3-A")
+            await group.wait_attempted(5)
+            for h in bad:
+                with pytest.raises(RemoteError) as e:
+                    await group.call("pair.create", h)
+                assert e.value.detail.get("key") == "INVALID_VALUE", (h, e.value.detail)
+            for msg, h in (("pair.set", {"group": "pg", "pairs": ["p1"], "status": "WHATEVER"}),
+                           ("pair.swap", {"group": "pg", "pairs": ["p1"], "to": "Q"})):
+                with pytest.raises(RemoteError):
+                    await group.call(msg, h)
+        finally:
+            await fake.close()
+
+    asyncio.run(main())
+    assert sc.get("remote-copypairs")["data"] == [] and sc.get("remote-mirror-copygroups")["data"] == []
+    assert not list(s.data_dir.rglob("*x.bmp"))
+    assert sc.get("storages")["data"][0]["storageDeviceId"] == s.storage_device_id  # still serving

@@ -26,6 +26,7 @@ from vspemu.context import StorageContext
 from vspemu.errors import VspError
 from vspemu.replication.engine import Replication
 from vspemu.replication.model import NOT_SPECIFIED, CopyGroup, Pair, group_view, pair_view
+from vspemu.replication.peer_headers import check_name
 from vspemu.system.storage import MAX_LDEV_ID, storage_type_id
 
 router = APIRouter(tags=["remote copy"])
@@ -141,6 +142,12 @@ def pair_url(group: CopyGroup, pair: Pair) -> str:
 @router.post("/remote-mirror-copypairs")
 async def create_pair(request: Request, body: PairCreate, ctx: Ctx, session: Auth) -> JSONResponse:
     eng = engine_of(ctx)
+    check_name("copyGroupName", body.copyGroupName, 29)  # "," or "/" would make two pair keys collide
+    check_name("copyPairName", body.copyPairName)
+    for attr, dg in (("localDeviceGroupName", body.localDeviceGroupName),
+                     ("remoteDeviceGroupName", body.remoteDeviceGroupName)):
+        if dg is not None:
+            check_name(attr, dg)
     await remote_auth(request, ctx, body.remoteStorageDeviceId)
     ur = body.replicationType == "UR"
     if ur and body.fenceLevel not in (None, "ASYNC"):
