@@ -25,6 +25,7 @@ from vspemu.cli.pair import (
     Arrays,
     CaCert,
     Insecure,
+    PairCommandError,
     console,
     statuses_line,
     tls_setting,
@@ -174,7 +175,7 @@ def demo(
                 _step(f"logged in to {c.base_url}: {info['model']} serial {info['serialNumber']} "
                       f"({info['storageDeviceId']})")
             prepare_link(a)
-        except (ApiError, httpx.HTTPError, TimeoutError) as e:
+        except (ApiError, httpx.HTTPError, TimeoutError, PairCommandError) as e:
             console.print(f"[red]the lab could not be prepared:[/red] {e}")
             raise typer.Exit(2) from None
         for rep in ("TC",) if skip_ur else ("TC", "UR"):

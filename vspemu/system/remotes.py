@@ -495,7 +495,9 @@ class Remotes:
                                                    forget_proof(peer.secret, me, device_id, nonce, mutual, check_only))
                 keep = bool(answer.get("keep"))
             except VspError as e:
-                if mutual or e.key != "REMOTE_UNREACHABLE":
+                # not mutual: the remote may be gone, or (REMOTE_AUTH_INVALID: our proof failed) hold another
+                # secret; our own registration can still be removed
+                if mutual or e.key not in ("REMOTE_UNREACHABLE", "REMOTE_AUTH_INVALID"):
                     raise
                 keep = True  # cannot tell whether the remote still uses the secret: keep it, hidden
             if keep:
