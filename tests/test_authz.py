@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from crc32c import crc32c
 from typer.testing import CliRunner
 
 from tests.conftest import MakeSystem
@@ -19,6 +20,7 @@ from vspemu.cli.main import app
 from vspemu.client import ApiError, VspClient, tls_verify
 from vspemu.lab import SystemProcess, free_port, link_systems, set_link_ports
 from vspemu.replication import peer_headers
+from vspemu.replication.journal import ENTRY, ENTRY_MAGIC, MIRROR_SHIFT
 from vspemu.replication.link import Link, RemoteError
 
 CG = "azg"
@@ -274,3 +276,53 @@ def test_bad_peer_headers_get_an_error_reply_and_change_nothing(
     assert sc.get("remote-copypairs")["data"] == [] and sc.get("remote-mirror-copygroups")["data"] == []
     assert not list(s.data_dir.rglob("*x.bmp"))
     assert sc.get("storages")["data"][0]["storageDeviceId"] == s.storage_device_id  # still serving
+
+
+def test_ur_restore_refuses_an_entry_beyond_the_svol(
+        linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient]) -> None:
+    p, s, pc, sc = linked
+    for c in (pc, sc):
+        c.create_journal(1, [c.create_ldev("64M")])
+    size = 16 << 20
+    pv, sv = pc.create_ldev("16M"), sc.create_ldev("16M")
+    pc.invoke("POST", "remote-mirror-copypairs", {
+        "copyGroupName": "ug", "copyPairName": "u0", "replicationType": "UR",
+        "remoteStorageDeviceId": s.storage_device_id, "pvolLdevId": pv, "svolLdevId": sv,
+        "isNewGroupCreation": True, "fenceLevel": "ASYNC", "muNumber": 1, "pvolJournalId": 1, "svolJournalId": 1},
+        remote=sc)
+    secret = _link_secret(p, s.storage_device_id)
+    pc.close()
+    p.stop()
+    svol_file = s.data_dir / "ldevs" / f"{sv:05d}.img"
+    assert svol_file.stat().st_size == size
+
+    async def main() -> None:
+        reads: list[dict[str, Any]] = []
+        two = asyncio.Event()
+
+        async def jnl_read(peer: Any, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
+            reads.append(h)
+            if len(reads) >= 2:
+                two.set()
+            first = int(h.get("from") or 1)
+            data = b"\xaa" * 4096
+            head = ENTRY.pack(ENTRY_MAGIC, 1 << (MIRROR_SHIFT + 1), first, pv, len(data), size, 0, 0)
+            crc = crc32c(data, crc32c(head[:32]))
+            raw = ENTRY.pack(ENTRY_MAGIC, 1 << (MIRROR_SHIFT + 1), first, pv, len(data), size, crc, 0) + data
+            return {"count": 1, "first": first, "skip": False, "mu": 1, "floor": 0, "svols": {str(pv): sv},
+                    "lastSeq": first, "qCount": 1, "usage": 0, "headSeq": first, "nextSeq": 0}, raw
+
+        # a primary (with the real one's identity and secret) that sends an entry past the S-VOL's end
+        ports = dict(zip(("CL3-A", "CL4-A", "CL3-B", "CL4-B"), p.link_ports, strict=True))
+        fake = Link(p.storage_device_id, p.serial, lambda d: secret if d == s.storage_device_id else None,
+                    lambda d, port: None, ports=ports)
+        fake.register_handler("jnl.read", jnl_read)
+        await fake.start()
+        try:
+            await asyncio.wait_for(two.wait(), 60)  # the second read comes after the first reply was handled
+        finally:
+            await fake.close()
+        assert reads[1].get("from") == reads[0].get("from")  # the bad entry was not restored
+
+    asyncio.run(main())
+    assert svol_file.stat().st_size == size
