@@ -4,9 +4,11 @@ and the checks of what a peer sends."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sqlite3
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,17 @@ def test_not_specified_refused_where_the_remote_side_changes(
     assert sc.get(s_ns)["svolStatus"] == "SSWS"
     sc.invoke("POST", f"{s_ns}/actions/takeover/invoke", {"parameters": {"mode": "forceSplit"}})
     assert sc.get(s_ns)["svolStatus"] == "SSWS"
+
+
+def _peer_doc(system: SystemProcess, peer_id: str) -> dict[str, Any]:
+    """A system's peer record, as stored."""
+    with sqlite3.connect(system.data_dir / "config.sqlite3") as con:
+        row = con.execute("SELECT doc FROM objects WHERE kind = 'remote_storages' AND id = ?", (peer_id,)).fetchone()
+    return json.loads(row[0])  # type: ignore[no-any-return]
+
+
+def _link_secret(system: SystemProcess, peer_id: str) -> bytes:
+    return bytes.fromhex(_peer_doc(system, peer_id)["secret"])
 
 
 # -- item 1: a link secret is accepted only inside a registration the registering system confirms -----------
@@ -160,6 +173,11 @@ def test_registration_confirm_answers_only_a_running_registration(system: System
 def test_impostor_at_the_pinned_address_is_refused(
         linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient], tmp_path: Path) -> None:
     p, s, pc, sc = linked
+    # each side pinned the other's certificate at registration (the primary in its calls, the secondary when
+    # the primary confirmed the registration)
+    for me, other in ((p, s), (s, p)):
+        fingerprint = hashlib.sha256(ssl.PEM_cert_to_DER_cert(other.cert_path.read_text())).hexdigest()
+        assert _peer_doc(me, other.storage_device_id)["cert_sha256"] == fingerprint
     assert pc.get("remote-mirror-copygroups", remote=sc, remoteStorageDeviceId=s.storage_device_id)["data"] == []
     sc.close()
     s.stop()
@@ -223,10 +241,6 @@ def test_group_and_pair_names_with_separators_are_refused(
         assert c.get("remote-mirror-copygroups")["data"] == []
 
 
-def _link_secret(system: SystemProcess, peer_id: str) -> bytes:
-    with sqlite3.connect(system.data_dir / "config.sqlite3") as con:
-        row = con.execute("SELECT doc FROM objects WHERE kind = 'remote_storages' AND id = ?", (peer_id,)).fetchone()
-    return bytes.fromhex(json.loads(row[0])["secret"])
 
 
 def test_bad_peer_headers_get_an_error_reply_and_change_nothing(
