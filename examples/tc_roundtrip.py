@@ -4,6 +4,7 @@ Run it against a running lab (``vspemu up``) or let it start a throw-away lab on
 
     python examples/tc_roundtrip.py                       # starts two systems in a temporary folder
     python examples/tc_roundtrip.py --lab                 # uses the running lab (8443/8444, NBD 10809/10810)
+                                                          #   (export VSPEMU_CA_CERT as `vspemu up` prints)
 """
 
 from __future__ import annotations

@@ -29,8 +29,13 @@ class Lab:
         urls = ["--primary", first.rest_url, "--secondary", second.rest_url]
         if args[0] == "takeover":
             urls = urls[2:]
-        r = CliRunner().invoke(app, ["pair", *args, *urls])
+        r = CliRunner(env=self.env).invoke(app, ["pair", *args, *urls])
         return r.exit_code, r.output
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The CLI verifies TLS: trust the two systems' own certificates."""
+        return {"VSPEMU_CA_CERT": os.pathsep.join(str(x.cert_path) for x in (self.p, self.s))}
 
     def volumes(self, size: str = "16M") -> tuple[int, int]:
         pv = self.pc.create_ldev(size)
@@ -142,9 +147,9 @@ def test_errors_show_the_arrays_message(lab: Lab) -> None:
     assert code == 2, out
     code, out = lab.run("split", "-g", "x", "-rw", "-RS")
     assert code == 3, out
-    r = CliRunner().invoke(app, ["pair", "display", "-g", "cg", "--primary", lab.p.rest_url, "--secondary",
+    r = CliRunner(env=lab.env).invoke(app, ["pair", "display", "-g", "cg", "--primary", lab.p.rest_url, "--secondary",
                                  lab.s.rest_url, "--password", "wrong-password"])
     assert r.exit_code == 2 and "KART" in r.output, r.output
-    r = CliRunner().invoke(app, ["pair", "display", "-g", "cg", "--primary", "https://127.0.0.1:9",
+    r = CliRunner(env=lab.env).invoke(app, ["pair", "display", "-g", "cg", "--primary", "https://127.0.0.1:9",
                                  "--secondary", lab.s.rest_url])
     assert r.exit_code == 2 and "cannot reach" in r.output, r.output

@@ -61,6 +61,11 @@ class SystemProcess:
     def rest_url(self) -> str:
         return f"https://{self.host}:{self.rest_port}"
 
+    @property
+    def cert_path(self) -> Path:
+        """The system's own REST certificate (made at its first start): what its clients trust."""
+        return self.data_dir / "tls" / "server.crt"
+
     def command(self) -> list[str]:
         return [sys.executable, "-m", "vspemu", "serve", "--serial", str(self.serial),
                 "--data-dir", str(self.data_dir), "--rest-port", str(self.rest_port),
@@ -94,6 +99,9 @@ class SystemProcess:
         raise TimeoutError(f"storage {self.serial} not ready after {timeout} s; see {self.log_path}")
 
     def client(self, **kwargs: object) -> VspClient:
+        """A logged-in SDK client that trusts exactly this system's certificate (unless ``verify=`` says
+        otherwise)."""
+        kwargs.setdefault("verify", str(self.cert_path))
         return VspClient(self.rest_url, **kwargs)  # type: ignore[arg-type]
 
     def stop(self, timeout: float = 15.0) -> int | None:

@@ -53,9 +53,12 @@ def test_demo_on_a_fresh_lab(tmp_path: Path) -> None:
                           stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_ready(up)
+        # the CLI verifies TLS: trust the lab's certificates, as `vspemu up` tells
+        certs = os.pathsep.join(str(tmp_path / "lab" / str(serial) / "tls" / "server.crt")
+                                for serial in (410001, 410002))
         for run in (1, 2):  # twice on the same lab: fresh LDEVs and group names each time
             r = subprocess.run([sys.executable, "-m", "vspemu", "demo", "--size", "32M"], capture_output=True,
-                               text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+                               text=True, timeout=300, env={**os.environ, "COLUMNS": "200", "VSPEMU_CA_CERT": certs})
             out = r.stdout + r.stderr
             assert r.returncode == 0, f"run {run}:\n{out}"
             line = next((x for x in out.splitlines() if x.startswith("final check:")), "")

@@ -19,7 +19,18 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from vspemu.cli.pair import PRIMARY_URL, SECONDARY_URL, Arrays, console, statuses_line, wait_for_pair
+from vspemu.cli.pair import (
+    PRIMARY_URL,
+    SECONDARY_URL,
+    Arrays,
+    CaCert,
+    Insecure,
+    PairCommandError,
+    console,
+    statuses_line,
+    tls_setting,
+    wait_for_pair,
+)
 from vspemu.client import ApiError, VspClient
 from vspemu.client.nbd import NbdClient
 from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER
@@ -149,9 +160,11 @@ def demo(
     password: Annotated[str, typer.Option("--password", "-p")] = DEFAULT_PASSWORD,
     size: Annotated[str, typer.Option(help="Size of each volume.")] = "64M",
     skip_ur: Annotated[bool, typer.Option("--skip-ur", help="TrueCopy only.")] = False,
+    insecure: Insecure = False,
+    ca_cert: CaCert = None,
 ) -> None:
     """Run the seed workflow (TrueCopy, then Universal Replicator) with real data on a running lab."""
-    a = Arrays(primary, secondary, user, password)
+    a = Arrays(primary, secondary, user, password, verify=tls_setting(insecure, ca_cert))
     nbd_p, nbd_s = _nbd(primary_nbd), _nbd(secondary_nbd)
     tag = time.strftime("%H%M%S") + os.urandom(2).hex()
     results: dict[str, str] = {}
@@ -162,7 +175,7 @@ def demo(
                 _step(f"logged in to {c.base_url}: {info['model']} serial {info['serialNumber']} "
                       f"({info['storageDeviceId']})")
             prepare_link(a)
-        except (ApiError, httpx.HTTPError, TimeoutError) as e:
+        except (ApiError, httpx.HTTPError, TimeoutError, PairCommandError) as e:
             console.print(f"[red]the lab could not be prepared:[/red] {e}")
             raise typer.Exit(2) from None
         for rep in ("TC",) if skip_ur else ("TC", "UR"):

@@ -146,6 +146,8 @@ def up(
                           f"CL3-A/CL4-A/CL3-B/CL4-B = {link_base}-{link_base + 3}",
                           f"{DEFAULT_USER} / {DEFAULT_PASSWORD}", str(d))
         console.print(table)
+        certs = os.pathsep.join(str((data_dir / str(serial) / "tls" / "server.crt").resolve()) for _, serial, *_ in LAB)
+        console.print(f"Clients verify TLS: export VSPEMU_CA_CERT={certs}", soft_wrap=True)
         console.print("Press Ctrl-C to stop both systems.")
         while not stopping:
             for p in procs:

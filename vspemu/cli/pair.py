@@ -14,6 +14,11 @@ horctakeover) but talk to the arrays' REST API through the SDK, so they work aga
 ``--primary`` is the system that holds the P-VOLs (the one the copy group was created on) and
 ``--secondary`` the other one; both default to the lab (https://127.0.0.1:8443 and :8444).
 
+TLS: the servers' certificates are verified. Trust a system's own certificate with ``--ca-cert FILE``
+(before the command: ``vspemu pair --ca-cert P.crt:S.crt display ...``) or ``VSPEMU_CA_CERT`` (files separated
+by ``os.pathsep``; ``vspemu up`` prints the line to export); ``--insecure`` / ``VSPEMU_INSECURE=1`` skips
+verification.
+
 Exit codes: 0 done (for ``wait``: the status was reached); 1 timed out (``wait``, or ``create``/``resync``
 waiting for PAIR); 2 the array refused the request (its messageId and message are printed), a pair went
 to PSUE/PFUS while waiting, or an array could not be reached; 3 bad usage (e.g. the group does not exist).
@@ -43,7 +48,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from vspemu.client import ApiError, VspClient
+from vspemu.client import ApiError, Verify, VspClient
 from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER
 
 EXIT_OK, EXIT_TIMEOUT, EXIT_ERROR, EXIT_USAGE = 0, 1, 2, 3
@@ -101,6 +106,29 @@ NoWait = Annotated[bool, typer.Option("--nowait", help="Return once the array ac
 Timeout = Annotated[float, typer.Option("--timeout", "-t", help="Seconds to wait for the pair status.")]
 
 
+Insecure = Annotated[bool, typer.Option("--insecure", envvar="VSPEMU_INSECURE",
+                                         help="Do not verify the servers' TLS certificates.")]
+CaCert = Annotated[str | None, typer.Option("--ca-cert", envvar="VSPEMU_CA_CERT",
+                                            help="Certificate file(s) to trust, separated by the path separator "
+                                                 "(a vspemu system's is <data dir>/tls/server.crt).")]
+
+
+def tls_setting(insecure: bool, ca_cert: str | None) -> Verify:
+    """``verify`` for the SDK from --insecure / --ca-cert."""
+    if insecure:
+        return False
+    return ca_cert or True
+
+
+_tls: dict[str, Verify] = {"verify": True}
+
+
+@app.callback()
+def tls_options(insecure: Insecure = False, ca_cert: CaCert = None) -> None:
+    """CCI-style TrueCopy / Universal Replicator pair commands over the REST API."""
+    _tls["verify"] = tls_setting(insecure, ca_cert)
+
+
 class PairCommandError(Exception):
     """A refusal worth one line on the terminal and an exit code."""
 
@@ -119,10 +147,11 @@ class Arrays:
     password: str
     _p: VspClient | None = None
     _s: VspClient | None = None
+    verify: Verify = True
 
     def _login(self, url: str) -> VspClient:
         try:
-            return VspClient(url, self.user, self.password, timeout=120.0)
+            return VspClient(url, self.user, self.password, timeout=120.0, verify=self.verify)
         except httpx.HTTPError as e:
             raise PairCommandError(f"cannot reach {url}: {e}") from e
 
@@ -193,7 +222,7 @@ class Arrays:
 
 @contextmanager
 def arrays(primary: str, secondary: str, user: str, password: str) -> Iterator[Arrays]:
-    a = Arrays(primary, secondary, user, password)
+    a = Arrays(primary, secondary, user, password, verify=_tls["verify"])
     try:
         yield a
     finally:
@@ -431,7 +460,7 @@ def resync(
             console.print(f"pairresync{flag} {group}{'/' + pair if pair else ''} accepted")
             if swaps or swapp:
                 # the roles are reversed now: the old secondary is the primary
-                a = Arrays(a.secondary_url, a.primary_url, a.user, a.password, a._s, a._p)
+                a = Arrays(a.secondary_url, a.primary_url, a.user, a.password, a._s, a._p, a.verify)
             return finish(a, group, pair, nowait, timeout)
 
     run(body)

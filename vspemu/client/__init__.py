@@ -8,10 +8,17 @@
 
 Every error the array answers becomes :class:`ApiError`, carrying the array's ``messageId``. A job that
 ends in ``Failed`` raises :class:`JobFailed` (an ApiError) with the job's error body.
+
+TLS: the client verifies the server's certificate by default, against the files named in ``VSPEMU_CA_CERT``
+(``os.pathsep``-separated; a vspemu system's certificate is ``<data dir>/tls/server.crt``) when that is set,
+else against the system's CAs. ``verify=`` takes a certificate/CA file path (or several, separated by
+``os.pathsep``), an ``ssl.SSLContext``, or ``False`` to skip verification (explicit opt-out).
 """
 
 from __future__ import annotations
 
+import os
+import ssl
 import time
 from types import TracebackType
 from typing import Any
@@ -20,7 +27,29 @@ import httpx
 
 from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER
 
-__all__ = ["ApiError", "JobFailed", "VspClient"]
+__all__ = ["ApiError", "JobFailed", "Verify", "VspClient", "tls_verify"]
+
+CA_ENV = "VSPEMU_CA_CERT"
+
+Verify = bool | str | os.PathLike[str] | ssl.SSLContext
+
+
+def tls_verify(verify: Verify = True) -> ssl.SSLContext | bool:
+    """What httpx gets as ``verify``: ``False`` (opt-out), or a context trusting the given certificate files
+    (``os.pathsep``-separated), or for ``True`` the files in ``$VSPEMU_CA_CERT`` if set, else the system CAs."""
+    if isinstance(verify, ssl.SSLContext) or verify is False:
+        return verify
+    if verify is True:
+        verify = os.environ.get(CA_ENV, "")
+        if not verify:
+            return ssl.create_default_context()
+    files = [f for f in os.fspath(verify).split(os.pathsep) if f]
+    if not files:
+        raise ValueError("verify: no certificate file given")
+    ctx = ssl.create_default_context(cafile=files[0])
+    for f in files[1:]:
+        ctx.load_verify_locations(cafile=f)
+    return ctx
 
 
 class ApiError(Exception):
@@ -48,15 +77,18 @@ class VspClient:
     ``scoped=True`` sends object requests in the storage-scoped form
     (``/v1/objects/storages/{storageDeviceId}/...``), as cinder does; the default is the short form, as
     the Ansible collection uses.
+
+    ``verify`` (default ``True``): see the module doc; ``verify=False`` skips certificate verification,
+    ``verify="/path/server.crt"`` trusts that certificate (or CA).
     """
 
     def __init__(self, base_url: str, user: str = DEFAULT_USER, password: str = DEFAULT_PASSWORD, *,
-                 verify: bool = False, timeout: float = 60.0, login: bool = True, scoped: bool = False,
+                 verify: Verify = True, timeout: float = 60.0, login: bool = True, scoped: bool = False,
                  alive_time: int | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.user = user
         self.password = password
-        self.http = httpx.Client(base_url=f"{self.base_url}/ConfigurationManager", verify=verify,
+        self.http = httpx.Client(base_url=f"{self.base_url}/ConfigurationManager", verify=tls_verify(verify),
                                  timeout=timeout)
         self.token: str | None = None
         self.session_id: int | None = None

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from vspemu.errors import VspError, invalid, not_found
+from vspemu.replication import peer_headers
 from vspemu.replication.bitmap import DirtyBitmap
 from vspemu.replication.datapath import PairVolume, WriteBarrier, copy_marked_tracks
 from vspemu.replication.link import Link, LinkError, PathGroup, PeerInfo, RemoteError
@@ -965,6 +966,7 @@ class Replication:
         return group
 
     async def _h_create(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
+        h = peer_headers.create_header(h)  # every field type- and range-checked (a bad one: an ERROR reply)
         gdoc = dict(h["group"])
         gdoc["remote_device_id"] = peer.storage_device_id
         gdoc["remote_serial"] = self.remotes.get(peer.storage_device_id).serial
@@ -1004,9 +1006,9 @@ class Replication:
 
     async def _h_set(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
         group = self._peer_group(peer, h["group"])
-        status = str(h["status"])
+        status = peer_headers.status(h["status"])
         states: dict[str, str] = {}
-        for name in h["pairs"]:
+        for name in peer_headers.names(h["pairs"]):
             p = self.pairs.get(f"{group.name}/{name}")
             if p is None:
                 continue
@@ -1020,7 +1022,7 @@ class Replication:
             if status == SSUS and p.role == "S" and p.status == SSWS:
                 states[name] = p.status  # a takeover is not undone by a split
                 continue
-            self._set(p, status, str(h.get("peer", _peer_status_of_sender(status))))
+            self._set(p, status, peer_headers.status(h.get("peer", _peer_status_of_sender(status))))
             states[name] = p.status
         return {"states": states}, b""
 
@@ -1052,11 +1054,11 @@ class Replication:
 
     async def _h_swap(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
         group = self._peer_group(peer, h["group"])
-        pairs = [self.get_pair(group.name, str(n)) for n in h["pairs"]]
+        pairs = [self.get_pair(group.name, n) for n in peer_headers.names(h["pairs"])]
         self._refuse_multi_target_swap(pairs)
         if h.get("check"):
             return {}, b""
-        role = str(h["to"])
+        role = peer_headers.role(h["to"])
         if all(p.role == role and p.extra.get("swapped") for p in pairs) and not h.get("resync"):
             return {}, b""
         self._become(group, pairs, role)

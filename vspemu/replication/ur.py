@@ -410,6 +410,10 @@ class UniversalReplicator:
                         pair = next((p for p in self.engine.pairs_of(svol) if p.group == group.name), None)
                         volumes[svol] = system.volumes.get(svol) if pair is not None and pair.role == "S" else None
                     vol = volumes[svol]
+                    if vol is not None and not vol.check_range(e.offset, e.length):
+                        log.error("journal entry %d for %s: offset %d + %d bytes beyond the end of S-VOL %d; "
+                                  "restore stops here", e.seq, group.name, e.offset, e.length, svol)
+                        break
                     if vol is not None:
                         if e.zero:
                             vol.discard_local(e.offset, e.length)

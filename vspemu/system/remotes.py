@@ -2,12 +2,19 @@
 
 A remote system is registered with ``POST remote-storages`` on the local system, carrying a session token of
 the remote system (``Remote-Authorization``). The local system checks that token against the remote's
-REST API before anything changes, learns the remote's replication-port addresses (vspemu-private route
-``GET /ConfigurationManager/vspemu/v1/link``) and hands it a fresh link secret (``POST
-/ConfigurationManager/vspemu/v1/link-peers``, authenticated with the same remote token). Both sides keep a
-*peer record* for each other: the secret authenticates replication-link connections in both directions.
-A peer record is *registered* (visible in ``GET remote-storages`` with dkcType "Remote") when the local
-administrator registered the remote, or when the remote registered us with ``isMutualDiscovery``.
+REST API before anything changes and pins the certificate the remote's REST server presented (trust on
+first use, at registration). It learns the remote's replication-port addresses (vspemu-private route
+``GET /ConfigurationManager/vspemu/v1/link``), asks it for a one-time registration nonce bound to its own id
+(``POST .../link-peers/nonces``) and hands it a fresh link secret with that nonce (``POST .../link-peers``).
+The remote accepts the secret only when the nonce is live and bound to that id, and when the registering
+system confirms the registration itself (``POST .../registrations/confirm`` on the registering system's REST
+address, answered only while that registration runs, with an HMAC of the secret), and it never replaces an
+existing peer record unless the request proves knowledge of that record's secret (``rekeyProof``). Removing a
+record from the remote side (``.../forget``) needs the same kind of proof. Both sides keep a *peer record* for
+each other: the secret authenticates replication-link connections in both directions, the pinned certificate
+every later REST call to the peer. A peer record is *registered* (visible in ``GET remote-storages`` with
+dkcType "Remote") when the local administrator registered the remote, or when the remote registered us with
+``isMutualDiscovery``.
 
 This module knows nothing about HTTP frameworks; it talks to remote systems with httpx.
 """
@@ -15,8 +22,13 @@ This module knows nothing about HTTP frameworks; it talks to remote systems with
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import hmac
 import re
 import secrets
+import ssl
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +45,8 @@ MAX_TIMEOUT_FOR_REMOTE_IO = 80
 DEFAULT_TIMEOUT_FOR_REMOTE_IO = 15
 MAX_PATHS_PER_GROUP = 8
 DEVICE_ID_RE = re.compile(r"^[0-9A-F]{6}\d{6}$")
+NONCE_TTL = 60.0  # seconds a registration nonce stays valid
+MAX_NONCES = 64  # outstanding nonces kept (the oldest goes first)
 
 
 @dataclass
@@ -47,6 +61,8 @@ class RemoteStorage:
     secret: str  # hex; authenticates the replication link between the two systems
     link_ports: dict[str, list[Any]] = field(default_factory=dict)  # port id -> [host, tcp port]
     registered: bool = True  # visible in GET remote-storages
+    cert_sha256: str = ""  # SHA-256 of the peer's REST certificate (DER), pinned at registration
+    cert_pem: str = ""  # that certificate: the only one trusted for REST calls to the peer
 
     @property
     def storage_type_id(self) -> str:
@@ -78,21 +94,93 @@ def _base(ip: str, port: int) -> str:
     return f"https://{host}:{port}"
 
 
-class RemoteApi:
-    """Calls to another storage system's REST API with a token of a session there."""
+def _proof(secret: str, *parts: object) -> str:
+    """HMAC-SHA256 with a link secret over ``parts``: proves knowledge of the secret without sending it."""
+    msg = "|".join(str(p) for p in parts).encode()
+    return hmac.new(bytes.fromhex(secret), msg, hashlib.sha256).hexdigest()
 
-    def __init__(self, ip: str, port: int, token: str, device_hint: str = "") -> None:
+
+def register_proof(secret: str, registering: str, target: str, nonce: str) -> str:
+    return _proof(secret, "vspemu-register-v1", registering, target, nonce)
+
+
+def rekey_proof(old_secret: str, registering: str, target: str, nonce: str, new_secret: str) -> str:
+    return _proof(old_secret, "vspemu-rekey-v1", registering, target, nonce, new_secret)
+
+
+def forget_proof(secret: str, sender: str, target: str, nonce: str, mutual: bool, check_only: bool) -> str:
+    return _proof(secret, "vspemu-forget-v1", sender, target, nonce, int(mutual), int(check_only))
+
+
+@functools.lru_cache(maxsize=64)
+def pinned_context(pem: str) -> ssl.SSLContext:
+    """TLS context that trusts exactly the pinned certificate (no host name check: the pin is the identity)."""
+    ctx = ssl.create_default_context(cadata=pem)
+    ctx.check_hostname = False
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf itself is the trust anchor
+    return ctx
+
+
+def _peer_der(r: httpx.Response) -> bytes:
+    stream = r.extensions.get("network_stream")
+    obj = stream.get_extra_info("ssl_object") if stream is not None else None
+    der = obj.getpeercert(binary_form=True) if obj is not None else None
+    return der or b""
+
+
+class RemoteApi:
+    """Calls to another storage system's REST API with a token of a session there.
+
+    Without a pin (the first call of a registration) any certificate is accepted and remembered
+    (``peer_pem``, ``peer_sha256``); :meth:`pin` then restricts every later call to that certificate. A
+    pinned call refuses another certificate during the TLS handshake, before a token is sent."""
+
+    def __init__(self, ip: str, port: int, token: str, device_hint: str = "", pin_pem: str = "",
+                 pin_sha256: str = "") -> None:
         self.ip, self.port, self.token = ip, port, token
         self.device_hint = device_hint
+        self.pin_pem, self.pin_sha256 = pin_pem, pin_sha256
+        self.peer_pem, self.peer_sha256 = "", ""
 
-    async def _request(self, method: str, path: str, json: Any = None) -> httpx.Response:
+    def pin(self) -> None:
+        """Trust only the certificate seen so far for every later call."""
+        if not self.peer_pem:
+            raise VspError("REMOTE_UNREACHABLE", cause="The remote REST server presented no certificate.",
+                           detail=f"REST server {self.ip}:{self.port}")
+        self.pin_pem, self.pin_sha256 = self.peer_pem, self.peer_sha256
+
+    def _mismatch(self, seen: str = "") -> VspError:
+        return VspError("REMOTE_UNREACHABLE",
+                        cause=f"The REST server at {self.ip}:{self.port} presented a certificate "
+                              f"{('(sha256 ' + seen + ') ') if seen else ''}other than the one pinned at "
+                              f"registration (sha256 {self.pin_sha256}); nothing was sent to it. Remove the "
+                              "registration and register the remote storage system again if its certificate "
+                              "changed.",
+                        detail=f"REST server {self.ip}:{self.port}")
+
+    async def _request(self, method: str, path: str, json: Any = None, auth: bool = True) -> httpx.Response:
+        verify: ssl.SSLContext | bool = pinned_context(self.pin_pem) if self.pin_pem else False
+        headers = _session_headers(self.token) if auth else {"Content-Type": "application/json",
+                                                             "Accept": "application/json"}
         try:
-            async with httpx.AsyncClient(base_url=_base(self.ip, self.port), verify=False,
+            async with httpx.AsyncClient(base_url=_base(self.ip, self.port), verify=verify,
                                          timeout=REMOTE_TIMEOUT) as http:
-                return await http.request(method, path, json=json, headers=_session_headers(self.token))
+                r = await http.request(method, path, json=json, headers=headers)
+                der = _peer_der(r)
+        except httpx.ConnectError as e:
+            if self.pin_pem and "CERTIFICATE_VERIFY_FAILED" in str(e):
+                raise self._mismatch() from None
+            raise VspError("REMOTE_UNREACHABLE", cause=f"{type(e).__name__}: {e}",
+                           detail=f"REST server {self.ip}:{self.port}") from None
         except httpx.HTTPError as e:
             raise VspError("REMOTE_UNREACHABLE", cause=f"{type(e).__name__}: {e}",
                            detail=f"REST server {self.ip}:{self.port}") from None
+        seen = hashlib.sha256(der).hexdigest() if der else ""
+        if self.pin_sha256 and seen != self.pin_sha256:
+            raise self._mismatch(seen)
+        if der:
+            self.peer_pem, self.peer_sha256 = ssl.DER_cert_to_PEM_cert(der), seen
+        return r
 
     def _check(self, r: httpx.Response, what: str) -> Any:
         if r.status_code == 401:
@@ -130,14 +218,32 @@ class RemoteApi:
     async def link_info(self) -> dict[str, Any]:
         return self._check(await self._request("GET", f"{PRIVATE_ROOT}/link"), "vspemu link")  # type: ignore
 
+    async def nonce(self, device_id: str) -> str:
+        """A one-time registration nonce of the remote, bound to ``device_id`` (the caller's id)."""
+        body = self._check(await self._request("POST", f"{PRIVATE_ROOT}/link-peers/nonces",
+                                               {"storageDeviceId": device_id}), "vspemu link-peers nonces")
+        if not isinstance(body, dict) or not isinstance(body.get("nonce"), str):
+            raise VspError("REMOTE_UNREACHABLE", cause="The remote REST server answered an unexpected body.",
+                           detail="vspemu link-peers nonces")
+        return body["nonce"]
+
     async def put_peer(self, doc: dict[str, Any]) -> dict[str, Any]:
         return self._check(await self._request("POST", f"{PRIVATE_ROOT}/link-peers", doc),  # type: ignore
                            "vspemu link-peers")
 
-    async def forget_peer(self, device_id: str, mutual: bool, check_only: bool = False) -> dict[str, Any]:
-        body = {"isMutualDeletion": mutual, "checkOnly": check_only}
+    async def forget_peer(self, device_id: str, mutual: bool, check_only: bool, nonce: str,
+                          proof: str) -> dict[str, Any]:
+        body = {"isMutualDeletion": mutual, "checkOnly": check_only, "nonce": nonce, "proof": proof}
         return self._check(await self._request("POST", f"{PRIVATE_ROOT}/link-peers/{device_id}/forget", body),
                            "vspemu link-peers forget")  # type: ignore
+
+    async def confirm(self, target: str, nonce: str) -> str:
+        """Ask a registering system (no session there) to confirm its registration with us: its proof."""
+        r = await self._request("POST", f"{PRIVATE_ROOT}/registrations/confirm",
+                                {"storageDeviceId": target, "nonce": nonce}, auth=False)
+        body = self._check(r, "vspemu registrations confirm")
+        proof = body.get("proof") if isinstance(body, dict) else None
+        return proof if isinstance(proof, str) else ""
 
 
 def link_ports_of(info: dict[str, Any], rest_ip: str) -> dict[str, list[Any]]:
@@ -168,6 +274,8 @@ class Remotes:
             k: PathGroupConfig(**v) for k, v in system.store.load("remotepath_groups").items()
         }
         self._lock = asyncio.Lock()
+        self._nonces: dict[str, tuple[str, float]] = {}  # nonce -> (registering device id, expiry)
+        self._pending: dict[tuple[str, str], str] = {}  # (target device id, nonce) -> secret, while registering
         link.secret_for = self.secret_for
         link.address_of = self.address_of
 
@@ -217,17 +325,32 @@ class Remotes:
                 "linkPorts": [{"portId": p, "host": h, "port": n, "enabled": self.link.port_enabled(p)}
                               for p, (h, n) in self.link.addresses().items()]}
 
+    def api_for(self, peer: RemoteStorage, token: str) -> RemoteApi:
+        """REST calls to a known peer: only its pinned certificate is trusted."""
+        return RemoteApi(peer.rest_server_ip, peer.rest_server_port, token, peer.storage_device_id,
+                         pin_pem=peer.cert_pem, pin_sha256=peer.cert_sha256)
+
+    def _pin_legacy(self, peer: RemoteStorage, api: RemoteApi) -> None:
+        """A record from before certificates were pinned: pin the first certificate seen (trust on first use)."""
+        if not peer.cert_sha256 and api.peer_sha256:
+            peer.cert_pem, peer.cert_sha256 = api.peer_pem, api.peer_sha256
+            self._save_peer(peer)
+
     async def verify_token(self, device_id: str, token: str) -> RemoteStorage:
         """Remote-Authorization for an operation on a registered remote: its REST API must accept the token."""
         peer = self.get(device_id)
-        api = RemoteApi(peer.rest_server_ip, peer.rest_server_port, token, device_id)
+        api = self.api_for(peer, token)
         found = await api.storage()
         if found["storageDeviceId"] != device_id:
             raise VspError("REMOTE_MISMATCH", expected=device_id, found=found["storageDeviceId"])
+        self._pin_legacy(peer, api)
         return peer
 
     async def check_registration(self, device_id: str, ip: str, port: int, token: str) -> dict[str, Any]:
         """Everything that can refuse a registration, before anything changes (no side effects)."""
+        return (await self._probe(device_id, ip, port, token))[0]
+
+    async def _probe(self, device_id: str, ip: str, port: int, token: str) -> tuple[dict[str, Any], RemoteApi]:
         if not DEVICE_ID_RE.match(device_id):
             raise invalid("storageDeviceId", device_id, "Specify the 12-character storage device ID.")
         if device_id == self.system.storage_device_id:
@@ -235,49 +358,114 @@ class Remotes:
         existing = self.peers.get(device_id)
         if existing is not None and existing.registered:
             raise VspError("ALREADY_EXISTS", object_id=f"remote storage {device_id}")
-        found = await RemoteApi(ip, port, token, device_id).storage()
+        api = RemoteApi(ip, port, token, device_id)
+        found = await api.storage()
         if found["storageDeviceId"] == self.system.storage_device_id:
             raise VspError("REMOTE_IS_SELF", device=device_id)
         if found["storageDeviceId"] != device_id:
             raise VspError("REMOTE_MISMATCH", expected=device_id, found=found["storageDeviceId"])
-        return found
+        return found, api
 
     async def register(self, device_id: str, ip: str, port: int, token: str, mutual: bool) -> RemoteStorage:
         """Register a remote system (the job of POST remote-storages)."""
         async with self._lock:
-            found = await self.check_registration(device_id, ip, port, token)
-            api = RemoteApi(ip, port, token, device_id)
+            found, api = await self._probe(device_id, ip, port, token)
+            api.pin()  # trust on first use: every later call of this registration, and the record, use it
             info = await api.link_info()
-            secret = secrets.token_hex(32)
             me = self.system
-            await api.put_peer({
+            nonce = await api.nonce(me.storage_device_id)
+            secret = secrets.token_hex(32)
+            doc: dict[str, Any] = {
                 "storageDeviceId": me.storage_device_id, "serialNumber": me.serial, "model": me.model,
                 "restServerIp": self.rest_host, "restServerPort": self.rest_port, "secret": secret,
-                "linkPorts": self.link_info()["linkPorts"], "isMutualDiscovery": mutual,
-            })
+                "linkPorts": self.link_info()["linkPorts"], "isMutualDiscovery": mutual, "nonce": nonce,
+            }
+            old = self.peers.get(device_id)
+            if old is not None:  # a hidden record (the remote registered us): prove we hold its secret
+                doc["rekeyProof"] = rekey_proof(old.secret, me.storage_device_id, device_id, nonce, secret)
+            self._pending[(device_id, nonce)] = secret
+            try:
+                await api.put_peer(doc)
+            finally:
+                self._pending.pop((device_id, nonce), None)
             peer = RemoteStorage(device_id, found["serialNumber"], found["model"], ip, port, secret,
-                                 link_ports_of(info, ip), registered=True)
+                                 link_ports_of(info, ip), registered=True, cert_sha256=api.pin_sha256,
+                                 cert_pem=api.pin_pem)
             self._save_peer(peer)
             return peer
 
-    def accept_peer(self, doc: dict[str, Any], client_ip: str) -> None:
-        """The remote side of a registration (vspemu-private route): keep the secret, maybe register."""
+    # -- the remote side of a registration (vspemu-private routes) ------------------------------------------
+    def issue_nonce(self, device_id: str) -> str:
+        """A single-use registration nonce for ``device_id``, valid for NONCE_TTL seconds."""
+        if not DEVICE_ID_RE.match(device_id):
+            raise invalid("storageDeviceId", device_id, "Specify the 12-character storage device ID.")
+        now = time.monotonic()
+        for k in [k for k, (_, exp) in self._nonces.items() if exp < now]:
+            del self._nonces[k]
+        while len(self._nonces) >= MAX_NONCES:
+            del self._nonces[next(iter(self._nonces))]
+        nonce = secrets.token_hex(16)
+        self._nonces[nonce] = (device_id, now + NONCE_TTL)
+        return nonce
+
+    def _take_nonce(self, nonce: str, device_id: str) -> None:
+        entry = self._nonces.pop(nonce, None)
+        if entry is None or entry[0] != device_id or entry[1] < time.monotonic():
+            raise invalid("nonce", nonce or "(none)", "Obtain a registration nonce for this storage device ID "
+                          "first (it is valid once, for a short time).")
+
+    def confirm(self, target: str, nonce: str) -> dict[str, Any]:
+        """A target asks whether we are registering it with this nonce: the proof, only while we are."""
+        secret = self._pending.get((target, nonce))
+        if secret is None:
+            raise not_found("registration", f"{target} (no registration in progress with that nonce)")
+        return {"proof": register_proof(secret, self.system.storage_device_id, target, nonce)}
+
+    async def accept_peer(self, doc: dict[str, Any], client_ip: str) -> None:
+        """The remote side of a registration: keep the secret (maybe register), only inside a registration
+        the registering system confirms, and never replace a known peer's secret without its proof."""
         device_id = str(doc["storageDeviceId"])
-        if device_id == self.system.storage_device_id:
+        me = self.system.storage_device_id
+        if device_id == me:
             raise VspError("REMOTE_IS_SELF", device=device_id)
         if not DEVICE_ID_RE.match(device_id):
             raise invalid("storageDeviceId", device_id)
+        nonce = str(doc.get("nonce") or "")
+        self._take_nonce(nonce, device_id)
+        secret = str(doc["secret"])
+        bytes.fromhex(secret)
         existing = self.peers.get(device_id)
+        if existing is not None:
+            want = rekey_proof(existing.secret, device_id, me, nonce, secret)
+            if not hmac.compare_digest(str(doc.get("rekeyProof") or ""), want):
+                raise VspError("ALREADY_EXISTS", object_id=f"remote storage {device_id}",
+                               cause=f"{me} already holds a link secret of {device_id}; remove that registration "
+                                     "first (DELETE remote-storages) to register again.")
         rest_ip = str(doc.get("restServerIp") or client_ip)
         if rest_ip in ("0.0.0.0", "::"):
             rest_ip = client_ip
+        rest_port = int(doc.get("restServerPort", 443))
+        # the registering system must confirm, at its own REST address, that it runs this registration
+        api = RemoteApi(rest_ip, rest_port, "", device_id)
+        try:
+            proof = await api.confirm(me, nonce)
+        except VspError as e:
+            raise VspError("REMOTE_AUTH_INVALID", remote=device_id,
+                           cause=f"The registering storage system at {rest_ip}:{rest_port} did not confirm this "
+                                 f"registration: {e.message}") from None
+        if not hmac.compare_digest(proof, register_proof(secret, device_id, me, nonce)):
+            raise VspError("REMOTE_AUTH_INVALID", remote=device_id,
+                           cause=f"The registering storage system at {rest_ip}:{rest_port} did not confirm this "
+                                 "registration.")
+        if self.peers.get(device_id) is not existing:
+            raise VspError("ALREADY_EXISTS", object_id=f"remote storage {device_id}",
+                           cause="Another registration of that storage system finished meanwhile.")
         peer = RemoteStorage(
-            device_id, int(doc["serialNumber"]), str(doc.get("model", "")), rest_ip,
-            int(doc.get("restServerPort", 443)), str(doc["secret"]),
+            device_id, int(doc["serialNumber"]), str(doc.get("model", "")), rest_ip, rest_port, secret,
             link_ports_of({"linkPorts": doc.get("linkPorts", [])}, rest_ip),
             registered=bool(doc.get("isMutualDiscovery")) or (existing is not None and existing.registered),
+            cert_sha256=api.peer_sha256, cert_pem=api.peer_pem,
         )
-        bytes.fromhex(peer.secret)
         self._save_peer(peer)
         # connections made with the old secret must authenticate again
         self.link.drop_peer(device_id)
@@ -297,15 +485,19 @@ class Remotes:
             peer = self.get(device_id)
             if self.groups_to(device_id):
                 raise VspError("IN_USE", detail=f"remote path groups to {device_id} exist; delete them first")
-            api = RemoteApi(peer.rest_server_ip, peer.rest_server_port, token, device_id)
+            api = self.api_for(peer, token)
+            me = self.system.storage_device_id
             keep = False
             try:
-                if mutual:
-                    await api.forget_peer(self.system.storage_device_id, True, check_only=True)
-                answer = await api.forget_peer(self.system.storage_device_id, mutual)
+                for check_only in ((True, False) if mutual else (False,)):
+                    nonce = await api.nonce(me)
+                    answer = await api.forget_peer(me, mutual, check_only, nonce,
+                                                   forget_proof(peer.secret, me, device_id, nonce, mutual, check_only))
                 keep = bool(answer.get("keep"))
             except VspError as e:
-                if mutual or e.key != "REMOTE_UNREACHABLE":
+                # not mutual: the remote may be gone, or (REMOTE_AUTH_INVALID: our proof failed) hold another
+                # secret; our own registration can still be removed
+                if mutual or e.key not in ("REMOTE_UNREACHABLE", "REMOTE_AUTH_INVALID"):
                     raise
                 keep = True  # cannot tell whether the remote still uses the secret: keep it, hidden
             if keep:
@@ -314,11 +506,18 @@ class Remotes:
             else:
                 self._drop_peer(device_id)
 
-    def forget_peer(self, device_id: str, mutual: bool, check_only: bool) -> dict[str, Any]:
-        """The remote side of an unregistration (vspemu-private route). Answers whether we keep the secret."""
+    def forget_peer(self, device_id: str, mutual: bool, check_only: bool, nonce: str = "",
+                    proof: str = "") -> dict[str, Any]:
+        """The remote side of an unregistration (vspemu-private route). Answers whether we keep the secret.
+        Only the peer itself can ask: ``proof`` is an HMAC with the link secret over a nonce of ours."""
         peer = self.peers.get(device_id)
         if peer is None:
             return {"keep": False}
+        self._take_nonce(nonce, device_id)
+        want = forget_proof(peer.secret, device_id, self.system.storage_device_id, nonce, mutual, check_only)
+        if not hmac.compare_digest(proof, want):
+            raise VspError("REMOTE_AUTH_INVALID", remote=device_id,
+                           cause="Only the registered storage system itself can remove its link secret here.")
         if mutual and self.groups_to(device_id):
             raise VspError("IN_USE", detail=f"remote path groups to {device_id} exist on "
                                             f"{self.system.storage_device_id}; delete them first")

@@ -3,7 +3,10 @@
 Object ids are seen from the system that answers: ``{remoteStorageDeviceId},{copyGroupName},
 {localDeviceGroupName},{remoteDeviceGroupName}[,{copyPairName}]``; commas may come raw or as ``%2C``;
 ``NotSpecified`` may replace the remote storage id and the remote device group, and then no
-Remote-Authorization is needed (a local-only view, or a takeover while the primary is gone).
+Remote-Authorization is needed -- only where the array allows it: GETs (a local-only view), a takeover, and
+a swap (split with ``svolOperationMode: SSWS``, resync with ``doSwapSvol``) sent to the system that holds the
+S-VOLs. A split, resync or delete that changes the remote side needs the remote id and Remote-Authorization
+(400 KART40060-E with a NotSpecified id).
 
 Actions accept PUT and POST (clients send both). Pair-level split and resync of a Universal Replicator
 pair act on its whole mirror (the copy group), as the array operates UR in units of mirrors.
@@ -23,6 +26,7 @@ from vspemu.context import StorageContext
 from vspemu.errors import VspError
 from vspemu.replication.engine import Replication
 from vspemu.replication.model import NOT_SPECIFIED, CopyGroup, Pair, group_view, pair_view
+from vspemu.replication.peer_headers import check_name
 from vspemu.system.storage import MAX_LDEV_ID, storage_type_id
 
 router = APIRouter(tags=["remote copy"])
@@ -108,6 +112,16 @@ def parse_id(ctx: StorageContext, object_id: str, parts: int) -> tuple[CopyGroup
     return group, (items[4] if parts == 5 else None), remote != NOT_SPECIFIED
 
 
+def refuse_not_specified(group: CopyGroup, op: str, swap_on_s_side: bool = False) -> None:
+    """A ``NotSpecified`` id skips Remote-Authorization: refuse it on an operation that changes the remote
+    side, except a swap sent to the S-VOL side (as the array allows)."""
+    if swap_on_s_side and group.role == "S":
+        return
+    raise VspError("REMOTE_AUTH_MISSING",
+                   cause=f"A {op} changes the remote storage system: specify its storageDeviceId and remote "
+                         "device group in the object ID (not NotSpecified) and send Remote-Authorization.")
+
+
 async def remote_auth(request: Request, ctx: StorageContext, remote_device_id: str) -> None:
     header = request.headers.get("remote-authorization", "").strip()
     scheme, _, token = header.partition(" ")
@@ -128,6 +142,12 @@ def pair_url(group: CopyGroup, pair: Pair) -> str:
 @router.post("/remote-mirror-copypairs")
 async def create_pair(request: Request, body: PairCreate, ctx: Ctx, session: Auth) -> JSONResponse:
     eng = engine_of(ctx)
+    check_name("copyGroupName", body.copyGroupName, 29)  # "," or "/" would make two pair keys collide
+    check_name("copyPairName", body.copyPairName)
+    for attr, dg in (("localDeviceGroupName", body.localDeviceGroupName),
+                     ("remoteDeviceGroupName", body.remoteDeviceGroupName)):
+        if dg is not None:
+            check_name(attr, dg)
     await remote_auth(request, ctx, body.remoteStorageDeviceId)
     ur = body.replicationType == "UR"
     if ur and body.fenceLevel not in (None, "ASYNC"):
@@ -225,6 +245,8 @@ async def _split(request: Request, ctx: StorageContext, session: Any, object_id:
     _check_type(group, p.replicationType)
     if remote:
         await remote_auth(request, ctx, group.remote_device_id)
+    else:
+        refuse_not_specified(group, "split", swap_on_s_side=p.svolOperationMode == "SSWS")
     eng = engine_of(ctx)
     eng.precheck("split", group.name, name, ssws=p.svolOperationMode == "SSWS")
 
@@ -245,6 +267,8 @@ async def _resync(request: Request, ctx: StorageContext, session: Any, object_id
                                              "only in units of copy groups; resync the copy group instead")
     if remote:
         await remote_auth(request, ctx, group.remote_device_id)
+    else:
+        refuse_not_specified(group, "resync", swap_on_s_side=bool(p.doSwapSvol))
     eng = engine_of(ctx)
     eng.precheck("resync", group.name, name, swap=bool(p.doSwapSvol))
     nowait = wants_nowait(request)
@@ -323,6 +347,8 @@ async def _delete(request: Request, ctx: StorageContext, session: Any, object_id
     group, name, remote = parse_id(ctx, object_id, parts)
     if remote:
         await remote_auth(request, ctx, group.remote_device_id)
+    else:
+        refuse_not_specified(group, "delete")
     eng = engine_of(ctx)
     if name is not None:
         eng.get_pair(group.name, name)

@@ -156,13 +156,26 @@ class PeerDoc(Body):
     restServerIp: str = ""
     restServerPort: int = Field(default=443, ge=1, le=65535)
     secret: str = Field(min_length=64, max_length=128, pattern=r"^[0-9a-f]+$")
-    linkPorts: list[LinkPortModel] = []
+    linkPorts: list[LinkPortModel] = Field(default=[], max_length=16)
     isMutualDiscovery: bool = False
+    nonce: str = Field(default="", max_length=64)
+    rekeyProof: str = Field(default="", max_length=64)
+
+
+class NonceRequest(Body):
+    storageDeviceId: str = Field(min_length=12, max_length=12)
+
+
+class ConfirmRequest(Body):
+    storageDeviceId: str = Field(min_length=12, max_length=12)
+    nonce: str = Field(min_length=1, max_length=64)
 
 
 class ForgetDoc(Body):
     isMutualDeletion: bool = False
     checkOnly: bool = False
+    nonce: str = Field(default="", max_length=64)
+    proof: str = Field(default="", max_length=64)
 
 
 class PortState(Body):
@@ -184,19 +197,34 @@ async def link_info(ctx: Ctx, _s: Auth) -> dict[str, Any]:
     return remotes_of(ctx).link_info()
 
 
+@private_router.post("/link-peers/nonces")
+async def link_peer_nonce(body: NonceRequest, ctx: Ctx, _s: Auth) -> dict[str, Any]:
+    """Step 1 of a registration by ``storageDeviceId``: a single-use, short-lived nonce bound to that id."""
+    return {"nonce": remotes_of(ctx).issue_nonce(body.storageDeviceId)}
+
+
 @private_router.post("/link-peers")
 async def put_peer(request: Request, body: PeerDoc, ctx: Ctx, _s: Auth) -> dict[str, Any]:
-    """The registering system hands over the link secret (and registers itself when mutual)."""
+    """The registering system hands over the link secret (and registers itself when mutual), with the nonce;
+    accepted only when the registering system confirms the registration (see Remotes.accept_peer)."""
     remotes = remotes_of(ctx)
     client_ip = request.client.host if request.client else ""
     doc = body.model_dump()
-    remotes.accept_peer(doc, client_ip)
+    await remotes.accept_peer(doc, client_ip)
     return remotes.link_info()
+
+
+@private_router.post("/registrations/confirm")
+async def confirm_registration(body: ConfirmRequest, ctx: Ctx) -> dict[str, Any]:
+    """No session: the target of a registration this system runs asks for its proof (an HMAC of the secret
+    being handed over). Answers only while that registration, with that nonce, is in progress."""
+    return remotes_of(ctx).confirm(body.storageDeviceId, body.nonce)
 
 
 @private_router.post("/link-peers/{storageDeviceId}/forget")
 async def forget_peer(storageDeviceId: str, body: ForgetDoc, ctx: Ctx, _s: Auth) -> dict[str, Any]:
-    return remotes_of(ctx).forget_peer(storageDeviceId, body.isMutualDeletion, body.checkOnly)
+    return remotes_of(ctx).forget_peer(storageDeviceId, body.isMutualDeletion, body.checkOnly, body.nonce,
+                                       body.proof)
 
 
 @private_router.get("/link/paths")
