@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vspemu.certs import ensure_certificate
 from vspemu.client import VspClient
 from vspemu.client.nbd import NbdClient
 from vspemu.lab import SystemProcess, link_systems, volume_digest
@@ -210,3 +211,91 @@ def test_kill_during_resync_after_the_secondary_cleared_its_bitmap(make_system: 
         _wait_pair(pc2, sc, s, ("PAIR", "PAIR"))
         assert volume_digest(s.nbd_port, sv, SIZE) == volume_digest(p.nbd_port, pv, SIZE)
     sc.close()
+
+
+# -- secrets on disk and in the process list ----------------------------------------------------------------
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)) or ".": stat.S_IMODE(p.lstat().st_mode) for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.e2e
+def test_data_dir_0700_and_every_file_0600(make_system: MakeSystem, tmp_path: Path) -> None:
+    """After two systems ran with a UR pair (bitmaps, journals, LDEV images, the configuration database with
+    its WAL, the TLS key): the data directories are 0700, every directory in them 0700, every file 0600; an
+    existing lax data directory is tightened at start."""
+    lax = tmp_path / "sys-430001"
+    (lax / "ldevs").mkdir(parents=True)
+    os.chmod(lax, 0o755)
+    os.chmod(lax / "ldevs", 0o755)
+    (lax / "stray").write_bytes(b"x")
+    os.chmod(lax / "stray", 0o644)
+    old = os.umask(0o022)  # as a user's shell would have it
+    try:
+        p, s = make_system(serial=430001), make_system()
+    finally:
+        os.umask(old)
+    with p.client() as pc, s.client() as sc:
+        link_systems(pc, sc)
+        _journals(pc, sc)
+        pv, sv = _volumes(p, s, pc, sc)
+        pc.invoke("POST", "remote-mirror-copypairs", _create_body("UR", s, pv, sv), remote=sc)
+        _wait_pair(pc, sc, s, ("PAIR", "PAIR"))
+        _fill(p.nbd_port, pv, [(7 * MiB, MiB)])
+        for system in (p, s):
+            modes = _modes(system.data_dir)
+            names = set(modes)
+            assert {"config.sqlite3", "config.sqlite3-wal", "tls/server.key", "bitmaps"} <= names, names
+            assert any(n.startswith("bitmaps/") for n in names), names
+            assert any(n.startswith("ldevs/") for n in names), names
+            wrong = {n: oct(m) for n, m in modes.items()
+                     if m != (0o700 if (system.data_dir / n).is_dir() else 0o600)}
+            assert not wrong, wrong
+
+
+@pytest.mark.e2e
+def test_lab_password_not_in_the_process_list(make_system: MakeSystem) -> None:
+    secret = "pw-" + os.urandom(6).hex()
+    p = make_system(password=secret)
+    assert p.proc is not None
+    cmdline = Path(f"/proc/{p.proc.pid}/cmdline").read_bytes()
+    assert secret.encode() not in cmdline
+    assert b"--password" not in cmdline
+    with VspClient(p.rest_url, password=secret) as c:
+        assert c.get("ldevs", count=1) is not None
+    with pytest.raises(Exception):  # noqa: B017 - the default password is refused (401)
+        VspClient(p.rest_url)
+
+
+@pytest.mark.e2e
+def test_password_file(make_system: MakeSystem, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VSPEMU_PASSWORD", "not-this-one")  # the file wins over the environment
+    secret = "file-" + os.urandom(6).hex()
+    f = tmp_path / "pw"
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, secret.encode() + b"\n")
+    os.close(fd)
+    p = make_system(extra_args=["--password-file", str(f)])
+    with VspClient(p.rest_url, password=secret) as c:
+        assert c.get("ldevs", count=1) is not None
+    for wrong in ("not-this-one", "raid-maintenance"):
+        with pytest.raises(Exception):  # noqa: B017 - 401
+            VspClient(p.rest_url, password=wrong)
+
+
+def test_tls_key_never_readable_by_others(tmp_path: Path) -> None:
+    """The key is created 0600 in a new file: a reader who opened a world-readable leftover temporary file
+    (or the file before a chmod) gets nothing of it."""
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    stale = tls / "server.tmp"
+    stale.write_bytes(b"")
+    os.chmod(stale, 0o644)
+    old = os.umask(0o022)
+    try:
+        with open(stale, "rb") as reader:
+            ensure_certificate(tls / "server.crt", tls / "server.key", "vspemu-test", ["127.0.0.1"])
+            assert b"PRIVATE KEY" not in reader.read()
+    finally:
+        os.umask(old)
+    assert b"PRIVATE KEY" in (tls / "server.key").read_bytes()
+    assert stat.S_IMODE((tls / "server.key").stat().st_mode) == 0o600
