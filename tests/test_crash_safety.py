@@ -173,6 +173,28 @@ def test_kill_after_pair_record_commit_still_copies(make_system: MakeSystem, mon
 
 
 @pytest.mark.e2e
+def test_kill_before_pair_record_commit_leaves_no_pair(make_system: MakeSystem,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after the bitmap is written but before the record commits: no pair on the primary, and the same
+    create issued again (the secondary already holds its record) makes the pair and copies."""
+    p, s, pc, sc = _crash_lab(make_system, monkeypatch, "pair-create-before-commit")
+    pv, sv = _volumes(p, s, pc, sc)
+    want = volume_digest(p.nbd_port, pv, SIZE)
+    body = _create_body("TC", s, pv, sv)
+    _crash_in(p, lambda: pc.invoke("POST", "remote-mirror-copypairs", body, remote=sc))
+    pc.close()
+    p.start()
+    with p.client() as pc2:
+        groups = pc2.get("remote-mirror-copygroups", remote=sc, remoteStorageDeviceId=s.storage_device_id)
+        assert groups["data"] == []
+        assert "HORC" not in str(pc2.get(f"ldevs/{pv}"))
+        pc2.invoke("POST", "remote-mirror-copypairs", body, remote=sc)
+        _wait_pair(pc2, sc, s, ("PAIR", "PAIR"))
+        assert volume_digest(s.nbd_port, sv, SIZE) == want
+    sc.close()
+
+
+@pytest.mark.e2e
 def test_recovered_copy_pair_with_clean_bitmap_copies_everything(make_system: MakeSystem,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A COPY pair whose copy never started and whose bitmap holds no mark (as an earlier version left it
