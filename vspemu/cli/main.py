@@ -36,6 +36,7 @@ LAB = [  # (role, serial, REST port, NBD port, first replication-link port)
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     serial: Annotated[int, typer.Option(help="Serial number of this storage system.")],
     data_dir: Annotated[Path, typer.Option(help="Where configuration and volume data live.")],
     rest_port: Annotated[int, typer.Option(help="HTTPS port of the REST API.")] = 8443,
@@ -68,6 +69,9 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if (cert is None) != (key is None):
         raise typer.BadParameter("--cert and --key go together")
+    source = ctx.get_parameter_source("password")  # (typer's own click: compared by name)
+    if password_file is not None and source is not None and source.name == "COMMANDLINE":
+        raise typer.BadParameter("give --password or --password-file, not both")
     password = _account_password(password, password_file)
     ports = None
     if link_ports:
@@ -89,8 +93,6 @@ def _account_password(password: str | None, password_file: Path | None) -> str:
     """--password-file, else --password / $VSPEMU_PASSWORD, else the default account password."""
     if password_file is None:
         return DEFAULT_PASSWORD if password is None else password
-    if password is not None and os.environ.get(PASSWORD_ENV) != password:
-        raise typer.BadParameter("give --password or --password-file, not both")
     try:
         lines = password_file.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
