@@ -673,9 +673,9 @@ class Replication:
             await barrier.hold()
         try:
             # crash safety: the pair's bitmap is complete and durable BEFORE its record (COPY) is committed, so
-            # a crash at any point leaves either no pair or a pair whose bitmap marks all that must be copied
-            # (the S side's record without ours is the same as after a crash before the commit: the pair
-            # is deleted on the S side and created again)
+            # a crash at any point leaves either no pair here or a pair whose bitmap marks all that must be
+            # copied (without our record, the S side's is completed by the same create issued again, or
+            # removed by a delete there; see docs/replication.md)
             new_group_record = group.name not in self.groups
             try:
                 with system.store.transaction():
@@ -695,6 +695,8 @@ class Replication:
                 if new_group_record:
                     self.groups.pop(group.name, None)
                     self.barriers.pop(group.name, None)
+                    if replication_type == "UR":
+                        self.ur.forget_group(group)
                 raise
             crash_point("pair-create-after-commit")
             if initial_copy:
