@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -36,13 +37,28 @@ def ensure_certificate(cert: Path, key: Path, common_name: str, hosts: list[str]
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
         .sign(private, hashes.SHA256())
     )
-    key.parent.mkdir(parents=True, exist_ok=True)
-    tmp_key = key.with_suffix(".tmp")
-    tmp_key.write_bytes(private.private_bytes(serialization.Encoding.PEM,
-                                              serialization.PrivateFormat.PKCS8,
+    key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write_private(key, private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                               serialization.NoEncryption()))
-    tmp_key.chmod(0o600)
-    tmp_key.replace(key)
-    tmp_cert = cert.with_suffix(".tmp")
-    tmp_cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    tmp_cert.replace(cert)
+    _write_private(cert, certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a file atomically, 0600 from its creation (never readable by others, not for an instant)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)  # O_EXCL below: a leftover temporary file (any mode) is never reused
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # (the mode of os.open is masked by the umask: never more than 0600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

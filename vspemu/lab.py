@@ -42,7 +42,8 @@ class SystemProcess:
 
     def __init__(self, data_dir: Path, serial: int, model: str = "VSP 5500H", host: str = "127.0.0.1",
                  rest_port: int | None = None, nbd_port: int | None = None,
-                 extra_args: list[str] | None = None, link_ports: list[int] | None = None) -> None:
+                 extra_args: list[str] | None = None, link_ports: list[int] | None = None,
+                 password: str | None = None) -> None:
         self.data_dir = data_dir
         self.serial = serial
         self.model = model
@@ -50,6 +51,7 @@ class SystemProcess:
         self.rest_port = rest_port or free_port()
         self.nbd_port = nbd_port or free_port()
         self.extra_args = extra_args or []
+        self.password = password  # the account's password: given in the environment, never on the command line
         # replication ports (CL3-A, CL4-A, CL3-B, CL4-B): fixed for the life of this object, so a restarted
         # system answers on the same addresses
         self.link_ports = link_ports or [free_port() for _ in range(4)]
@@ -77,6 +79,8 @@ class SystemProcess:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.password is not None:
+            env["VSPEMU_PASSWORD"] = self.password
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         self.wait_ready(timeout)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +55,24 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def private_data_dir(data_dir: Path) -> None:
+    """The data directory holds link secrets, password hashes, the TLS key and every volume: only the
+    system's own user may read it. Made 0700 (tightened if it exists), everything in it 0600 / 0700."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path in [data_dir, *data_dir.rglob("*")]:
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        want = 0o700 if stat.S_ISDIR(st.st_mode) else stat.S_IMODE(st.st_mode) & 0o600
+        if stat.S_IMODE(st.st_mode) != want:
+            os.chmod(path, want)
+
+
 def build_context(cfg: ServerConfig) -> StorageContext:
+    private_data_dir(cfg.data_dir)
     system = StorageSystem(cfg.data_dir, cfg.serial, cfg.model, cfg.user, cfg.password, cfg.pool_capacity)
     ctx = StorageContext(system=system, sessions=Sessions(), jobs=Jobs(), rest_host=cfg.rest_host,
                          rest_port=cfg.rest_port, nbd_host=cfg.nbd_host, nbd_port=cfg.nbd_port)
@@ -130,6 +149,7 @@ async def serve(cfg: ServerConfig) -> None:
 
 
 def run(cfg: ServerConfig) -> None:
+    os.umask(0o077)  # every file this process creates is 0600 from its creation (SQLite's -wal/-shm too)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux

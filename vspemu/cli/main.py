@@ -26,6 +26,8 @@ console = Console(width=None if sys.stdout.isatty() else 200)  # full lines when
 app.add_typer(pair_app, name="pair")
 app.command()(demo)
 
+PASSWORD_ENV = "VSPEMU_PASSWORD"
+
 LAB = [  # (role, serial, REST port, NBD port, first replication-link port)
     ("primary", 410001, 8443, 10809, 17001),
     ("secondary", 410002, 8444, 10810, 17101),
@@ -34,6 +36,7 @@ LAB = [  # (role, serial, REST port, NBD port, first replication-link port)
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     serial: Annotated[int, typer.Option(help="Serial number of this storage system.")],
     data_dir: Annotated[Path, typer.Option(help="Where configuration and volume data live.")],
     rest_port: Annotated[int, typer.Option(help="HTTPS port of the REST API.")] = 8443,
@@ -42,7 +45,12 @@ def serve(
     nbd_host: Annotated[str, typer.Option(help="Address the NBD server listens on.")] = "127.0.0.1",
     model: Annotated[str, typer.Option(help="Model name, e.g. 'VSP 5500H'.")] = "VSP 5500H",
     user: Annotated[str, typer.Option(help="Account created at first start.")] = DEFAULT_USER,
-    password: Annotated[str, typer.Option(help="Password of that account (stored hashed).")] = DEFAULT_PASSWORD,
+    password: Annotated[str | None, typer.Option(
+        help="Password of that account (stored hashed). Visible to every user in the process list (ps): "
+             "prefer --password-file or the environment variable.", envvar=PASSWORD_ENV,
+        show_default=DEFAULT_PASSWORD)] = None,
+    password_file: Annotated[Path | None, typer.Option(
+        help="Read the password of that account from this file (its first line; keep it 0600).")] = None,
     cert: Annotated[Path | None, typer.Option(help="TLS certificate (default: self-signed, made once).")] = None,
     key: Annotated[Path | None, typer.Option(help="TLS private key for --cert.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
@@ -72,6 +80,10 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if (cert is None) != (key is None):
         raise typer.BadParameter("--cert and --key go together")
+    source = ctx.get_parameter_source("password")  # (typer's own click: compared by name)
+    if password_file is not None and source is not None and source.name == "COMMANDLINE":
+        raise typer.BadParameter("give --password or --password-file, not both")
+    password = _account_password(password, password_file)
     ports = None
     if link_ports:
         try:
@@ -96,6 +108,21 @@ def serve(
                      nbd_limits=nbd_limits))
 
 
+def _account_password(password: str | None, password_file: Path | None) -> str:
+    """--password-file, else --password / $VSPEMU_PASSWORD, else the default account password."""
+    if password_file is None:
+        return DEFAULT_PASSWORD if password is None else password
+    try:
+        lines = password_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise typer.BadParameter(f"--password-file {password_file}: {e}") from None
+    if not lines or not lines[0]:
+        raise typer.BadParameter(f"--password-file {password_file}: the first line is empty")
+    if password_file.stat().st_mode & 0o077:
+        logging.getLogger("vspemu").warning("the password file %s is readable by other users", password_file)
+    return lines[0]
+
+
 def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -114,6 +141,9 @@ def up(
     data_dir: Annotated[Path, typer.Option(help="Data directory of the lab.")] = Path("vspemu-data"),
     model: Annotated[str, typer.Option(help="Model of both systems.")] = "VSP 5500H",
     host: Annotated[str, typer.Option(help="Address every service listens on.")] = "127.0.0.1",
+    password_file: Annotated[Path | None, typer.Option(
+        help="The password of both systems' account, from this file (else $VSPEMU_PASSWORD, else the "
+             "default). Given to the systems in their environment, never on their command line.")] = None,
 ) -> None:
     """Run the two-system lab (primary 410001 on :8443, secondary 410002 on :8444) until Ctrl-C.
 
@@ -130,6 +160,11 @@ def up(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    env = dict(os.environ)
+    if password_file is not None:
+        env[PASSWORD_ENV] = _account_password(None, password_file)
+    account = f"{DEFAULT_USER} / " + (DEFAULT_PASSWORD if PASSWORD_ENV not in env else
+                                      f"(the password of {password_file or '$' + PASSWORD_ENV})")
     try:
         for role, serial, rest_port, nbd_port, link_base in LAB:
             d = data_dir / str(serial)
@@ -137,14 +172,14 @@ def up(
                    "--rest-port", str(rest_port), "--rest-host", host, "--nbd-port", str(nbd_port),
                    "--nbd-host", host, "--model", model, "--log-level", "warning",
                    "--link-port-base", str(link_base)]
-            procs.append(subprocess.Popen(cmd, start_new_session=True))
+            procs.append(subprocess.Popen(cmd, start_new_session=True, env=env))
             if not _wait_port(host, rest_port, procs[-1]):
                 console.print(f"[red]the {role} system did not start (port {rest_port} in use?)[/red]")
                 raise typer.Exit(1)
             table.add_row(role, storage_device_id(model, serial), f"https://{host}:{rest_port}",
                           f"nbd://{host}:{nbd_port}/<ldevId>",
                           f"CL3-A/CL4-A/CL3-B/CL4-B = {link_base}-{link_base + 3}",
-                          f"{DEFAULT_USER} / {DEFAULT_PASSWORD}", str(d))
+                          account, str(d))
         console.print(table)
         certs = os.pathsep.join(str((data_dir / str(serial) / "tls" / "server.crt").resolve()) for _, serial, *_ in LAB)
         console.print(f"Clients verify TLS: export VSPEMU_CA_CERT={certs}", soft_wrap=True)

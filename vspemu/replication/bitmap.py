@@ -12,11 +12,18 @@ bitmap and DRBD's activity log:
 
 Memory: ``ceil(size / 256 KiB / 8)`` bytes, i.e. 512 KiB per TiB of volume, and nothing else that grows
 with the volume.
+
+The file is the 16-byte header (magic, number of tracks) and the bits. A file that cannot be trusted (another
+magic, shorter or longer than its header says, unreadable) loads as **all marked**: copying every track again is
+harmless, taking an unknown state for "nothing differs" is not. Files are rewritten by writing a temporary file
+(created 0600), fsyncing it, renaming it into place and fsyncing the directory, so the new content survives a
+power loss once :meth:`DirtyBitmap._rewrite` returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +35,8 @@ PAGE = 4096  # the unit in which the bitmap file is rewritten
 _POP = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint32)
 _MAGIC = b"VSPBMAP1"
 _HEADER = 16  # magic + number of tracks (u64 little endian)
+
+log = logging.getLogger(__name__)
 
 
 def tracks_for(size: int) -> int:
@@ -48,24 +57,41 @@ class DirtyBitmap:
     # -- persistence ----------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: Path, size: int) -> DirtyBitmap:
-        """Load the bitmap file if it exists (a resized volume keeps its marks), else create it."""
+        """Load the bitmap file if it exists (a resized volume keeps its marks), else create it clean.
+
+        A file that is not a valid bitmap loads as all marked (see the module docstring)."""
         bm = cls(path, size)
         if path.exists():
-            raw = path.read_bytes()
-            if raw[:8] == _MAGIC:
-                old = np.frombuffer(raw[_HEADER:], dtype=np.uint8)
+            old = _load_bits(path)
+            if old is None:
+                log.warning("bitmap %s is not a valid bitmap file: every track is marked", path)
+                bm._fill()
+            else:
                 n = min(len(old), len(bm.bits))
                 bm.bits[:n] = old[:n]
         bm._rewrite()
         return bm
 
+    @classmethod
+    def create(cls, path: Path, size: int, marked: bool = False) -> DirtyBitmap:
+        """A new bitmap, clean or all marked, durable on return (whatever a file at ``path`` held)."""
+        bm = cls(path, size)
+        if marked:
+            bm._fill()
+        bm._rewrite()
+        return bm
+
     def _rewrite(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(_MAGIC + self.ntracks.to_bytes(8, "little") + self.bits.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(_MAGIC + self.ntracks.to_bytes(8, "little") + self.bits.tobytes())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)  # the rename itself is durable before anyone relies on the new content
         self.close()
         self._fd = os.open(self.path, os.O_RDWR)
         self._dirty_pages.clear()
@@ -164,11 +190,14 @@ class DirtyBitmap:
                 self._set(*self.track_range(offset, length))
         self._rewrite()
 
-    def mark_all_sync(self) -> None:
+    def _fill(self) -> None:
         self.bits[:] = 0xFF
         spare = len(self.bits) * 8 - self.ntracks
         if spare:
             self.bits[-1] = 0xFF >> spare
+
+    def mark_all_sync(self) -> None:
+        self._fill()
         self._rewrite()
 
     def merge(self, other: bytes | bytearray | memoryview | np.ndarray) -> None:
@@ -215,3 +244,26 @@ class DirtyBitmap:
 
     def to_bytes(self) -> bytes:
         return self.bits.tobytes()
+
+
+def _load_bits(path: Path) -> np.ndarray | None:
+    """The bits of a bitmap file, or None if the file is not a complete, valid bitmap."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    if len(raw) < _HEADER or raw[:8] != _MAGIC:
+        return None
+    ntracks = int.from_bytes(raw[8:_HEADER], "little")
+    if len(raw) != _HEADER + -(-ntracks // 8):
+        return None  # truncated, or longer than its header says
+    return np.frombuffer(raw[_HEADER:], dtype=np.uint8)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of a directory (a file renamed or created in it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -31,9 +31,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from vspemu.crashpoints import crash_point
 from vspemu.errors import VspError, invalid, not_found
 from vspemu.replication import peer_headers
-from vspemu.replication.bitmap import DirtyBitmap
+from vspemu.replication.bitmap import DirtyBitmap, fsync_dir
 from vspemu.replication.datapath import PairVolume, WriteBarrier, copy_marked_tracks
 from vspemu.replication.link import Link, LinkError, PathGroup, PeerInfo, RemoteError
 from vspemu.replication.model import (
@@ -125,21 +126,37 @@ class Replication:
             self._index(p)
 
     # -- records ----------------------------------------------------------------------------------------
-    def _index(self, pair: Pair) -> None:
+    def _index(self, pair: Pair, new: bool = False) -> None:
+        """Index a pair and give its volume the write path; ``new``: a pair being created (a clean bitmap)."""
         self.pairs[pair.key] = pair
         self.ldev_pairs.setdefault(pair.local_ldev, []).append(pair)
         self.runtime.setdefault(pair.key, PairRuntime())
         vol = self.system.volumes.get(pair.local_ldev)
         if vol is not None:
-            self.bitmaps[pair.key] = self._open_bitmap(pair, vol)
+            self.bitmaps[pair.key] = self._open_bitmap(pair, vol, new)
         self._attach(pair.local_ldev)
 
-    def _open_bitmap(self, pair: Pair, vol: Volume) -> DirtyBitmap:
-        """The pair's bitmap file, named by LDEV and mirror unit (a P-VOL may be in several UR mirrors)."""
+    def _unindex(self, pair: Pair) -> None:
+        """Undo :meth:`_index` of a pair whose record was not committed."""
+        self.pairs.pop(pair.key, None)
+        self._detach(pair)
+        self.runtime.pop(pair.key, None)
+
+    def _open_bitmap(self, pair: Pair, vol: Volume, new: bool = False) -> DirtyBitmap:
+        """The pair's bitmap file, named by LDEV and mirror unit (a P-VOL may be in several UR mirrors).
+
+        A new pair starts with a clean bitmap. A recorded pair whose bitmap file is missing gets every track
+        marked: what differs is unknown (see :mod:`.bitmap`: an invalid file loads as all marked too)."""
         path = self.bitmap_dir / f"{pair.local_ldev:05d}.mu{self.groups[pair.group].mu_number}.bmp"
+        if new:
+            return DirtyBitmap.create(path, vol.size)
         legacy = self.bitmap_dir / f"{pair.local_ldev:05d}.bmp"  # before multi-target: one bitmap per LDEV
         if not path.exists() and legacy.exists():
             legacy.rename(path)
+            fsync_dir(self.bitmap_dir)
+        if not path.exists():
+            log.warning("pair %s has no bitmap file %s: every track is marked", pair.key, path)
+            return DirtyBitmap.create(path, vol.size, marked=True)
         return DirtyBitmap.open(path, vol.size)
 
     def bitmap(self, pair: Pair) -> DirtyBitmap:
@@ -408,6 +425,10 @@ class Replication:
         barrier = self.barriers[pair.group]
         pair.copy_total = bm.count()
         pair.copy_done = 0
+        # recorded before the copier clears (and persists the clearing of) any mark: a recovered COPY pair
+        # with a clean bitmap and no copy on record never copied anything (see start)
+        pair.extra["copy_started"] = True
+        self._save(pair)
         rt.bytes_sent = rt.tracks_sent = 0
 
         async def send(offset: int, data: bytes | None, length: int) -> None:
@@ -485,6 +506,13 @@ class Replication:
                 # after a restart, tracks marked while PAIR may differ: copy them before PAIR again
                 self._set(pair, COPY)
             if pair.status == COPY:
+                bm = self.bitmap(pair)
+                if not bm.count() and not pair.extra.get("copy_started"):
+                    # a COPY pair whose copy never started has nothing marked only if its bitmap was lost
+                    # (a crash of an earlier version between the pair record and its bitmap): copy it all
+                    log.warning("pair %s is COPY with nothing marked and no copy started: every track is "
+                                "marked", pair.key)
+                    bm.mark_all_sync()
                 self.start_copy(pair)
         for coro in (self._poll_loop(), self._activity_loop(), self.ur.monitor()):
             t = loop.create_task(coro)
@@ -645,18 +673,34 @@ class Replication:
         for barrier in held:
             await barrier.hold()
         try:
-            with system.store.transaction():
-                if group.name not in self.groups:
-                    self.groups[group.name] = group
-                    self._save_group(group)
+            # crash safety: the pair's bitmap is complete and durable BEFORE its record (COPY) is committed, so
+            # a crash at any point leaves either no pair here or a pair whose bitmap marks all that must be
+            # copied (without our record, the S side's is completed by the same create issued again, or
+            # removed by a delete there; see docs/replication.md)
+            new_group_record = group.name not in self.groups
+            try:
+                with system.store.transaction():
+                    if new_group_record:
+                        self.groups[group.name] = group
+                        self._save_group(group)
+                        if replication_type == "UR":
+                            self.ur.start_mirror(group)
+                    self._save(pair)
+                    self._index(pair, new=True)
+                    if initial_copy:
+                        vol = system.volumes[pvol]
+                        self.bitmap(pair).set_ranges([*vol.data_extents(), *extents])  # fsynced, dir too
+                    crash_point("pair-create-before-commit")
+            except BaseException:
+                self._unindex(pair)
+                if new_group_record:
+                    self.groups.pop(group.name, None)
+                    self.barriers.pop(group.name, None)
                     if replication_type == "UR":
-                        self.ur.start_mirror(group)
-                self._save(pair)
-            self._index(pair)
+                        self.ur.forget_group(group)
+                raise
+            crash_point("pair-create-after-commit")
             if initial_copy:
-                bm = self.bitmap(pair)
-                vol = system.volumes[pvol]
-                bm.set_ranges([*vol.data_extents(), *extents])
                 self.start_copy(pair)
         finally:
             for barrier in reversed(held):
@@ -819,17 +863,22 @@ class Replication:
         return pairs
 
     async def _resync_from_here(self, group: CopyGroup, todo: list[Pair]) -> None:
-        """This side holds the P-VOLs: merge the S bitmaps, S to COPY, copy the marked tracks."""
+        """This side holds the P-VOLs: merge the S bitmaps, S to COPY, copy the marked tracks.
+
+        Crash safety: each merge is durable (file and directory fsynced) before the S side is told to clear its
+        bitmap, so a crash at any point keeps every S-side mark in one of the two bitmaps."""
         for p in todo:
             _, bits = await self.call(group, "pair.bitmap", {"group": group.name, "pair": p.name})
             self.bitmap(p).merge(bits)
         await self.call(group, "pair.set", {"group": group.name, "pairs": [p.name for p in todo],
                                             "status": COPY, "clear_bitmap": True})
+        crash_point("pair-resync-after-clear")
         for p in todo:
             p.fenced = False
             p.pvol_write_protect = False
             p.swap_required = False
             p.copy_done = 0
+            p.extra.pop("copy_started", None)
             self._set(p, COPY, COPY)
             self.start_copy(p)
 
@@ -886,6 +935,7 @@ class Replication:
                                             "status": COPY})
         for p in pairs:
             p.copy_done = 0
+            p.extra.pop("copy_started", None)
             self._set(p, COPY, COPY)
             self.start_copy(p)
 
@@ -994,12 +1044,19 @@ class Replication:
         pair = Pair(group=incoming.name, name=str(h["pair"]), role="S", local_ldev=svol, remote_ldev=int(h["pvol"]),
                     status=str(h["status"]), peer_status=str(h["status"]), fence=str(h["fence"]),
                     copy_pace=int(h["copy_pace"]))
-        with self.system.store.transaction():
+        try:
+            with self.system.store.transaction():
+                if group is None:
+                    self.groups[incoming.name] = incoming
+                    self._save_group(incoming)
+                self._save(pair)
+                self._index(pair, new=True)  # the bitmap file is there before the record is committed
+        except BaseException:
+            self._unindex(pair)
             if group is None:
-                self.groups[incoming.name] = incoming
-                self._save_group(incoming)
-            self._save(pair)
-        self._index(pair)
+                self.groups.pop(incoming.name, None)
+                self.barriers.pop(incoming.name, None)
+            raise
         if incoming.replication_type == "UR":
             self.ur.ensure_restore(self.groups[incoming.name])
         return {}, b""

@@ -9,6 +9,7 @@ with SIGKILL comes back with every acknowledged change.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,16 @@ from typing import Any
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
+        # link secrets and password hashes: 0600 from the start (SQLite makes its -wal, -shm and journal files
+        # with the mode of the database file), and tightened if an earlier version made them 0644
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),
+                  path.with_name(path.name + "-journal")):
+            try:
+                if p.stat().st_mode & 0o077:
+                    os.chmod(p, 0o600)
+            except FileNotFoundError:
+                pass
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
