@@ -106,6 +106,8 @@ class SystemProcess:
         """A logged-in SDK client that trusts exactly this system's certificate (unless ``verify=`` says
         otherwise)."""
         kwargs.setdefault("verify", str(self.cert_path))
+        if self.password is not None:
+            kwargs.setdefault("password", self.password)
         return VspClient(self.rest_url, **kwargs)  # type: ignore[arg-type]
 
     def stop(self, timeout: float = 15.0) -> int | None:
