@@ -3,6 +3,7 @@ server's connection limits, handshake and idle timeouts and buffer budget."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
@@ -366,6 +367,38 @@ def test_buffer_budget_bounds_memory_of_clients_that_never_read(standalone: Call
         assert c.read(0, 6) == b"served"
     for sock in hogs:
         sock.close()
+
+
+def test_clients_that_read_their_replies_all_progress_within_a_small_budget(
+        standalone: Callable[..., _Standalone]) -> None:
+    """Eight connections pipelining 8 MiB writes and 32 MiB reads against a 32 MiB budget (one request's
+    worth): they take turns, none is starved or stalled for good, and every byte is right."""
+    srv = standalone("--buffer-budget", "32", "--slow-replicator", "0.01", size=256 << 20)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            with srv.client() as c:
+                base = i << 25
+                blocks = [os.urandom(1 << 20) * 8 for _ in range(4)]
+                handles = [c.submit(nbdc.CMD_WRITE, base + (k << 23), data=b) for k, b in enumerate(blocks)]
+                for _ in handles:
+                    _h, err, _d = c.reply()
+                    assert err == 0
+                reads = {c.submit(nbdc.CMD_READ, base, 32 << 20): 0, c.submit(nbdc.CMD_READ, base, 32 << 20): 1}
+                for _ in reads:
+                    _h, err, data = c.reply()
+                    assert err == 0 and data == b"".join(blocks)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
 
 
 def test_serve_takes_the_nbd_limits(make_system: Callable[..., SystemProcess]) -> None:

@@ -106,7 +106,7 @@ RX_SIZE = 256 << 10  # per connection receive buffer (headers, options, small pa
 SMALL_WRITE = 64 << 10  # payloads up to this size are taken from the receive buffer (copied)
 SENDFILE_MIN = 64 << 10  # READ replies from this size on are sent with sendfile when the socket has room
 MAX_OPTION = 64 << 10  # largest option payload accepted during the handshake
-HANDSHAKE_OUTPUT = 1 << 20  # unsent option replies beyond this: the client does not read them, close
+HANDSHAKE_OUTPUT = 1 << 20  # unsent option replies beyond this when the next option comes: close
 WRITE_HIGH = 256 << 10  # transport write buffer: pause_writing above this, resume_writing once empty
 
 
@@ -575,10 +575,6 @@ class _Connection(asyncio.BufferedProtocol):
         transport = self._transport
         assert transport is not None
         while self._phase < _TRANSMISSION:
-            if transport.get_write_buffer_size() > HANDSHAKE_OUTPUT:
-                log.info("NBD: %s does not read its option replies, closing", self._addr)
-                self._abort()
-                return
             start, avail = self._start, self._end - self._start
             if self._phase == _CLIENT_FLAGS:
                 if avail < 4:
@@ -592,6 +588,11 @@ class _Connection(asyncio.BufferedProtocol):
                 self._phase = _OPTIONS
                 continue
             if avail < 16:
+                return
+            if transport.get_write_buffer_size() > HANDSHAKE_OUTPUT:
+                # another option while earlier replies (one LIST of every LDEV may be 2 MiB) are not read yet
+                log.info("NBD: %s does not read its option replies, closing", self._addr)
+                self._abort()
                 return
             magic, option, length = _OPT.unpack_from(rx, start)
             if magic != IHAVEOPT or length > MAX_OPTION:
