@@ -36,6 +36,7 @@ def create_app(ctx: StorageContext) -> FastAPI:
         openapi_url="/ConfigurationManager/openapi.json",
         docs_url="/ConfigurationManager/docs",
         redoc_url=None,
+        default_response_class=errors.SafeJSONResponse,
     )
     app.state.ctx = ctx
     errors.install(app)

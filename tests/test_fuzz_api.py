@@ -1,0 +1,200 @@
+"""Fuzzing every route of the REST API (issue 14): schemathesis generates valid and invalid requests from the
+server's own OpenAPI document and sends them over HTTPS, with a session token, to a real running system that
+is registered with a second system (so the remote-storage and remote-pair routes see a real remote, a real
+Remote-Authorization token and a real TrueCopy pair).
+
+For every request: no 5xx; every 4xx answer is in the array's error format (errorSource, messageId, message,
+solution, solutionType, detailCode); and when the request was refused (a 4xx, or a job that Failed) the
+configuration (every row of the system's config.sqlite3, read read-only) is exactly what it was before.
+
+Budget: ``VSPEMU_FUZZ_EXAMPLES`` examples per operation and pass (default 3: about a minute or two in CI);
+set it higher to fuzz longer, e.g. ``VSPEMU_FUZZ_EXAMPLES=50 pytest tests/test_fuzz_api.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import requests
+import schemathesis
+import urllib3
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import GenerationMode
+
+from vspemu.client import VspClient
+from vspemu.lab import SystemProcess
+
+EXAMPLES = int(os.environ.get("VSPEMU_FUZZ_EXAMPLES", "3"))
+ERROR_KEYS = ("errorSource", "messageId", "message", "solution", "solutionType", "detailCode")
+CG = "fz"
+# a load generator by design (its valid bodies ask for up to 100000 echoes of 64 MiB): invalid bodies only
+INVALID_ONLY = {("POST", "/ConfigurationManager/vspemu/v1/link-test")}
+
+
+@dataclass
+class Target:
+    p: SystemProcess
+    s: SystemProcess
+    pc: VspClient
+    sc: VspClient
+    known: dict[str, str]  # path parameter -> the id of an object that exists
+    http: requests.Session = field(default_factory=requests.Session)
+    problems: list[str] = field(default_factory=list)
+    sent: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Session {self.pc.token}", "Remote-Authorization": f"Session {self.sc.token}",
+                "Response-Job-Status": "Completed", "Response-Max-Wait": "5"}
+
+
+def snapshot(system: SystemProcess) -> list[tuple[str, str, str]]:
+    con = sqlite3.connect(f"file:{system.data_dir / 'config.sqlite3'}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute("SELECT kind, id, doc FROM objects ORDER BY kind, id").fetchall()
+    finally:
+        con.close()
+
+
+def diff(before: list[tuple[str, str, str]], after: list[tuple[str, str, str]]) -> str:
+    b, a = {(k, i): d for k, i, d in before}, {(k, i): d for k, i, d in after}
+    changed = [f"{k}/{i}" for (k, i) in sorted(set(a) | set(b)) if a.get((k, i)) != b.get((k, i))]
+    return ", ".join(changed[:10])
+
+
+@pytest.fixture
+def target(linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient]) -> Iterator[Target]:
+    p, s, pc, sc = linked
+    pv, sv = pc.create_ldev("4M"), sc.create_ldev("4M")
+    pc.add_lun(pv)
+    sc.add_lun(sv)
+    body = {"copyGroupName": CG, "copyPairName": "p1", "replicationType": "TC",
+            "remoteStorageDeviceId": s.storage_device_id, "pvolLdevId": pv, "svolLdevId": sv,
+            "isNewGroupCreation": True, "fenceLevel": "NEVER", "copyPace": 15}
+    pc.invoke("POST", "remote-mirror-copypairs", body, remote=sc)
+    jv = pc.create_ldev("16M")
+    pc.create_journal(1, [jv])
+    spare = pc.create_ldev("4M")
+    lun = pc.get("luns")["data"][0]["lunId"]
+    group = pc.get("remotepath-groups")["data"][0]["remotepathGroupId"]
+    known = {
+        "storageDeviceId": p.storage_device_id, "remoteStorageDeviceId": s.storage_device_id,
+        "ldevId": str(spare), "poolId": "0", "portId": "CL1-A", "hostGroupId": "CL1-A,0", "lunId": lun,
+        "journalId": "1", "jobId": "1", "sessionId": str(pc.session_id),
+        "remotepathGroupId": group,
+        "copyGroupId": f"{s.storage_device_id},{CG},{CG}P_,{CG}S_",
+        "pairId": f"{s.storage_device_id},{CG},{CG}P_,{CG}S_,p1",
+    }
+    t = Target(p, s, pc, sc, known)
+    t.http.verify = False
+    urllib3.disable_warnings()
+    yield t
+    t.http.close()
+
+
+def path_parameters(op: Any, known: dict[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in {p.name for p in op.path_parameters}:
+        if name == "groupId":
+            out[name] = known["remotepathGroupId" if "remotepath-groups" in op.path else "copyGroupId"]
+        elif name in known:
+            out[name] = known[name]
+    return out
+
+
+def check(t: Target, op: Any, case: Any) -> None:
+    before = snapshot(t.p)
+    try:
+        r = case.call(base_url=t.p.rest_url, session=t.http, headers=t.headers(), timeout=60, verify=False)
+    except requests.RequestException as e:  # a connection the server dropped counts as a failure
+        t.problems.append(f"{op.method.upper()} {case.formatted_path}: {type(e).__name__}: {e}")
+        return
+    t.sent += 1
+    t.statuses[r.status_code] = t.statuses.get(r.status_code, 0) + 1
+    where = f"{op.method.upper()} {case.formatted_path} query={case.query} body={_short(case.body)}"
+    if r.status_code >= 500:
+        t.problems.append(f"{r.status_code} on {where}: {r.text[:300]}")
+        return
+    refused = 400 <= r.status_code < 500
+    body: Any = None
+    try:
+        body = r.json()
+    except ValueError:
+        pass
+    if refused:
+        if not isinstance(body, dict) or any(k not in body for k in ERROR_KEYS) \
+                or not str(body.get("messageId", "")).startswith("KART"):
+            t.problems.append(f"{r.status_code} not in the array's error format on {where}: {r.text[:300]}")
+    if r.status_code == 202 and isinstance(body, dict) and body.get("state") == "Failed":
+        refused = True
+        if any(k not in body.get("error", {}) for k in ERROR_KEYS):
+            t.problems.append(f"failed job error not in the array's format on {where}: {body}")
+    if refused:
+        after = snapshot(t.p)
+        if after != before:
+            t.problems.append(f"refused ({r.status_code}) but the configuration changed on {where}: "
+                              f"{diff(before, after)}")
+    if r.status_code == 401 and isinstance(body, dict) and body.get("messageId") == "KART40048-E":
+        t.pc.login()  # the fuzzer deleted our session (DELETE sessions/{id}): log in again
+
+
+def _short(body: Any) -> str:
+    try:
+        text = json.dumps(body, default=str)
+    except (TypeError, ValueError):
+        text = repr(body)
+    return text[:200]
+
+
+def run_operation(t: Target, op: Any, mode: GenerationMode, fixed: dict[str, str] | None) -> None:
+    strategy = op.as_strategy(generation_mode=mode, path_parameters=fixed or None)
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def fuzz(case: Any) -> None:
+        check(t, op, case)
+
+    fuzz()
+
+
+def operations(schema: Any) -> list[Any]:
+    ops = [r.ok() for r in schema.get_all_operations()]
+    # changes that remove objects last, so that the other operations meet the objects they name
+    return sorted(ops, key=lambda op: (op.method.upper() == "DELETE", "/sessions" in op.path))
+
+
+def test_fuzz_every_route(target: Target) -> None:
+    t = target
+    doc = httpx.get(f"{t.p.rest_url}/ConfigurationManager/openapi.json", verify=False).json()
+    schema = schemathesis.openapi.from_dict(doc)
+    ops = operations(schema)
+    assert len(ops) > 100  # both path forms of every route
+    start = time.monotonic()
+    for op in ops:
+        invalid_only = (op.method.upper(), op.path) in INVALID_ONLY
+        passes: list[tuple[GenerationMode, dict[str, str] | None]] = [(GenerationMode.NEGATIVE, None)]
+        if not invalid_only:
+            passes += [(GenerationMode.POSITIVE, None), (GenerationMode.POSITIVE, path_parameters(op, t.known))]
+        for mode, fixed in passes:
+            try:
+                run_operation(t, op, mode, fixed)
+            except Exception as e:  # a strategy that cannot generate (e.g. nothing negative to say)
+                if "Unsatisfiable" not in type(e).__name__ and "negative" not in str(e).lower():
+                    t.problems.append(f"{op.method.upper()} {op.path} ({mode.value}): {type(e).__name__}: {e}")
+    seconds = time.monotonic() - start
+    # the server is alive and the test's session still works
+    assert httpx.get(f"{t.p.rest_url}/ConfigurationManager/configuration/version", verify=False).status_code == 200
+    print(f"fuzz: {t.sent} requests on {len(ops)} operations in {seconds:.0f} s, statuses {sorted(t.statuses.items())}")
+    assert not t.problems, f"{len(t.problems)} problems:\n" + "\n".join(t.problems[:60])
+
+
+
