@@ -7,7 +7,7 @@ For every request: no 5xx; every 4xx answer is in the array's error format (erro
 solution, solutionType, detailCode); and when the request was refused (a 4xx, or a job that Failed) the
 configuration (every row of the system's config.sqlite3, read read-only) is exactly what it was before.
 
-Budget: ``VSPEMU_FUZZ_EXAMPLES`` examples per operation and pass (default 3: about a minute or two in CI);
+Budget: ``VSPEMU_FUZZ_EXAMPLES`` examples per operation and pass (default 6: about a minute in CI);
 set it higher to fuzz longer, e.g. ``VSPEMU_FUZZ_EXAMPLES=50 pytest tests/test_fuzz_api.py``.
 """
 
@@ -26,13 +26,13 @@ import pytest
 import requests
 import schemathesis
 import urllib3
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from schemathesis import GenerationMode
 
 from vspemu.client import VspClient
 from vspemu.lab import SystemProcess
 
-EXAMPLES = int(os.environ.get("VSPEMU_FUZZ_EXAMPLES", "3"))
+EXAMPLES = int(os.environ.get("VSPEMU_FUZZ_EXAMPLES", "6"))
 ERROR_KEYS = ("errorSource", "messageId", "message", "solution", "solutionType", "detailCode")
 CG = "fz"
 # a load generator by design (its valid bodies ask for up to 100000 echoes of 64 MiB): invalid bodies only
@@ -110,10 +110,13 @@ def path_parameters(op: Any, known: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def check(t: Target, op: Any, case: Any) -> None:
+def check(t: Target, op: Any, case: Any, extra_headers: dict[str, str] | None = None) -> None:
     before = snapshot(t.p)
     try:
-        r = case.call(base_url=t.p.rest_url, session=t.http, headers=t.headers(), timeout=60, verify=False)
+        r = case.call(base_url=t.p.rest_url, session=t.http, headers={**t.headers(), **(extra_headers or {})},
+                      timeout=60, verify=False)
+    except UnicodeEncodeError:
+        return  # a value the client cannot put into a URL or header: never reaches the server
     except requests.RequestException as e:  # a connection the server dropped counts as a failure
         t.problems.append(f"{op.method.upper()} {case.formatted_path}: {type(e).__name__}: {e}")
         return
@@ -143,7 +146,10 @@ def check(t: Target, op: Any, case: Any) -> None:
             t.problems.append(f"refused ({r.status_code}) but the configuration changed on {where}: "
                               f"{diff(before, after)}")
     if r.status_code == 401 and isinstance(body, dict) and body.get("messageId") == "KART40048-E":
-        t.pc.login()  # the fuzzer deleted our session (DELETE sessions/{id}): log in again
+        probe = t.http.get(f"{t.p.rest_url}/ConfigurationManager/v1/objects/storages", headers=t.headers(),
+                           verify=False, timeout=60)
+        if probe.status_code == 401:
+            t.pc.login()  # the fuzzer deleted our session (DELETE sessions/{id}): log in again
 
 
 def _short(body: Any) -> str:
@@ -154,14 +160,80 @@ def _short(body: Any) -> str:
     return text[:200]
 
 
+FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
+                         suppress_health_check=list(HealthCheck))
+
+# values that broke the server before (issue 14) and their relatives: planted into valid requests
+HOSTILE: list[Any] = [
+    "\ud800", "a\udfffb", "\u00b2", "\u0663", "9" * 400, "1" + "0" * 30 + "G", "nan", "NaN", "inf", "-inf", "1e999",
+    "-1", "", " ", "\x00", "a,b", "a/b", "../../x", "%2C", "x" * 5000, "CL1-A,\u00b2", "\u00b2,R9,0",
+    10 ** 400, -(10 ** 30), 2 ** 63, 2 ** 64, -1, 1e308, 0.5, True, None, [], {}, [1] * 100, {"a": "b"},
+    (256 << 40) // 512, 256 << 40,
+]
+HOSTILE_HEADERS: list[dict[str, str]] = [
+    {}, {"Response-Max-Wait": "nan"}, {"Response-Max-Wait": "inf"}, {"Response-Max-Wait": "-1"},
+    {"Response-Max-Wait": "1e999"}, {"Response-Max-Wait": "x"}, {"Response-Job-Status": "\u00e9"},
+    {"Remote-Authorization": "Session"}, {"Remote-Authorization": "Basic eA=="}, {"Authorization": "Session"},
+]
+
+
+def _leaves(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(value, dict):
+        return [path] + [leaf for k, v in value.items() for leaf in _leaves(v, (*path, k))]
+    if isinstance(value, list):
+        return [path] + [leaf for i, v in enumerate(value) for leaf in _leaves(v, (*path, i))]
+    return [path]
+
+
+def _replace(root: Any, path: tuple[Any, ...], new: Any) -> Any:
+    if not path:
+        return new
+    node = root
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = new
+    return root
+
+
+def plant(case: Any, value: Any, pick: int) -> None:
+    """Replace one value of a valid request (a body field, a query parameter or a path parameter)."""
+    spots: list[tuple[str, tuple[Any, ...]]] = []
+    if isinstance(case.body, (dict, list)):
+        spots += [("body", p) for p in _leaves(case.body) if p]
+    spots += [("query", (k,)) for k in (case.query or {})]
+    spots += [("path", (k,)) for k in (case.path_parameters or {})]
+    if not spots:
+        return
+    where, path = spots[pick % len(spots)]
+    if where == "body":
+        case.body = _replace(case.body, path, value)
+    elif where == "query":
+        case.query = {**case.query, path[0]: value if not isinstance(value, (dict, list)) else str(value)}
+    else:
+        case.path_parameters = {**case.path_parameters, path[0]: str(value)}
+
+
 def run_operation(t: Target, op: Any, mode: GenerationMode, fixed: dict[str, str] | None) -> None:
     strategy = op.as_strategy(generation_mode=mode, path_parameters=fixed or None)
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @FUZZ_SETTINGS
     @given(case=strategy)
     def fuzz(case: Any) -> None:
         check(t, op, case)
+
+    fuzz()
+
+
+def run_hostile(t: Target, op: Any, fixed: dict[str, str] | None) -> None:
+    """Valid requests with one value replaced by a hostile one, and sometimes a hostile header."""
+    strategy = op.as_strategy(generation_mode=GenerationMode.POSITIVE, path_parameters=fixed or None)
+
+    @FUZZ_SETTINGS
+    @given(case=strategy, value=st.sampled_from(HOSTILE), pick=st.integers(0, 1000),
+           headers=st.sampled_from(HOSTILE_HEADERS))
+    def fuzz(case: Any, value: Any, pick: int, headers: dict[str, str]) -> None:
+        plant(case, value, pick)
+        check(t, op, case, headers)
 
     fuzz()
 
@@ -190,6 +262,8 @@ def test_fuzz_every_route(target: Target) -> None:
             except Exception as e:  # a strategy that cannot generate (e.g. nothing negative to say)
                 if "Unsatisfiable" not in type(e).__name__ and "negative" not in str(e).lower():
                     t.problems.append(f"{op.method.upper()} {op.path} ({mode.value}): {type(e).__name__}: {e}")
+        if not invalid_only:
+            run_hostile(t, op, path_parameters(op, t.known))
     seconds = time.monotonic() - start
     # the server is alive and the test's session still works
     assert httpx.get(f"{t.p.rest_url}/ConfigurationManager/configuration/version", verify=False).status_code == 200
