@@ -150,7 +150,22 @@ MESSAGES: dict[str, Message] = {
         "KART40104-E", 412,
         "The LDEV cannot be used as a journal volume. (ldev = {ldev}, reason = {reason})",
         "Specify a DP volume that has no LU path, is not paired and is not in another journal."),
-    # --- busy / limits (503) ----------------------------------------------------------------------
+    # --- busy / limits (413, 429, 503) ---------------------------------------------------------------
+    "BODY_TOO_LARGE": Message(  # emulator id: the request body is refused before it is read
+        "KART40066-E", 413,
+        "The request body is too large. (maximum = {limit} bytes)",
+        "Send a smaller request body."),
+    "BUSY": Message(  # seen: clients retry on 503 KART00003-E (REST server busy)
+        "KART00003-E", 503,
+        "The REST server is busy. ({detail})",
+        "Wait a while, and then retry the operation.",
+        solution_type="RETRY"),
+    "AUTH_BACKOFF": Message(  # emulator id: too many failed logins from this client or for this user
+        "KART40067-E", 401,
+        "User authentication failed. Too many failed attempts; authentication is refused for {seconds} "
+        "more seconds.",
+        "Wait, check the user ID and password, and then retry the operation.",
+        solution_type="RETRY"),
     "SESSION_LIMIT": Message(
         "KART40055-E", 503,
         "The number of sessions has reached the maximum ({limit}).",

@@ -3,7 +3,9 @@
 A job is an asyncio task plus a record (status, state, times, affectedResources, error). The HTTP layer
 answers 202 with the record; a client polls ``GET jobs/{id}`` or sends ``Response-Job-Status: Completed``
 to have the answer held until the job is done. Independent jobs run concurrently; jobs that name the
-same object (``key``) run one after the other. Finished jobs are kept up to a bound, oldest dropped.
+same object (``key``) run one after the other. Finished jobs are kept up to a bound, oldest dropped (a
+running job is never dropped, and does not stop the finished ones after it from being dropped). A record
+keeps at most :data:`MAX_REQUEST_BODY` characters of its request body: what the job view shows.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from vspemu.errors import VspError, not_found
 log = logging.getLogger(__name__)
 
 Work = Callable[[], Awaitable[list[str]]]
+MAX_REQUEST_BODY = 1024  # characters of the request body kept in a job record (the view shows them)
 
 
 def iso(ts: float | None) -> str | None:
@@ -78,6 +81,8 @@ class Jobs:
 
     def submit(self, work: Work, *, user: str, base: str, url: str, method: str, body: str,
                key: str | None = None) -> Job:
+        if len(body) > MAX_REQUEST_BODY:
+            body = body[:MAX_REQUEST_BODY] + "..."
         job = Job(next(self._ids), user, base, url, method, body)
         self._jobs[job.job_id] = job
         self._trim()
@@ -87,11 +92,18 @@ class Jobs:
         return job
 
     def _trim(self) -> None:
-        while len(self._jobs) > self._keep:
-            oldest = next(iter(self._jobs.values()))
-            if not oldest.done.is_set():
-                break  # never drop a running job
-            self._jobs.popitem(last=False)
+        """Drop the oldest finished jobs beyond the bound; running jobs stay wherever they are."""
+        excess = len(self._jobs) - self._keep
+        if excess <= 0:
+            return
+        drop: list[int] = []
+        for job in self._jobs.values():
+            if len(drop) >= excess:
+                break
+            if job.done.is_set():
+                drop.append(job.job_id)
+        for job_id in drop:
+            del self._jobs[job_id]
 
     async def _run(self, job: Job, work: Work, key: str | None) -> None:
         lock: asyncio.Lock | None = None
@@ -127,6 +139,7 @@ class Jobs:
             now = time.time()
             job.status, job.updated, job.completed = "Completed", now, now
             job.done.set()
+            self._trim()
 
     def get(self, job_id: int) -> Job:
         job = self._jobs.get(job_id)

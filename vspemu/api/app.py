@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from vspemu import __version__
 from vspemu.api import errors
 from vspemu.api.common import API_ROOT, OBJECTS, check_device
+from vspemu.api.limits import RequestLimits
 from vspemu.api.routes import (
     jobs,
     journals,
@@ -35,9 +36,11 @@ def create_app(ctx: StorageContext) -> FastAPI:
         openapi_url="/ConfigurationManager/openapi.json",
         docs_url="/ConfigurationManager/docs",
         redoc_url=None,
+        default_response_class=errors.SafeJSONResponse,
     )
     app.state.ctx = ctx
     errors.install(app)
+    app.add_middleware(RequestLimits)
     scoped = [Depends(check_device)]
     for router in OBJECT_ROUTERS:
         app.include_router(router, prefix=OBJECTS)

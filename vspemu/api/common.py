@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from vspemu.errors import VspError
+from vspemu.jobs import MAX_REQUEST_BODY
 from vspemu.system.sessions import Session
 
 if TYPE_CHECKING:
@@ -88,21 +90,31 @@ async def job_response(request: Request, session: Session, work: Callable[[], Aw
                        key: str | None = None) -> JSONResponse:
     """Run ``work`` as a job and answer 202 with the job (held until done if the client asks)."""
     ctx = ctx_of(request)
+    # the headers are checked before the job is submitted: a refused request changes nothing
+    wanted = request.headers.get("response-job-status", "").strip().rstrip(";").strip().lower()
+    max_wait = response_max_wait(request) if wanted == "completed" else JOB_ANSWER_GRACE
     raw = await request.body()
     job = ctx.jobs.submit(
         work, user=session.user, base=objects_base(request), url=request.url.path,
-        method=request.method, body=raw.decode("utf-8", "replace"), key=key,
+        method=request.method, body=raw[:4 * MAX_REQUEST_BODY + 4].decode("utf-8", "replace"), key=key,
     )
-    wanted = request.headers.get("response-job-status", "").strip().rstrip(";").strip().lower()
-    if wanted == "completed":
-        try:
-            max_wait = float(request.headers.get("response-max-wait", MAX_RESPONSE_WAIT))
-        except ValueError:
-            max_wait = MAX_RESPONSE_WAIT
-        await ctx.jobs.wait(job, min(max(max_wait, 0.0), MAX_RESPONSE_WAIT))
-    else:
-        await ctx.jobs.wait(job, JOB_ANSWER_GRACE)
+    await ctx.jobs.wait(job, max_wait)
     return JSONResponse(job.view(), status_code=202)
+
+
+def response_max_wait(request: Request) -> float:
+    """Seconds to hold the answer (``Response-Max-Wait``, default and maximum 1800); 400 when not a number."""
+    text = request.headers.get("response-max-wait")
+    if text is None or not text.strip():
+        return MAX_RESPONSE_WAIT
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or not text.strip().replace(".", "", 1).isascii():
+        raise VspError("INVALID_VALUE", attribute="Response-Max-Wait", value=text,
+                       cause=f"Specify a number of seconds from 0 to {int(MAX_RESPONSE_WAIT)}.")
+    return min(value, MAX_RESPONSE_WAIT)
 
 
 def sync_work(fn: Callable[[], list[str]]) -> Callable[[], Awaitable[list[str]]]:

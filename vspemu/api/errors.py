@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -15,8 +16,19 @@ from vspemu.errors import VspError
 log = logging.getLogger(__name__)
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON as UTF-8; a string the client sent that cannot be UTF-8 (a lone surrogate "\\ud800" echoed in an
+    error) is written as a JSON escape instead of failing the response."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(request: Request, err: VspError) -> JSONResponse:
-    return JSONResponse(err.body(request.url.path), status_code=err.status)
+    return SafeJSONResponse(err.body(request.url.path), status_code=err.status)
 
 
 def _attr(loc: tuple[Any, ...]) -> str:
@@ -70,7 +82,7 @@ def install(app: FastAPI) -> None:
             err = VspError("URL_NOT_FOUND", url=request.url.path)
         else:
             err = VspError("INVALID_VALUE", cause=str(exc.detail), attribute="request", value="")
-            return JSONResponse(err.body(request.url.path), status_code=exc.status_code)
+            return SafeJSONResponse(err.body(request.url.path), status_code=exc.status_code)
         return error_response(request, err)
 
     @app.exception_handler(Exception)

@@ -545,7 +545,7 @@ class Remotes:
 
     def parse_group_id(self, object_id: str) -> str:
         parts = object_id.split(",")
-        if len(parts) != 3 or not parts[0].isdigit() or not parts[2].isdigit():
+        if len(parts) != 3 or not all(p.isascii() and p.isdigit() for p in (parts[0], parts[2])):
             raise VspError("INVALID_OBJECT_ID", object_id=object_id)
         return f"{int(parts[0])},{parts[1]},{int(parts[2])}"
 

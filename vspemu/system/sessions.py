@@ -4,6 +4,14 @@ Sessions live in memory, as on the array (a restarted controller forgets them). 
 ``aliveTime`` seconds after its last use; at most :data:`MAX_SESSIONS` exist at once. The resource-group
 lock is advisory: it has one owner session at a time, other sessions wait for it up to ``waitTime``
 seconds, and it is released when its session ends.
+
+Logins (:class:`LoginGuard`): the password hash (scrypt, ~50 ms of CPU) runs in a small thread pool behind a
+semaphore, never on the event loop, so a storm of logins cannot stall host I/O or the link. Repeated failures
+back off: per client address (after :data:`ADDRESS_FREE_FAILURES` failures in a row, further attempts from
+it are refused without hashing for a delay that doubles up to :data:`ADDRESS_MAX_DELAY`), and per user (after
+:data:`USER_FREE_FAILURES` failures from anywhere, for a delay that doubles up to the short
+:data:`USER_MAX_DELAY`, and never for an address that logged in as that user successfully in the last
+:data:`TRUSTED_FOR` seconds): an attacker hammering a user does not lock its owner out for long.
 """
 
 from __future__ import annotations
@@ -12,13 +20,24 @@ import asyncio
 import itertools
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from vspemu.errors import VspError, invalid, not_found
 
 MAX_SESSIONS = 64
 DEFAULT_ALIVE_TIME = 300
+
+HASH_THREADS = 2  # password hashes at once (each a CPU-bound scrypt)
+ADDRESS_FREE_FAILURES = 5  # failures in a row from one address before it is refused
+ADDRESS_MAX_DELAY = 300.0
+USER_FREE_FAILURES = 20  # failures for one user (any address) before the user is refused
+USER_MAX_DELAY = 30.0  # bounded: the owner of an attacked account waits at most this long
+FORGET_AFTER = 900.0  # a failure record with no new failure for this long is forgotten
+TRUSTED_FOR = 3600.0  # an address that logged in as a user is exempt from that user's backoff this long
+MAX_RECORDS = 10000  # failure records kept per kind (addresses, users), oldest dropped
 
 
 @dataclass
@@ -43,6 +62,7 @@ class Sessions:
         self._ids = itertools.count(0)
         self._clock = clock
         self.lock = ResourceLock()
+        self.logins = LoginGuard(clock)
 
     def _purge(self) -> None:
         now = self._clock()
@@ -132,3 +152,76 @@ class ResourceLock:
     async def _notify(self) -> None:
         async with self._cond:
             self._cond.notify_all()
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    last: float = 0.0
+    blocked_until: float = 0.0
+
+
+class LoginGuard:
+    """Password checks off the event loop, with backoff of repeated failures per address and per user."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._pool = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="login-hash")
+        self._slots = asyncio.Semaphore(HASH_THREADS)
+        self._addresses: OrderedDict[str, _Failures] = OrderedDict()
+        self._users: OrderedDict[str, _Failures] = OrderedDict()
+        self._trusted: OrderedDict[tuple[str, str], float] = OrderedDict()  # (user, address) -> last success
+
+    def _record(self, table: OrderedDict[str, _Failures], key: str, now: float) -> _Failures | None:
+        rec = table.get(key)
+        if rec is not None and now - rec.last > FORGET_AFTER and now >= rec.blocked_until:
+            del table[key]
+            return None
+        return rec
+
+    def _trusted_now(self, user: str, address: str, now: float) -> bool:
+        when = self._trusted.get((user, address))
+        return when is not None and now - when <= TRUSTED_FOR
+
+    def check(self, user: str, address: str) -> None:
+        """Refuse (401 KART40067-E, no hashing) while the address or the user is backed off."""
+        now = self._clock()
+        waits = []
+        rec = self._record(self._addresses, address, now)
+        if rec is not None and now < rec.blocked_until:
+            waits.append(rec.blocked_until - now)
+        rec = self._record(self._users, user, now)
+        if rec is not None and now < rec.blocked_until and not self._trusted_now(user, address, now):
+            waits.append(rec.blocked_until - now)
+        if waits:
+            raise VspError("AUTH_BACKOFF", seconds=max(1, round(max(waits))))
+
+    async def verify(self, check: Callable[[], bool]) -> bool:
+        """Run the password check (``check``) in the hash pool, at most HASH_THREADS at once."""
+        async with self._slots:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, check)
+
+    def failed(self, user: str, address: str) -> None:
+        now = self._clock()
+        self._fail(self._addresses, address, now, ADDRESS_FREE_FAILURES, ADDRESS_MAX_DELAY)
+        self._fail(self._users, user, now, USER_FREE_FAILURES, USER_MAX_DELAY)
+
+    def succeeded(self, user: str, address: str) -> None:
+        self._addresses.pop(address, None)  # the user's record stays: its owner logging in must not reset it
+        self._trusted[(user, address)] = self._clock()
+        self._trusted.move_to_end((user, address))
+        while len(self._trusted) > MAX_RECORDS:
+            self._trusted.popitem(last=False)
+
+    @staticmethod
+    def _fail(table: OrderedDict[str, _Failures], key: str, now: float, free: int, max_delay: float) -> None:
+        rec = table.get(key)
+        if rec is None or now - rec.last > FORGET_AFTER:
+            rec = table[key] = _Failures()
+        table.move_to_end(key)
+        rec.count += 1
+        rec.last = now
+        if rec.count >= free:
+            rec.blocked_until = now + min(2.0 ** (rec.count - free), max_delay)
+        while len(table) > MAX_RECORDS:
+            table.popitem(last=False)

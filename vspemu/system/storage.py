@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vspemu.errors import VspError, invalid, not_found
-from vspemu.system.capacity import BLOCK
+from vspemu.system.capacity import BLOCK, format_byte_capacity
 from vspemu.system.store import Store
 from vspemu.volumes.volume import Volume
 
@@ -232,7 +232,13 @@ class StorageSystem:
             raise VspError("ALREADY_EXISTS", object_id=f"ldev {ldev_id}")
         check_ldev_size(size)
         ldev = Ldev(ldev_id, pool_id, size // BLOCK, label, data_reduction_mode)
-        vol = Volume.create(ldev_id, self._ldev_path(ldev_id), ldev.size)
+        path = self._ldev_path(ldev_id)
+        try:
+            vol = Volume.create(ldev_id, path, ldev.size)
+        except OSError as e:  # e.g. EFBIG: larger than the file system allows; leave no file behind
+            path.unlink(missing_ok=True)
+            raise VspError("CAPACITY", cause=f"The volume file cannot be created: {e.strerror}.", pool=pool_id,
+                           requested=format_byte_capacity(size)) from None
         try:
             self.store.put("ldevs", ldev_id, asdict(ldev))
         except BaseException:
@@ -274,7 +280,11 @@ class StorageSystem:
             raise invalid("additionalByteFormatCapacity", additional_bytes, "Specify a positive capacity.")
         new_size = ldev.size + additional_bytes
         check_ldev_size(new_size)
-        self.volumes[ldev_id].resize(new_size)
+        try:
+            self.volumes[ldev_id].resize(new_size)
+        except OSError as e:  # e.g. EFBIG: the file keeps its old size
+            raise VspError("CAPACITY", cause=f"The volume file cannot be extended: {e.strerror}.",
+                           pool=ldev.pool_id, requested=format_byte_capacity(additional_bytes)) from None
         ldev.block_capacity = new_size // BLOCK
         self.save_ldev(ldev)
         return ldev
@@ -352,7 +362,7 @@ class StorageSystem:
     def exported_volume(self, name: str) -> Volume | None:
         """The volume behind an NBD export name (the LDEV id), if the LDEV has an LU path (and is no journal
         volume). The connection is dropped when the last LU path goes or the LDEV is deleted."""
-        if not (name.isascii() and name.isdigit()) or len(name) > 5:
+        if not (name.isascii() and name.isdigit()) or len(name) > 5:  # str.isdigit() alone accepts '²'
             return None
         ldev_id = int(name)
         ldev = self.ldevs.get(ldev_id)

@@ -47,7 +47,7 @@ def _refuse(volume: Volume) -> None:
 
 def _open_volume(args: argparse.Namespace) -> Volume:
     path = Path(args.file)
-    ldev_id = int(args.name) if args.name.isdigit() else 0
+    ldev_id = int(args.name) if args.name.isascii() and args.name.isdigit() else 0
     if not path.exists():
         return Volume.create(ldev_id, path, args.size)
     volume = Volume(ldev_id, path, args.size)

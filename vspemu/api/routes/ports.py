@@ -75,7 +75,7 @@ def _split_id(text: str, parts: int, what: str) -> list[str]:
 
 
 def _int(text: str, what: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # str.isdigit() alone accepts '²', which int() refuses
         raise VspError("INVALID_OBJECT_ID", object_id=f"{what} {text}")
     return int(text)
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import os
+import re
 import time
 from typing import Annotated, Any
 
@@ -69,11 +71,27 @@ def split_rest_address(ip: str, port: int) -> tuple[str, int]:
     then wins over ``restServerPort`` (which the collection sets to 443)."""
     if ip.startswith("[") and "]:" in ip:
         host, _, tail = ip[1:].partition("]:")
-        return (host, int(tail)) if tail.isdigit() else (ip, port)
+        return (host, int(tail)) if tail.isascii() and tail.isdigit() and 0 < int(tail) < 65536 else (ip, port)
     host, sep, tail = ip.rpartition(":")
-    if sep and host and ":" not in host and tail.isdigit() and 0 < int(tail) < 65536:
+    if sep and host and ":" not in host and tail.isascii() and tail.isdigit() and 0 < int(tail) < 65536:
         return host, int(tail)
     return ip, port
+
+
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$", re.ASCII)
+
+
+def check_rest_host(host: str) -> None:
+    """``restServerIp`` must be an IP address or a host name (400 KART40039-E otherwise, before any use)."""
+    try:
+        ipaddress.ip_address(host)
+        if "%" in host:
+            raise ValueError(host)  # a scoped IPv6 address cannot go into a URL
+    except ValueError:
+        if not _HOST_NAME.match(host):
+            raise VspError("INVALID_VALUE", attribute="restServerIp", value=host,
+                           cause="Specify an IP address or a host name.") from None
 
 
 class RemoteStorageDelete(Body):
@@ -110,6 +128,7 @@ async def register_remote_storage(request: Request, body: RemoteStorageCreate, c
                                   token: RemoteToken) -> JSONResponse:
     remotes = remotes_of(ctx)
     ip, port = split_rest_address(body.restServerIp, body.restServerPort)
+    check_rest_host(ip)
     # every refusal (bad token, unreachable, itself, another system, already registered) answers here
     await remotes.check_registration(body.storageDeviceId, ip, port, token)
 
@@ -153,9 +172,9 @@ class PeerDoc(Body):
     storageDeviceId: str = Field(min_length=12, max_length=12)
     serialNumber: int
     model: str = ""
-    restServerIp: str = ""
+    restServerIp: str = Field(default="", max_length=255, pattern=r"^[A-Za-z0-9._:-]*$")
     restServerPort: int = Field(default=443, ge=1, le=65535)
-    secret: str = Field(min_length=64, max_length=128, pattern=r"^[0-9a-f]+$")
+    secret: str = Field(min_length=64, max_length=128, pattern=r"^(?:[0-9a-f]{2})+$")
     linkPorts: list[LinkPortModel] = Field(default=[], max_length=16)
     isMutualDiscovery: bool = False
     nonce: str = Field(default="", max_length=64)

@@ -40,7 +40,7 @@ class PathAction(Body):
 
 def _serial(value: str | int) -> int:
     text = str(value).strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise invalid("remoteSerialNumber", value, "Specify the serial number of the remote storage system.")
     return int(text)
 

@@ -36,13 +36,17 @@ def view(s: Session) -> dict[str, Any]:
 @router.post("/sessions")
 async def create_session(request: Request, ctx: Ctx, body: SessionCreate | None = None) -> dict[str, Any]:
     user, password = basic_credentials(request)
-    if not ctx.system.authenticate(user, password):
+    ip = request.client.host if request.client else ""
+    logins = ctx.sessions.logins
+    logins.check(user, ip)  # a backed-off address or user is refused here, without hashing
+    if not await logins.verify(lambda: ctx.system.authenticate(user, password)):
+        logins.failed(user, ip)
         raise VspError("AUTH_FAILED")
+    logins.succeeded(user, ip)
     if body is not None and body.authenticationTimeout is not None and not (
         1 <= body.authenticationTimeout <= 900
     ):
         raise VspError("INVALID_VALUE", attribute="authenticationTimeout", value=body.authenticationTimeout)
-    ip = request.client.host if request.client else ""
     s = ctx.sessions.create(user, ip, body.aliveTime if body else None)
     return {"token": s.token, "sessionId": s.session_id}
 
