@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from vspemu.certs import ensure_certificate
-from vspemu.client import VspClient
+from vspemu.client import ApiError, VspClient
 from vspemu.client.nbd import NbdClient
 from vspemu.lab import SystemProcess, link_systems, volume_digest
 from vspemu.replication.bitmap import _HEADER, _MAGIC, DirtyBitmap, tracks_for
@@ -282,10 +282,11 @@ def test_lab_password_not_in_the_process_list(make_system: MakeSystem) -> None:
     cmdline = Path(f"/proc/{p.proc.pid}/cmdline").read_bytes()
     assert secret.encode() not in cmdline
     assert b"--password" not in cmdline
-    with VspClient(p.rest_url, password=secret) as c:
+    with p.client(password=secret) as c:
         assert c.get("ldevs", count=1) is not None
-    with pytest.raises(Exception):  # noqa: B017 - the default password is refused (401)
-        VspClient(p.rest_url)
+    with pytest.raises(ApiError) as refused:  # the default password is refused
+        p.client(password="raid-maintenance")
+    assert refused.value.status == 401
 
 
 @pytest.mark.e2e
@@ -297,11 +298,12 @@ def test_password_file(make_system: MakeSystem, tmp_path: Path, monkeypatch: pyt
     os.write(fd, secret.encode() + b"\n")
     os.close(fd)
     p = make_system(extra_args=["--password-file", str(f)])
-    with VspClient(p.rest_url, password=secret) as c:
+    with p.client(password=secret) as c:
         assert c.get("ldevs", count=1) is not None
     for wrong in ("not-this-one", "raid-maintenance"):
-        with pytest.raises(Exception):  # noqa: B017 - 401
-            VspClient(p.rest_url, password=wrong)
+        with pytest.raises(ApiError) as refused:
+            p.client(password=wrong)
+        assert refused.value.status == 401
 
 
 def test_tls_key_never_readable_by_others(tmp_path: Path) -> None:
