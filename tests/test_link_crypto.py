@@ -8,6 +8,7 @@ clear in every protocol version; it needs nothing else of the link's format.
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
 import socket
 import threading
@@ -337,8 +338,19 @@ def test_idle_sockets_from_one_address_do_not_block_a_real_peer() -> None:
     run(body)
 
 
-def test_a_sealed_payload_with_its_tag_takes_a_buffer_of_the_next_size_class() -> None:
-    """A 4 MiB payload and its 16-byte tag are received into a 4 MiB + 4 KiB buffer, not an 8 MiB one."""
-    assert BufferPool.size_for((4 << 20) + 16) == (4 << 20) + 4096
-    assert BufferPool.size_for(4 << 20) == 4 << 20
-    assert BufferPool.size_for((4 << 20) + 4097) == 8 << 20
+def test_a_payload_and_its_sealed_copy_share_a_buffer_size_class() -> None:
+    """An 8 MiB copy chunk and its encryption (8 MiB + 16-byte tag) take buffers of one class (8 MiB + a page),
+    so neither a 16 MiB buffer nor two classes evicting each other from a full pool."""
+    page = mmap.PAGESIZE
+    assert BufferPool.size_for(8 << 20) == BufferPool.size_for((8 << 20) + L.TAG) == (8 << 20) + page
+    assert BufferPool.size_for((8 << 20) + page + 1) == (16 << 20) + page
+    assert [BufferPool.size_for(n) for n in (1, page, page + 1, 2 * page, 2 * page + 1)] == \
+        [page, page, 2 * page, 2 * page, 3 * page]
+    pool = BufferPool(64 << 20)
+    reads = [pool.get(8 << 20) for _ in range(7)]  # a pool full of copy chunks' read buffers...
+    kept = {id(b) for b in reads}
+    for buf in reads:
+        pool.put(buf)
+    del reads, buf
+    sealed = pool.get((8 << 20) + L.TAG)  # ...hands one of them out for a sealed copy: no fresh mmap
+    assert id(sealed) in kept

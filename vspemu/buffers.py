@@ -8,7 +8,7 @@ from collections import deque
 
 
 class BufferPool:
-    """Power-of-two sized (or half that plus a page), page-aligned buffers (anonymous mmaps) for large payloads, reused.
+    """Page-aligned buffers (anonymous mmaps) for large payloads, reused; sized a power of two plus a page.
 
     Page alignment matters: copying between the page cache and a buffer at a page offset of 16 (where a
     bytearray's data starts) runs at a third of the speed on this CPU (4K aliasing in ``rep movsb``).
@@ -26,11 +26,15 @@ class BufferPool:
 
     @staticmethod
     def size_for(length: int) -> int:
-        """The size class of a buffer for ``length`` bytes: a power of two, or half of one plus a page when
-        that is enough (a 4 MiB payload with a 16-byte tag gets 4 MiB + 4 KiB, not 8 MiB)."""
-        size = max(1 << max(length - 1, 0).bit_length(), mmap.PAGESIZE)
-        smaller = size // 2 + mmap.PAGESIZE
-        return smaller if length <= smaller < size else size
+        """The size class of a buffer for ``length`` bytes: a power of two plus one page (one page at least).
+
+        The extra page lets a payload and a little more share a class with the bare payload: the link reads a
+        copy chunk of 8 MiB into one buffer and encrypts it, with its 16-byte tag, into another; with plain
+        powers of two the second would be 16 MiB, or, with a class of its own, the two classes would evict
+        each other from a full pool, and every chunk would cost fresh mmaps (page faults, zero-filling)."""
+        if length <= mmap.PAGESIZE:
+            return mmap.PAGESIZE
+        return max(1 << (length - mmap.PAGESIZE - 1).bit_length(), mmap.PAGESIZE) + mmap.PAGESIZE
 
     def get(self, length: int) -> mmap.mmap:
         size = self.size_for(length)
