@@ -761,10 +761,10 @@ class Connection:
                     if self._rx_cipher is None:
                         payload = bytes(self._rxv[start + header_end:start + total])
                     else:
-                        seal = self._payload_seal
-                        self._payload_seal = None
-                        assert seal is not None
+                        seal, self._payload_seal = self._payload_seal, None
                         try:
+                            if seal is None:  # (never: _header left it)
+                                raise InvalidTag
                             payload = self._rx_cipher.aead.decrypt(seal[0], self._rxv[start + header_end:start + total],
                                                                    seal[1])
                         except InvalidTag:
