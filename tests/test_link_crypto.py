@@ -338,6 +338,33 @@ def test_idle_sockets_from_one_address_do_not_block_a_real_peer() -> None:
     run(body)
 
 
+def test_a_connection_that_sends_no_hello_is_dropped_long_before_the_handshake_time_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the handshake time-out made a minute long, an idle connection is still dropped (it sent no HELLO):
+    it does not hold a handshake slot until the whole handshake's time-out."""
+    monkeypatch.setattr(L, "HANDSHAKE_TIMEOUT", 60.0)
+
+    def idle(port: int) -> bytes | None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            try:
+                return sock.recv(1)  # b"": closed by the server
+            except ConnectionResetError:
+                return b""
+            except TimeoutError:
+                return None  # still open after 30 s
+
+    async def body() -> None:
+        b = Link(B_ID, 2, lambda d: SECRET, lambda d, p: None, ports={"CL3-A": 0})
+        await b.start()
+        try:
+            assert await asyncio.to_thread(idle, b.ports["CL3-A"]) == b""
+            assert b.rejected_connections == 1 and b._pending_handshakes == 0 and not b._pending_by_address
+        finally:
+            await b.close()
+
+    run(body)
+
+
 def test_a_payload_and_its_sealed_copy_share_a_buffer_size_class() -> None:
     """An 8 MiB copy chunk and its encryption (8 MiB + 16-byte tag) take buffers of one class (8 MiB + a page),
     so neither a 16 MiB buffer nor two classes evicting each other from a full pool."""
