@@ -308,7 +308,7 @@ def test_foreign_peers_are_rejected_and_the_server_keeps_serving(
     # a well-formed HELLO claiming to be the primary, then a wrong proof
     hello = {"v": L.PROTOCOL_VERSION, "from": p.storage_device_id, "fromSerial": p.serial, "to": s.storage_device_id,
              "localPortId": "CL3-B", "remotePortId": "CL3-B", "nonce": "00" * 32, "keepalive": 15,
-             "cipher": L.CIPHER_AES_GCM}
+             "cipher": L.link_cipher()}  # the servers inherit our environment
     with socket.create_connection(addr, timeout=10) as sock:
         sock.sendall(L.encode_frame(L.HELLO, 0, hello))
         reply = sock.recv(4096)
