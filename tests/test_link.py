@@ -230,7 +230,7 @@ def test_dead_peer_detected_by_keepalive() -> None:
             _, _, hello, _ = await L.read_frame(reader, 4096)
             nb = "ab" * 32
             pr = L.proof(SECRET, hello["from"], B_ID, hello["localPortId"], hello["remotePortId"], hello["nonce"], nb,
-                         "server")
+                         "server", cipher=hello["cipher"])
             writer.write(L.encode_frame(L.CHALLENGE, 0, {"nonce": nb, "proof": pr}))
             await L.read_frame(reader, 4096)
             writer.write(L.encode_frame(L.WELCOME, 0, {}))
@@ -306,8 +306,9 @@ def test_foreign_peers_are_rejected_and_the_server_keeps_serving(
     assert _send_raw(addr, struct.pack("!IBBHQI", 1 << 30, 1, 0, 0, 0, 0)) == b""
     assert _send_raw(addr, b"\x00\x00") == b""
     # a well-formed HELLO claiming to be the primary, then a wrong proof
-    hello = {"v": 1, "from": p.storage_device_id, "fromSerial": p.serial, "to": s.storage_device_id,
-             "localPortId": "CL3-B", "remotePortId": "CL3-B", "nonce": "00" * 32, "keepalive": 15}
+    hello = {"v": L.PROTOCOL_VERSION, "from": p.storage_device_id, "fromSerial": p.serial, "to": s.storage_device_id,
+             "localPortId": "CL3-B", "remotePortId": "CL3-B", "nonce": "00" * 32, "keepalive": 15,
+             "cipher": L.link_cipher()}  # the servers inherit our environment
     with socket.create_connection(addr, timeout=10) as sock:
         sock.sendall(L.encode_frame(L.HELLO, 0, hello))
         reply = sock.recv(4096)
@@ -372,7 +373,7 @@ def test_a_frame_with_unknown_flags_closes_the_connection() -> None:
         try:
             conn = group.active_paths[0].conn
             assert conn is not None
-            conn.transport.write(L.PREFIX.pack(L.FIXED + 2, L.REQUEST, 0x80, 0, 9, 2) + b"{}")
+            conn._write_raw(L.REQUEST, 0x80, 9, b"{}")
             inbound = [c for cs in b._inbound.values() for c in cs]
             await asyncio.wait_for(asyncio.gather(*(c.closed.wait() for c in inbound)), 5)
             assert "flags" in inbound[0].close_reason
@@ -396,7 +397,7 @@ def test_a_data_write_whose_json_header_is_not_an_object_gets_an_error_and_the_c
             conn = group.active_paths[0].conn
             assert conn is not None
             raw = json.dumps({"m": L.DATA_WRITE, "h": [1, 2]}).encode()
-            conn.transport.write(L.PREFIX.pack(L.FIXED + len(raw) + 3, L.REQUEST, 0, 0, 777, len(raw)) + raw + b"abc")
+            conn._write_raw(L.REQUEST, 0, 777, raw, b"abc")
             assert (await group.call(ECHO, {}, b"still up"))[1] == b"still up"
             assert all(c.is_open for cs in b._inbound.values() for c in cs)
         finally:

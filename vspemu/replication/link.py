@@ -21,12 +21,34 @@ offset u64, length u64) and are answered with an empty REPLY; encoding and parsi
 rest of the request on the S side for a 4 KiB write.
 
 Handshake (HMAC-SHA256 with the secret the two systems agreed when they registered each other; see
-docs/remote.md): the connecting side sends HELLO {from, to, ports, nonce}; the listening side answers
-CHALLENGE {nonce, proof} where proof = HMAC(secret, transcript + "server"); the connecting side checks it
-and sends AUTH {proof} = HMAC(secret, transcript + "client"); the listening side checks it and answers
-WELCOME. Either side drops the connection as soon as something is wrong. Before WELCOME no frame may be
-larger than :data:`MAX_HANDSHAKE_FRAME` and the whole handshake must finish within
-:data:`HANDSHAKE_TIMEOUT` seconds.
+docs/remote.md): the connecting side sends HELLO {v, from, to, ports, nonce, cipher}; the listening side
+answers CHALLENGE {nonce, proof} where proof = HMAC(secret, transcript + "server"); the connecting side checks
+it and sends AUTH {proof} = HMAC(secret, transcript + "client"); the listening side checks it and answers
+WELCOME. The transcript holds the protocol version, both identities and ports, both nonces and the cipher, so
+neither can be changed in transit. Either side drops the connection as soon as something is wrong. Before
+WELCOME no frame may be larger than :data:`MAX_HANDSHAKE_FRAME`, the HELLO must arrive within
+:data:`HELLO_TIMEOUT` seconds of the connection and the whole handshake must finish within
+:data:`HANDSHAKE_TIMEOUT` seconds; at most :data:`MAX_PENDING_HANDSHAKES` handshakes may be pending, at most
+:data:`MAX_PENDING_PER_ADDRESS` from one address.
+
+Protection of the frames after the handshake (protocol version 2; cipher ``aes-256-gcm``, the default): both
+sides derive two keys, one per direction, with HKDF-SHA256 from the link secret (salt: both nonces; info: the
+transcript), and every frame after WELCOME is sealed with AES-256-GCM. A sealed frame is::
+
+    prefix            as above, in clear (its fields are needed to receive the frame) but authenticated;
+                      header length counts the header's tag, length counts both tags
+    header record     AES-GCM(header) + 16-byte tag, nonce = the direction's record counter
+    payload record    AES-GCM(payload) + 16-byte tag, nonce = counter + 1 (only if there is a payload)
+
+The nonce is the per-direction record counter (starting at 0, never sent), and the additional data of both
+records is the prefix, so a frame that is altered, replayed, reordered, dropped or cut short fails the next
+tag check, and any failed check closes the connection (its requests fail with :class:`LinkDown` and nothing
+of the frame is handed to a handler). Header and payload are separate records so that a large payload is
+still received in place into a pooled buffer and decrypted there (``AESGCM.decrypt_into``), and encrypted
+straight from the caller's buffer into a pooled one (``encrypt_into``): one pass over the payload on each
+side, no extra copy. What is visible on the wire: frame types, request ids and sizes. Environment
+``VSPEMU_LINK_CIPHER=none`` turns the protection off (raw speed for a lab); both sides announce their cipher in
+the handshake and a system refuses a peer whose cipher differs (ERR_04), so a link is never half protected.
 
 After the handshake both sides may send REQUESTs: many may be in flight (request ids), each is served
 concurrently (by its own task, or, for a handler marked :func:`inline_handler`, right in the receive callback
@@ -56,12 +78,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from vspemu.aio import resume
 from vspemu.buffers import BufferPool
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: frames after the handshake are sealed (AES-256-GCM), the cipher is negotiated
 PREFIX = struct.Struct("!IBBHQI")  # length, type, flags, reserved, request id, header length
 FIXED = PREFIX.size - 4  # the bytes of the fixed part counted in "length"
 
@@ -74,7 +101,9 @@ MAX_HANDSHAKE_FRAME = 4096
 MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 64 << 20
 HANDSHAKE_TIMEOUT = 5.0
+HELLO_TIMEOUT = 1.0  # a connection that sends no HELLO within this is dropped (the real peer sends it at once)
 MAX_PENDING_HANDSHAKES = 64
+MAX_PENDING_PER_ADDRESS = 16  # so that idle sockets from one address cannot take every handshake slot
 MAX_CONCURRENT_HANDLERS = 256
 DEFAULT_KEEPALIVE = 15.0
 RX_SIZE = 256 << 10  # per connection receive buffer (prefixes, headers, small payloads)
@@ -123,6 +152,20 @@ DATA_HEADER = struct.Struct("!IIQQ")  # ldev, bits, offset, length
 _DATA_BITS = (("zero", 1), ("fua", 2), ("copy", 4))
 
 ECHO = "vspemu.echo"  # a message type every system serves: used by tests and diagnostics
+
+CIPHER_AES_GCM = "aes-256-gcm"
+CIPHER_NONE = "none"  # opt-out (VSPEMU_LINK_CIPHER=none): frames in clear, as in protocol version 1
+CIPHERS = (CIPHER_AES_GCM, CIPHER_NONE)
+TAG = 16  # AES-GCM tag
+_NONCE = struct.Struct("!4xQ")  # 96-bit nonce: 4 zero bytes, the direction's record counter
+
+
+def link_cipher() -> str:
+    """The cipher this process uses on its link: ``VSPEMU_LINK_CIPHER`` (default aes-256-gcm)."""
+    value = os.environ.get("VSPEMU_LINK_CIPHER", CIPHER_AES_GCM).strip().lower() or CIPHER_AES_GCM
+    if value not in CIPHERS:
+        raise ValueError(f"VSPEMU_LINK_CIPHER must be one of {', '.join(CIPHERS)}, not {value!r}")
+    return value
 
 
 class LinkError(Exception):
@@ -176,31 +219,64 @@ AddressLookup = Callable[[str, str], tuple[str, int] | None]
 
 
 def _transcript(initiator_id: str, responder_id: str, local_port: str, remote_port: str, na: str, nb: str,
-                role: str) -> bytes:
+                role: str, cipher: str) -> bytes:
     return f"vspemu-link-v{PROTOCOL_VERSION}|{initiator_id}|{responder_id}|{local_port}|{remote_port}|{na}|{nb}|" \
-           f"{role}".encode()
+           f"{cipher}|{role}".encode()
 
 
 def proof(secret: bytes, initiator_id: str, responder_id: str, local_port: str, remote_port: str, na: str,
-          nb: str, role: str) -> str:
-    mac = hmac.new(secret, _transcript(initiator_id, responder_id, local_port, remote_port, na, nb, role),
+          nb: str, role: str, *, cipher: str) -> str:
+    mac = hmac.new(secret, _transcript(initiator_id, responder_id, local_port, remote_port, na, nb, role, cipher),
                    hashlib.sha256)
     return mac.hexdigest()
+
+
+def session_keys(secret: bytes, initiator_id: str, responder_id: str, local_port: str, remote_port: str, na: str,
+                 nb: str, cipher: str) -> tuple[bytes, bytes] | None:
+    """The connection's keys (initiator to responder, responder to initiator), or None for cipher "none"."""
+    if cipher == CIPHER_NONE:
+        return None
+    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=f"{na}|{nb}".encode(),
+               info=_transcript(initiator_id, responder_id, local_port, remote_port, na, nb, "keys", cipher)
+               ).derive(secret)
+    return okm[:32], okm[32:]
+
+
+class FrameCipher:
+    """One direction of a connection's protection: AES-256-GCM, the nonce is the direction's record counter."""
+
+    __slots__ = ("aead", "counter")
+
+    def __init__(self, key: bytes) -> None:
+        self.aead = AESGCM(key)
+        self.counter = 0
+
+    def take(self, records: int) -> int:
+        """The counter of the first of ``records`` consecutive records."""
+        c = self.counter
+        self.counter = c + records
+        return c
 
 
 _encode_json = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(separators=...) builds one per call
 
 
-def encode_frame(ftype: int, request_id: int, header: dict[str, Any], payload_len: int = 0) -> bytes:
+def encode_header(ftype: int, header: dict[str, Any]) -> tuple[int, bytes]:
+    """(flags, header bytes) of a frame: the binary DATA_HEADER for a data.write, else JSON (nothing for a
+    REPLY without header)."""
     if ftype == REQUEST and header.get("m") == DATA_WRITE:
         h = header["h"]
         bits = sum(bit for key, bit in _DATA_BITS if h.get(key))
-        return PREFIX.pack(FIXED + DATA_HEADER.size + payload_len, REQUEST, FLAG_DATA, 0, request_id,
-                           DATA_HEADER.size) + DATA_HEADER.pack(h["ldev"], bits, h["offset"], h["length"])
+        return FLAG_DATA, DATA_HEADER.pack(h["ldev"], bits, h["offset"], h["length"])
     if ftype == REPLY and not header.get("h"):
-        return PREFIX.pack(FIXED + payload_len, REPLY, 0, 0, request_id, 0)
-    hdr = _encode_json(header).encode()
-    return PREFIX.pack(FIXED + len(hdr) + payload_len, ftype, 0, 0, request_id, len(hdr)) + hdr
+        return 0, b""
+    return 0, _encode_json(header).encode()
+
+
+def encode_frame(ftype: int, request_id: int, header: dict[str, Any], payload_len: int = 0) -> bytes:
+    """An unsealed frame without its payload (the handshake, and every frame with cipher "none")."""
+    flags, hdr = encode_header(ftype, header)
+    return PREFIX.pack(FIXED + len(hdr) + payload_len, ftype, flags, 0, request_id, len(hdr)) + hdr
 
 
 def decode_data_header(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
@@ -372,13 +448,20 @@ class Connection:
 
     Back-pressure: the connection stops reading while :data:`MAX_CONCURRENT_HANDLERS` requests are being
     served or their payloads reach :data:`MAX_INFLIGHT_PAYLOAD`.
+
+    With ``keys`` (send key, receive key) every frame is sealed (see the module docstring): a large payload is
+    encrypted from the caller's buffer into a pooled one (``encrypt_into``), and received in place (with its
+    tag) and decrypted there (``decrypt_into``); any failed tag check closes the connection.
     """
 
     waiting = 0  # requests of the process waiting for their reply, every connection included
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: PeerInfo,
-                 handlers: dict[str, Handler], keepalive: float) -> None:
+                 handlers: dict[str, Handler], keepalive: float, keys: tuple[bytes, bytes] | None = None) -> None:
         self.reader = reader
+        self._tx: FrameCipher | None = FrameCipher(keys[0]) if keys else None
+        self._rx_cipher: FrameCipher | None = FrameCipher(keys[1]) if keys else None
+        self._tag = TAG if keys else 0  # bytes of tag per record on the wire
         self.writer = writer
         self.transport = writer.transport
         self.peer = peer
@@ -405,6 +488,7 @@ class Connection:
         self._payload_view: memoryview | None = None
         self._payload_got = 0
         self._payload_frame: tuple[int, int, dict[str, Any]] = (0, 0, {})
+        self._payload_seal: tuple[bytes, bytes] | None = None  # (nonce, prefix) of a sealed payload in place
         self._rx_paused = False
         self._parsing = False
         # sending
@@ -449,13 +533,38 @@ class Connection:
                      payload: bytes | bytearray | memoryview = b"") -> None:
         if self.closed.is_set():
             raise LinkDown(f"connection to {self.peer.storage_device_id} is closed ({self.close_reason})")
+        flags, hdr = encode_header(ftype, header)
+        self._write_raw(ftype, flags, request_id, hdr, payload)
+
+    def _write_raw(self, ftype: int, flags: int, request_id: int, hdr: bytes,
+                   payload: bytes | bytearray | memoryview = b"") -> None:
+        """Write one frame (sealed if the connection is), its header already encoded."""
         n = len(payload) if isinstance(payload, (bytes, bytearray)) else memoryview(payload).nbytes
-        frame = encode_frame(ftype, request_id, header, n)
         try:
-            if n:
-                self._write_two(frame, payload, n)
-            else:
+            tx = self._tx
+            if tx is None:
+                frame = PREFIX.pack(FIXED + len(hdr) + n, ftype, flags, 0, request_id, len(hdr)) + hdr
+                if n:
+                    self._write_two(frame, payload, n)
+                else:
+                    self.transport.write(frame)
+                return
+            prefix = PREFIX.pack(FIXED + len(hdr) + TAG + (n + TAG if n else 0), ftype, flags, 0, request_id,
+                                 len(hdr) + TAG)
+            aead = tx.aead
+            c = tx.take(2 if n else 1)
+            frame = prefix + aead.encrypt(_NONCE.pack(c), hdr, prefix)
+            if not n:
                 self.transport.write(frame)
+            elif n <= SMALL_PAYLOAD:
+                self._write_two(frame, aead.encrypt(_NONCE.pack(c + 1), payload, prefix), n + TAG)
+            else:  # encrypted straight into a pooled buffer: the one pass over the payload
+                buf = BUFFERS.get(n + TAG)
+                view = memoryview(buf)[:n + TAG]
+                aead.encrypt_into(_NONCE.pack(c + 1), payload, prefix, view)
+                self._write_two(frame, view, n + TAG)
+                del view  # the pool hands the buffer out again only once the transport no longer holds it
+                BUFFERS.put(buf)
         except (ConnectionError, OSError, RuntimeError) as e:
             self.close(PATH_COMMUNICATION_FAILED, f"send failed: {e}")
             raise LinkDown(str(e)) from e
@@ -595,6 +704,17 @@ class Connection:
             self._payload_buf = self._payload_view = None
             ftype, request_id, header = self._payload_frame
             self._payload_frame = (0, 0, {})
+            seal, self._payload_seal = self._payload_seal, None
+            if seal is not None and self._rx_cipher is not None:  # decrypted in place, then checked
+                sealed, view = view, view[:len(view) - TAG]
+                try:
+                    self._rx_cipher.aead.decrypt_into(seal[0], sealed, seal[1], view)
+                except InvalidTag:
+                    self.close(PATH_COMMUNICATION_FAILED, "integrity check failed: a payload was altered, "
+                                                          "replayed or out of order")
+                    return
+                finally:
+                    del sealed
             self._frame(ftype, request_id, header, view, buf)
             del view, buf
         else:
@@ -618,28 +738,44 @@ class Connection:
                 self._need = PREFIX.size
                 return
             length, ftype, flags, _res, request_id, header_len = PREFIX.unpack_from(self._rx, start)
+            tag = self._tag
             if ftype not in FRAME_TYPES or (flags and (flags != FLAG_DATA or ftype != REQUEST or
-                                                       header_len != DATA_HEADER.size)):
+                                                       header_len != DATA_HEADER.size + tag)):
                 self.close(PATH_COMMUNICATION_FAILED, f"protocol error: unknown frame type {ftype} (flags {flags})")
                 return
-            if length < FIXED or length - FIXED > MAX_PAYLOAD + MAX_HEADER or header_len > length - FIXED or \
-                    header_len > MAX_HEADER:
+            if length < FIXED or length - FIXED > MAX_PAYLOAD + MAX_HEADER + 2 * tag or \
+                    header_len > length - FIXED or header_len > MAX_HEADER + tag or header_len < tag or \
+                    0 < length - FIXED - header_len <= tag:
                 self.close(PATH_COMMUNICATION_FAILED, f"protocol error: bad frame length {length} / header "
                                                       f"{header_len}")
                 return
             total = 4 + length
             header_end = PREFIX.size + header_len
-            payload_len = total - header_end
+            payload_len = total - header_end  # on the wire: with its tag if sealed
             if avail >= total:
-                header = self._header(start + PREFIX.size, header_len, flags)
+                header = self._header(start, header_len, flags, payload_len)
                 if header is None:
                     return
-                payload = bytes(self._rxv[start + header_end:start + total]) if payload_len else b""
+                payload: bytes = b""
+                if payload_len:
+                    if self._rx_cipher is None:
+                        payload = bytes(self._rxv[start + header_end:start + total])
+                    else:
+                        seal, self._payload_seal = self._payload_seal, None
+                        try:
+                            if seal is None:  # (never: _header left it)
+                                raise InvalidTag
+                            payload = self._rx_cipher.aead.decrypt(seal[0], self._rxv[start + header_end:start + total],
+                                                                   seal[1])
+                        except InvalidTag:
+                            self.close(PATH_COMMUNICATION_FAILED, "integrity check failed: a payload was altered, "
+                                                                  "replayed or out of order")
+                            return
                 self._start = start + total
                 self._frame(ftype, request_id, header, payload, None)
                 continue
             if payload_len > SMALL_PAYLOAD and avail >= header_end:
-                header = self._header(start + PREFIX.size, header_len, flags)
+                header = self._header(start, header_len, flags, payload_len)
                 if header is None:
                     return
                 buf = BUFFERS.get(payload_len)
@@ -654,11 +790,29 @@ class Connection:
             self._need = total if payload_len <= SMALL_PAYLOAD else header_end
             return
 
-    def _header(self, at: int, n: int, flags: int = 0) -> dict[str, Any] | None:
+    def _header(self, start: int, header_len: int, flags: int, payload_len: int) -> dict[str, Any] | None:
+        """The header of the frame at ``start`` (checked and decrypted if sealed; the nonce and additional data
+        of its payload are then left in _payload_seal); None if the connection was closed."""
+        at, n = start + PREFIX.size, header_len
+        raw: bytes | bytearray | memoryview
+        rx = self._rx_cipher
+        if rx is not None:
+            prefix = bytes(self._rxv[start:at])
+            c = rx.take(2 if payload_len else 1)
+            try:
+                raw = rx.aead.decrypt(_NONCE.pack(c), self._rxv[at:at + n], prefix)
+            except InvalidTag:
+                self.close(PATH_COMMUNICATION_FAILED, "integrity check failed: a frame was altered, replayed or "
+                                                      "out of order")
+                return None
+            self._payload_seal = (_NONCE.pack(c + 1), prefix) if payload_len else None
+            n = len(raw)
+        else:
+            raw = self._rx[at:at + n]
         if flags:  # FLAG_DATA (checked by the caller)
-            return decode_data_header(self._rxv[at:at + n])
+            return decode_data_header(raw)
         try:
-            header = json.loads(self._rx[at:at + n]) if n else {}
+            header = json.loads(raw) if n else {}
         except (ValueError, UnicodeDecodeError):
             self.close(PATH_COMMUNICATION_FAILED, "protocol error: header is not JSON")
             return None
@@ -882,22 +1036,26 @@ class RemotePath:
         timeout = min(HANDSHAKE_TIMEOUT, self.group.timeout)
         reader, writer = await asyncio.wait_for(asyncio.open_connection(address[0], address[1]), timeout)
         try:
-            await asyncio.wait_for(self._handshake(reader, writer, secret), timeout)
+            keys = await asyncio.wait_for(self._handshake(reader, writer, secret), timeout)
         except BaseException:
             writer.transport.abort()
             raise
         peer = PeerInfo(self.group.remote_device_id, self.group.remote_serial, self.local_port_id,
                         self.remote_port_id, True)
-        conn = Connection(reader, writer, peer, link.handlers, self.group.timeout)
+        conn = Connection(reader, writer, peer, link.handlers, self.group.timeout, keys)
         conn.start()
         return conn
 
-    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes) -> None:
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         secret: bytes) -> tuple[bytes, bytes] | None:
+        """The handshake of the connecting side; returns the keys (send, receive), None for cipher "none"."""
         link = self.group.link
+        cipher = link.cipher
         na = secrets.token_hex(32)
         hello = {"v": PROTOCOL_VERSION, "from": link.storage_device_id, "fromSerial": link.serial,
                  "to": self.group.remote_device_id, "localPortId": self.local_port_id,
-                 "remotePortId": self.remote_port_id, "nonce": na, "keepalive": self.group.timeout}
+                 "remotePortId": self.remote_port_id, "nonce": na, "keepalive": self.group.timeout,
+                 "cipher": cipher}
         writer.write(encode_frame(HELLO, 0, hello))
         await writer.drain()
         ftype, _, header, _ = await read_frame(reader, MAX_HANDSHAKE_FRAME)
@@ -906,12 +1064,11 @@ class RemotePath:
         if ftype != CHALLENGE:
             raise HandshakeRefused(PATH_REJECTED, f"unexpected frame {ftype} in the handshake")
         nb = str(header.get("nonce", ""))
-        expected = proof(secret, link.storage_device_id, self.group.remote_device_id, self.local_port_id,
-                         self.remote_port_id, na, nb, "server")
+        ids = (link.storage_device_id, self.group.remote_device_id, self.local_port_id, self.remote_port_id, na, nb)
+        expected = proof(secret, *ids, "server", cipher=cipher)
         if len(nb) < 32 or not hmac.compare_digest(expected, str(header.get("proof", ""))):
             raise HandshakeRefused(PATH_REJECTED, "the remote system could not prove that it knows the secret")
-        mine = proof(secret, link.storage_device_id, self.group.remote_device_id, self.local_port_id,
-                     self.remote_port_id, na, nb, "client")
+        mine = proof(secret, *ids, "client", cipher=cipher)
         writer.write(encode_frame(AUTH, 0, {"proof": mine}))
         await writer.drain()
         ftype, _, header, _ = await read_frame(reader, MAX_HANDSHAKE_FRAME)
@@ -919,6 +1076,8 @@ class RemotePath:
             raise HandshakeRefused(str(header.get("status", PATH_REJECTED)), str(header.get("reason", "rejected")))
         if ftype != WELCOME:
             raise HandshakeRefused(PATH_REJECTED, f"unexpected frame {ftype} in the handshake")
+        keys = session_keys(secret, *ids, cipher)
+        return None if keys is None else (keys[0], keys[1])
 
     def view(self) -> dict[str, Any]:
         return {"localPortId": self.local_port_id, "remotePortId": self.remote_port_id,
@@ -1045,8 +1204,12 @@ class Link:
     inline_handler = staticmethod(inline_handler)  # so users of Link can mark handlers without another import
 
     def __init__(self, storage_device_id: str, serial: int, secret_for: SecretLookup, address_of: AddressLookup,
-                 host: str = "127.0.0.1", ports: dict[str, int] | None = None, max_backoff: float = 2.0) -> None:
+                 host: str = "127.0.0.1", ports: dict[str, int] | None = None, max_backoff: float = 2.0,
+                 cipher: str | None = None) -> None:
         self.storage_device_id = storage_device_id
+        self.cipher = link_cipher() if cipher is None else cipher  # both ends of a connection must agree
+        if self.cipher not in CIPHERS:
+            raise ValueError(f"unknown link cipher {self.cipher!r}")
         self.serial = serial
         self.secret_for = secret_for
         self.address_of = address_of
@@ -1058,6 +1221,7 @@ class Link:
         self._servers: dict[str, asyncio.Server] = {}
         self._inbound: dict[str, set[Connection]] = {}
         self._pending_handshakes = 0
+        self._pending_by_address: dict[str, int] = {}
         self.rejected_connections = 0
         self.register_handler(ECHO, _echo)
 
@@ -1108,13 +1272,18 @@ class Link:
                     conn.close(PATH_REJECTED, "registration removed")
 
     async def _accept(self, port_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._pending_handshakes >= MAX_PENDING_HANDSHAKES:
+        peername = writer.get_extra_info("peername")
+        address = str(peername[0]) if isinstance(peername, tuple) and peername else "?"
+        pending = self._pending_by_address.get(address, 0)
+        if self._pending_handshakes >= MAX_PENDING_HANDSHAKES or pending >= MAX_PENDING_PER_ADDRESS:
+            self.rejected_connections += 1
             writer.transport.abort()
             return
         self._pending_handshakes += 1
+        self._pending_by_address[address] = pending + 1
         try:
-            peer, keepalive = await asyncio.wait_for(self._answer_handshake(port_id, reader, writer),
-                                                     HANDSHAKE_TIMEOUT)
+            peer, keepalive, keys = await asyncio.wait_for(self._answer_handshake(port_id, reader, writer),
+                                                           HANDSHAKE_TIMEOUT)
         except (TimeoutError, OSError, asyncio.IncompleteReadError, ProtocolError, HandshakeRefused) as e:
             self.rejected_connections += 1
             log.warning("replication port %s: connection from %s refused: %s: %s", port_id,
@@ -1126,10 +1295,13 @@ class Link:
             raise
         finally:
             self._pending_handshakes -= 1
+            left = self._pending_by_address.pop(address, 1) - 1
+            if left > 0:
+                self._pending_by_address[address] = left
         if port_id not in self._servers:  # the port went offline meanwhile
             writer.transport.abort()
             return
-        conn = Connection(reader, writer, peer, self.handlers, keepalive)
+        conn = Connection(reader, writer, peer, self.handlers, keepalive, keys)
         conns = self._inbound.setdefault(port_id, set())
         conns.add(conn)
         conn.start()
@@ -1137,10 +1309,14 @@ class Link:
         conns.discard(conn)
 
     async def _answer_handshake(self, port_id: str, reader: asyncio.StreamReader,
-                                writer: asyncio.StreamWriter) -> tuple[PeerInfo, float]:
-        ftype, _, hello, _ = await read_frame(reader, MAX_HANDSHAKE_FRAME)
+                                writer: asyncio.StreamWriter) -> tuple[PeerInfo, float, tuple[bytes, bytes] | None]:
+        """The handshake of the listening side: (peer, keepalive, keys (send, receive) or None)."""
+        try:
+            ftype, _, hello, _ = await asyncio.wait_for(read_frame(reader, MAX_HANDSHAKE_FRAME), HELLO_TIMEOUT)
+        except TimeoutError as e:
+            raise ProtocolError(f"no HELLO within {HELLO_TIMEOUT} s") from e
         if ftype != HELLO or hello.get("v") != PROTOCOL_VERSION:
-            raise ProtocolError("the first frame is not a HELLO of protocol version 1")
+            raise ProtocolError(f"the first frame is not a HELLO of protocol version {PROTOCOL_VERSION}")
 
         async def reject(status: str, reason: str) -> HandshakeRefused:
             writer.write(encode_frame(REJECT, 0, {"status": status, "reason": reason}))
@@ -1155,15 +1331,19 @@ class Link:
             raise await reject(PATH_SERIAL_MISMATCH, f"this is {self.storage_device_id}, not {hello.get('to')}")
         if hello.get("remotePortId") != port_id:
             raise await reject(PATH_INVALID_PORT, f"this is port {port_id}, not {hello.get('remotePortId')}")
+        if hello.get("cipher") != self.cipher:
+            raise await reject(PATH_REJECTED, f"link cipher mismatch: this system uses {self.cipher}, the peer "
+                                              f"{str(hello.get('cipher'))[:32]} (VSPEMU_LINK_CIPHER)")
         secret = self.secret_for(initiator)
         if secret is None or len(na) < 32:
             raise await reject(PATH_REJECTED, "authentication failed")
         nb = secrets.token_hex(32)
-        mine = proof(secret, initiator, self.storage_device_id, local_port, port_id, na, nb, "server")
+        ids = (initiator, self.storage_device_id, local_port, port_id, na, nb)
+        mine = proof(secret, *ids, "server", cipher=self.cipher)
         writer.write(encode_frame(CHALLENGE, 0, {"nonce": nb, "proof": mine}))
         await writer.drain()
         ftype, _, auth, _ = await read_frame(reader, MAX_HANDSHAKE_FRAME)
-        expected = proof(secret, initiator, self.storage_device_id, local_port, port_id, na, nb, "client")
+        expected = proof(secret, *ids, "client", cipher=self.cipher)
         if ftype != AUTH or not hmac.compare_digest(expected, str(auth.get("proof", ""))):
             raise await reject(PATH_REJECTED, "authentication failed")
         writer.write(encode_frame(WELCOME, 0, {"serial": self.serial}))
@@ -1173,7 +1353,8 @@ class Link:
             keepalive = DEFAULT_KEEPALIVE
         serial = hello.get("fromSerial")
         peer = PeerInfo(initiator, serial if isinstance(serial, int) else 0, port_id, local_port, False)
-        return peer, float(keepalive)
+        keys = session_keys(secret, *ids, self.cipher)
+        return peer, float(keepalive), None if keys is None else (keys[1], keys[0])
 
     # -- path groups -------------------------------------------------------------------------------
     def path_group(self, remote_serial: int, path_group_id: int) -> PathGroup | None:
