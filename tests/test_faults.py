@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -335,3 +337,42 @@ def test_fault_campaign(mode: str, tmp_path: Path, campaign_net: Netns | None) -
                 out.write(json.dumps(camp.figures.__dict__) + "\n")
         camp.close()
     assert sum(camp.figures.cycles.values()) == CYCLES * len(kinds)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("chattr"), reason="needs chattr as root")
+def test_fence_data_acknowledges_no_uncopied_write_at_queue_depth(make_system: Any) -> None:
+    """Fence DATA: a write that could not be copied fails, and so does every later one. Sixteen writes in
+    flight when the S-VOL starts failing (its file made immutable on the secondary: each copy gets an error):
+    none may be acknowledged without being on the S-VOL. (They were, all but the first: the pair was fenced
+    only after the S side had been told of the suspension, and the others failed meanwhile.)"""
+    from vspemu.client.nbd import NbdClient
+    from vspemu.nbdproto import CMD_WRITE
+
+    p, s = make_system(), make_system()
+    pc, sc = p.client(), s.client()
+    link_systems(pc, sc)
+    pv, sv = pc.create_ldev("16M"), sc.create_ldev("16M")
+    pc.add_lun(pv)
+    sc.add_lun(sv)
+    pc.invoke("POST", "remote-mirror-copypairs", {
+        "copyGroupName": "qd", "copyPairName": "p", "replicationType": "TC",
+        "remoteStorageDeviceId": s.storage_device_id, "pvolLdevId": pv, "svolLdevId": sv,
+        "isNewGroupCreation": True, "fenceLevel": "DATA", "copyPace": 15}, remote=sc)
+    svol_file = s.data_dir / "ldevs" / f"{sv:05d}.img"
+    subprocess.run(["chattr", "+i", str(svol_file)], check=True)
+    try:
+        with NbdClient(p.host, p.nbd_port, str(pv)) as c:
+            handles = {c.submit(CMD_WRITE, k * 65536, data=bytes([k + 1]) * 4096): k for k in range(16)}
+            errors = {}
+            for _ in handles:
+                h, err, _ = c.reply()
+                errors[handles[h]] = err
+    finally:
+        subprocess.run(["chattr", "-i", str(svol_file)], check=True)
+    assert pc.get("remote-copypairs")["data"][0]["status"] == "PSUE"
+    with NbdClient(s.host, s.nbd_port, str(sv)) as c:
+        acked_not_copied = [k for k, err in errors.items()
+                            if err == 0 and c.read(k * 65536, 4096) != bytes([k + 1]) * 4096]
+    assert not acked_not_copied, f"writes {acked_not_copied} acknowledged but not on the S-VOL"
+    pc.close()
+    sc.close()
