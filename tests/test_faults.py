@@ -78,7 +78,8 @@ class Figures:
     mode: str
     topology: str
     cycles: dict[str, int] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # total per kind
+    max_seconds: dict[str, float] = field(default_factory=dict)  # the longest cycle per kind
     issued: int = 0
     acked: int = 0
     failed: int = 0
@@ -284,7 +285,9 @@ class Campaign:
                 raise Violation(f"{self.mode} {kind}: S-VOL {sv} differs from P-VOL {pv} after the resync")
         f.equal_checks += 1
         f.cycles[kind] = f.cycles.get(kind, 0) + 1
-        f.seconds[kind] = round(f.seconds.get(kind, 0.0) + time.monotonic() - t0, 2)
+        took = time.monotonic() - t0
+        f.seconds[kind] = round(f.seconds.get(kind, 0.0) + took, 2)
+        f.max_seconds[kind] = round(max(f.max_seconds.get(kind, 0.0), took), 2)
 
     def finish(self) -> None:
         self.writer.pause()
@@ -337,6 +340,38 @@ def test_fault_campaign(mode: str, tmp_path: Path, campaign_net: Netns | None) -
                 out.write(json.dumps(camp.figures.__dict__) + "\n")
         camp.close()
     assert sum(camp.figures.cycles.values()) == CYCLES * len(kinds)
+
+
+def test_the_checks_find_violations() -> None:
+    """The invariant checks themselves: a lost acknowledged write, a torn block, an image that is no prefix."""
+    from faultlab import History, decode, stamp
+
+    h = History(volumes=2, slots=4)
+    for vol, slot, outcome in [(0, 1, ACKED), (1, 1, ACKED), (0, 1, FAILED), (0, 2, ACKED)]:  # writes 1-4
+        h.target.append((vol, slot))
+        h.outcome.append(outcome)
+    ok = [[0, 1, 4, 0], [0, 2, 0, 0]]
+    h.check_survives(ok)
+    h.check_survives([[0, 3, 4, 0], [0, 2, 0, 0]])  # the failed write 3 may be there
+    with pytest.raises(Violation, match="write 4 was acknowledged"):
+        h.check_survives([[0, 1, 0, 0], [0, 2, 0, 0]])
+    h.check_survives([[0, 1, 0, 0], [0, 2, 0, 0]], upto=3)  # (write 4 not required: after the fault)
+    assert h.check_prefix([[0, 1, 0, 0], [0, 0, 0, 0]]) == 1
+    assert h.check_prefix([[0, 1, 0, 0], [0, 2, 0, 0]]) == 2  # (3 failed: it may be missing)
+    assert h.check_prefix([[0, 3, 0, 0], [0, 2, 0, 0]]) == 3
+    with pytest.raises(Violation, match="not a prefix"):
+        h.check_prefix([[0, 0, 0, 0], [0, 2, 0, 0]])  # 2 without 1
+    with pytest.raises(Violation, match="not a prefix"):
+        h.check_prefix([[0, 1, 4, 0], [0, 0, 0, 0]])  # 4 without 2
+    with pytest.raises(Violation, match="not one of this slot"):
+        h.check_prefix([[0, 1, 1, 0], [0, 0, 0, 0]])  # write 1 went to slot 1, not 2
+    image = b"".join(stamp(0, 1, s) for s in range(4))
+    assert decode(image, 1) == [0, 0, 0, 0]
+    torn = image[:4096 + 512] + stamp(7, 1, 1)[512:4096] + image[8192:]
+    with pytest.raises(Violation, match="slot 1"):
+        decode(torn, 1)
+    with pytest.raises(Violation, match="slot 0"):
+        decode(image, 0)  # another volume's blocks
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("chattr"), reason="needs chattr as root")
