@@ -320,6 +320,7 @@ def campaign_net(netns_ok: str | None) -> Iterator[Netns | None]:
         yield net
 
 
+@pytest.mark.timeout(180 + 240 * CYCLES)  # (a cycle takes some seconds; a hung one must still end the run)
 @pytest.mark.parametrize("mode", MODES)
 def test_fault_campaign(mode: str, tmp_path: Path, campaign_net: Netns | None) -> None:
     camp = Campaign(mode, tmp_path, campaign_net)
