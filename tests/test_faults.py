@@ -304,7 +304,7 @@ def _read(sysp: SystemProcess, ldev: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def netns_ok() -> str | None:
+def netns_reason() -> str | None:
     reason = netns_unavailable()
     if reason is None:
         cleanup_stale()
@@ -312,8 +312,8 @@ def netns_ok() -> str | None:
 
 
 @pytest.fixture
-def campaign_net(netns_ok: str | None) -> Iterator[Netns | None]:
-    if netns_ok is not None:
+def campaign_net(netns_reason: str | None) -> Iterator[Netns | None]:
+    if netns_reason is not None:
         yield None
         return
     with Netns(2, link_network=True) as net:
