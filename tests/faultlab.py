@@ -46,6 +46,8 @@ _counter = itertools.count()
 
 def netns_unavailable() -> str | None:
     """Why network namespaces cannot be used here (None if they can)."""
+    if os.environ.get("VSPEMU_NO_NETNS"):
+        return "VSPEMU_NO_NETNS is set"
     if os.geteuid() != 0:
         return "needs root (CAP_NET_ADMIN) to create network namespaces"
     try:
