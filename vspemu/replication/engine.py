@@ -353,13 +353,17 @@ class Replication:
         group = self.groups[pair.group]
         if group.replication_type == "UR":
             self.ur.purge(group)
+        fences = pair.role == "P" and group.replication_type == "TC" and pair.fence in ("DATA", "STATUS")
+        if fences:
+            # fenced before the S side is told, not after: the other writes in flight that fail to copy
+            # meanwhile, and new ones, must not be acknowledged uncopied (STATUS: until the S side knows)
+            pair.fenced = True
         self._set(pair, PSUE)
         told = await self._try_call(group, "pair.set", {"group": group.name, "pairs": [pair.name],
                                                         "status": PSUE}) is not None
-        if pair.role == "P" and group.replication_type == "TC":
-            if pair.fence == "DATA" or (pair.fence == "STATUS" and not told):
-                pair.fenced = True
-                self._save(pair)
+        if fences and pair.fence == "STATUS" and told and pair.status == PSUE:
+            pair.fenced = False
+            self._save(pair)
 
     # -- the data path (called by PairVolume) ------------------------------------------------------------
     async def forward_write(self, pair: Pair, rep: PairVolume, offset: int, length: int,
