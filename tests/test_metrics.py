@@ -22,7 +22,8 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 def scrape(sysp: SystemProcess, auth: httpx.Auth | None = None, headers: dict[str, str] | None = None,
            path: str = "/metrics") -> httpx.Response:
-    return httpx.get(f"{sysp.rest_url}{path}", verify=ssl.create_default_context(cafile=str(sysp.cert_path)), auth=auth, headers=headers)
+    trust = ssl.create_default_context(cafile=str(sysp.cert_path))
+    return httpx.get(f"{sysp.rest_url}{path}", verify=trust, auth=auth, headers=headers)
 
 
 def samples(sysp: SystemProcess, client: VspClient | None = None) -> Samples:

@@ -94,6 +94,11 @@ function renderGroups(data) {
 function renderJournals(data) {
   const body = document.querySelector("#journals tbody");
   body.replaceChildren();
+  if (!data.journals.length) {
+    const td = el("td", "no journals", "muted");
+    td.colSpan = 6;
+    body.appendChild(row([td]));
+  }
   for (const j of data.journals) {
     const mirrors = j.mirrors.map((m) => "MU" + m.muNumber + " " + m.status).join(", ") || "-";
     const tr = row([el("td", j.journalId), el("td", bytes(j.usedBytes)), el("td", bytes(j.capacityBytes)),
@@ -106,6 +111,11 @@ function renderJournals(data) {
 function renderPaths(data) {
   const body = document.querySelector("#paths tbody");
   body.replaceChildren();
+  if (!data.pathGroups.length) {
+    const td = el("td", "no remote paths", "muted");
+    td.colSpan = 6;
+    body.appendChild(row([td]));
+  }
   for (const g of data.pathGroups) {
     for (const p of g.paths) {
       body.appendChild(row([el("td", g.remoteStorageDeviceId), el("td", g.pathGroupId), el("td", p.localPortId),
