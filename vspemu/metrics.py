@@ -207,7 +207,7 @@ class StateCollector(Collector):
                                         "(request parsed to reply queued)", labels=["op"])
         bounds = [*(f"{b:g}" for b in nbd_module.LATENCY_BOUNDS), "+Inf"]
         for i, op in enumerate(nbd_module.OP_NAMES):
-            ops.add_metric([op], stats.ops[i])
+            ops.add_metric([op], sum(stats.buckets[i]))
             nbytes.add_metric([op], stats.nbytes[i])
             cumulative, buckets = 0, []
             for bound, n in zip(bounds, stats.buckets[i], strict=True):

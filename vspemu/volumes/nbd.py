@@ -140,15 +140,13 @@ class NbdStats:
 
     def __init__(self) -> None:
         n = len(OP_NAMES)
-        self.ops = [0] * n
         self.nbytes = [0] * n
         self.seconds = [0.0] * n
         self.buckets = [[0] * (len(LATENCY_BOUNDS) + 1) for _ in range(n)]  # not cumulative; the last is +Inf
         self.errors = 0
 
     def record(self, op: int, nbytes: int, seconds: float) -> None:
-        self.ops[op] += 1
-        self.nbytes[op] += nbytes
+        self.nbytes[op] += nbytes  # (the request count is the sum of the op's buckets)
         self.seconds[op] += seconds
         self.buckets[op][bisect_left(LATENCY_BOUNDS, seconds)] += 1
 
