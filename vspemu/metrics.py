@@ -10,6 +10,7 @@ See docs/observability.md.
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import time
@@ -27,6 +28,8 @@ from vspemu.volumes import nbd as nbd_module
 if TYPE_CHECKING:
     from vspemu.context import StorageContext
     from vspemu.jobs import Job
+
+log = logging.getLogger(__name__)
 
 PAIR_STATUSES = (SMPL, COPY, PAIR, PSUS, SSUS, PSUE, PFUL, PFUS, SSWS)
 REPLICATION_TYPES = ("TC", "UR")
@@ -155,7 +158,7 @@ class StateCollector(Collector):
                 if group.replication_type != "UR" or group.local_journal_id is None:
                     continue
                 labels = [str(group.local_journal_id), str(group.mu_number), group.name]
-                figures = rep.ur.lag(group) if group.role == "P" else {}
+                figures = mirror_lag(rep, group)
                 if figures:
                     qcount.add_metric(labels, figures.get("qCount", 0))
                     lag.add_metric(labels, figures.get("lagSeconds", 0.0))
@@ -216,6 +219,17 @@ class StateCollector(Collector):
             latency.add_metric([op], buckets, stats.seconds[i])
         errors.add_metric([], stats.errors)
         yield from (ops, nbytes, errors, latency)
+
+
+def mirror_lag(rep: Any, group: Any) -> dict[str, Any]:
+    """A UR mirror's lag figures on its primary ({} elsewhere, or if its journal cannot be read now)."""
+    if group.replication_type != "UR" or group.role != "P":
+        return {}
+    try:
+        return dict(rep.ur.lag(group))
+    except Exception:  # noqa: BLE001 - a scrape must not fail because one mirror's journal is unreadable
+        log.warning("metrics: no lag figures for copy group %s", group.name, exc_info=True)
+        return {}
 
 
 def pair_progress(rep: Any, pair: Any) -> tuple[int, int]:

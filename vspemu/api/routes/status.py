@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vspemu.api.common import Auth, Ctx, authenticate, basic_credentials, ctx_of
 from vspemu.context import StorageContext
 from vspemu.errors import VspError
-from vspemu.metrics import Metrics, pair_progress
+from vspemu.metrics import Metrics, mirror_lag, pair_progress
 
 STATUS_PAGE = "/ConfigurationManager/vspemu/status"
 PRIVATE = "/ConfigurationManager/vspemu/v1"
@@ -105,7 +105,7 @@ def snapshot(ctx: StorageContext) -> dict[str, Any]:
                               "remoteLdevId": pair.remote_ldev, "status": pair.status,
                               "peerStatus": pair.peer_status, "pvolStatus": pvol, "svolStatus": svol,
                               "copyProgressPercent": percent, "dirtyBytes": dirty})
-            lag = rep.ur.lag(group) if group.replication_type == "UR" and group.role == "P" else {}
+            lag = mirror_lag(rep, group)
             out["copyGroups"].append({
                 "name": group.name, "replicationType": group.replication_type, "role": group.role,
                 "remoteStorageDeviceId": group.remote_device_id, "pathGroupId": group.path_group_id,
