@@ -78,6 +78,7 @@ class Jobs:
         self._keep = keep
         self._key_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # key -> (lock, [users])
         self._tasks: set[asyncio.Task[None]] = set()
+        self.observers: list[Callable[[Job], None]] = []  # told of each finished job (metrics: its duration)
 
     def submit(self, work: Work, *, user: str, base: str, url: str, method: str, body: str,
                key: str | None = None) -> Job:
@@ -140,6 +141,8 @@ class Jobs:
             job.status, job.updated, job.completed = "Completed", now, now
             job.done.set()
             self._trim()
+            for observe in self.observers:
+                observe(job)
 
     def get(self, job_id: int) -> Job:
         job = self._jobs.get(job_id)

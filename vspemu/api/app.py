@@ -19,6 +19,7 @@ from vspemu.api.routes import (
     remotepath_groups,
     services,
     sessions,
+    status,
     storages,
 )
 from vspemu.context import StorageContext
@@ -41,6 +42,7 @@ def create_app(ctx: StorageContext) -> FastAPI:
     app.state.ctx = ctx
     errors.install(app)
     app.add_middleware(RequestLimits)
+    app.add_middleware(status.RestMetrics)  # outermost: counts refused (413, 503) requests too
     scoped = [Depends(check_device)]
     for router in OBJECT_ROUTERS:
         app.include_router(router, prefix=OBJECTS)
@@ -52,4 +54,5 @@ def create_app(ctx: StorageContext) -> FastAPI:
     # vspemu-private routes (outside the documented API): what the replication link needs
     app.include_router(remote_storages.private_router, prefix="/ConfigurationManager/vspemu/v1")
     app.include_router(remote_pairs.private_router, prefix="/ConfigurationManager/vspemu/v1")
+    status.install(app, ctx)  # /metrics, the status page and its JSON (docs/observability.md)
     return app

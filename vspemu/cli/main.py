@@ -20,6 +20,8 @@ from vspemu.cli.demo import demo
 from vspemu.cli.pair import app as pair_app
 from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER, storage_device_id
 
+STATUS_PAGE = "/ConfigurationManager/vspemu/status"  # served by each system (vspemu.api.routes.status)
+
 app = typer.Typer(help="vspemu: Hitachi VSP storage systems in software, with TrueCopy and Universal "
                        "Replicator.", no_args_is_help=True, add_completion=False)
 console = Console(width=None if sys.stdout.isatty() else 200)  # full lines when piped or logged
@@ -183,6 +185,9 @@ def up(
         console.print(table)
         certs = os.pathsep.join(str((data_dir / str(serial) / "tls" / "server.crt").resolve()) for _, serial, *_ in LAB)
         console.print(f"Clients verify TLS: export VSPEMU_CA_CERT={certs}", soft_wrap=True)
+        for role, _serial, rest_port, *_ in LAB:  # the live status pages (log in with the account above)
+            console.print(f"Status page ({role}): https://{host}:{rest_port}{STATUS_PAGE}   "
+                          f"metrics: https://{host}:{rest_port}/metrics", soft_wrap=True)
         console.print("Press Ctrl-C to stop both systems.")
         while not stopping:
             for p in procs:

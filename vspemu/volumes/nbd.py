@@ -55,9 +55,11 @@ import mmap
 import os
 import socket
 import struct
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, cast
 
 from vspemu.aio import resume
@@ -125,6 +127,31 @@ NBD_EPERM = 1
 NBD_EIO = 5
 NBD_EINVAL = 22
 NBD_ENOSPC = 28
+
+# request counters for /metrics (vspemu.metrics): plain integers, a few list increments per request
+OP_READ, OP_WRITE, OP_FLUSH, OP_TRIM, OP_WRITE_ZEROES = range(5)
+OP_NAMES = ("read", "write", "flush", "trim", "write_zeroes")
+LATENCY_BOUNDS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5,
+                  1.0, 2.5, 5.0, 10.0)
+
+
+class NbdStats:
+    """Requests, bytes, errors and a latency histogram per operation, for the whole process."""
+
+    def __init__(self) -> None:
+        n = len(OP_NAMES)
+        self.nbytes = [0] * n
+        self.seconds = [0.0] * n
+        self.buckets = [[0] * (len(LATENCY_BOUNDS) + 1) for _ in range(n)]  # not cumulative; the last is +Inf
+        self.errors = 0
+
+    def record(self, op: int, nbytes: int, seconds: float) -> None:
+        self.nbytes[op] += nbytes  # (the request count is the sum of the op's buckets)
+        self.seconds[op] += seconds
+        self.buckets[op][bisect_left(LATENCY_BOUNDS, seconds)] += 1
+
+
+STATS = NbdStats()  # one storage system per process
 
 _OPT = struct.Struct(">QII")  # IHAVEOPT, option, length
 _U16 = struct.Struct(">H")
@@ -348,18 +375,21 @@ class _Connection(asyncio.BufferedProtocol):
     def _command(self, flags: int, cmd: int, handle: int, offset: int, length: int) -> None:
         volume = self._volume
         assert volume is not None
+        t0 = perf_counter()
         if volume.host_io_refused is not None:  # a journal volume (its connections are dropped, too)
             self._reply(handle, NBD_EPERM)
         elif cmd == CMD_READ:
             self._read(handle, offset, length)
+            STATS.record(OP_READ, length, perf_counter() - t0)
         elif cmd == CMD_FLUSH:
-            self._run(volume.flush(), handle, 0, None)
+            self._run(volume.flush(), handle, 0, None, OP_FLUSH, t0)
         elif cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES:
             if not volume.check_range(offset, length):
                 self._reply(handle, NBD_ENOSPC if cmd == CMD_WRITE_ZEROES else NBD_EINVAL)
                 return
             fua = bool(flags & CMD_FLAG_FUA)
-            self._run(volume.discard(offset, length, cmd == CMD_WRITE_ZEROES, fua), handle, 0, None)
+            self._run(volume.discard(offset, length, cmd == CMD_WRITE_ZEROES, fua), handle, 0, None,
+                      OP_WRITE_ZEROES if cmd == CMD_WRITE_ZEROES else OP_TRIM, t0)
         elif cmd == CMD_DISC:
             self._phase = _DONE
             if not self._tasks:
@@ -430,13 +460,15 @@ class _Connection(asyncio.BufferedProtocol):
         volume = self._volume
         assert volume is not None
         if volume.check_range(offset, len(data)):
-            self._run(volume.write(offset, data, bool(flags & CMD_FLAG_FUA)), handle, len(data), buf)
+            self._run(volume.write(offset, data, bool(flags & CMD_FLAG_FUA)), handle, len(data), buf, OP_WRITE,
+                      perf_counter())
         else:
             self._reply(handle, NBD_ENOSPC)
             if buf is not None:
                 self._server._pool.put(buf)
 
-    def _run(self, coro: Coroutine[Any, Any, None], handle: int, nbytes: int, buf: mmap.mmap | None) -> None:
+    def _run(self, coro: Coroutine[Any, Any, None], handle: int, nbytes: int, buf: mmap.mmap | None,
+             op: int, t0: float) -> None:
         """Run a volume operation; answer now if it completes without suspending, else from a task."""
         # Step the operation here until it completes or first suspends: an unpaired write completes without
         # suspending, and a paired one gets as far as sending its data to the S side before a task takes over
@@ -449,14 +481,16 @@ class _Connection(asyncio.BufferedProtocol):
             self._reply(handle, 0 if isinstance(exc, StopIteration) else _nbd_errno(exc))
             if buf is not None:
                 self._server._pool.put(buf)  # reused once nothing references it any more
+            STATS.record(op, nbytes, perf_counter() - t0)
             return
         awaitable: Awaitable[None] = resume(coro, yielded)
         self._pending += nbytes
-        task = self._loop.create_task(self._finish(awaitable, handle, nbytes, buf))
+        task = self._loop.create_task(self._finish(awaitable, handle, nbytes, buf, op, t0))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _finish(self, awaitable: Awaitable[None], handle: int, nbytes: int, buf: mmap.mmap | None) -> None:
+    async def _finish(self, awaitable: Awaitable[None], handle: int, nbytes: int, buf: mmap.mmap | None,
+                      op: int, t0: float) -> None:
         try:
             await awaitable
             err = 0
@@ -465,6 +499,7 @@ class _Connection(asyncio.BufferedProtocol):
         del awaitable
         self._pending -= nbytes
         self._reply(handle, err)
+        STATS.record(op, nbytes, perf_counter() - t0)
         if buf is not None:
             self._server._pool.put(buf)
         self._account()
@@ -546,6 +581,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._parse()  # requests already in the receive buffer
 
     def _reply(self, handle: int, error: int) -> None:
+        if error:
+            STATS.errors += 1
         if not self._closed:
             assert self._transport is not None
             self._transport.write(_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle))
