@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -10,7 +11,7 @@ from pydantic import Field
 
 from vspemu.api.common import Auth, Body, Ctx, data, job_response, sync_work
 from vspemu.context import StorageContext
-from vspemu.errors import VspError
+from vspemu.errors import VspError, invalid
 from vspemu.system.capacity import BLOCK, format_byte_capacity, parse_byte_capacity
 from vspemu.system.storage import MAX_LDEV_ID, Ldev, check_ldev_size
 
@@ -22,7 +23,8 @@ class LdevCreate(Body):
     ldevId: int | None = LdevId
     poolId: int | None = None
     byteFormatCapacity: str | None = None
-    blockCapacity: int | None = Field(default=None, gt=0)
+    # the collection sends a whole-number float (2097152.0) when the size has a decimal point ("1.5GB")
+    blockCapacity: int | float | None = Field(default=None, gt=0)
     isParallelExecutionEnabled: bool | None = None
     startLdevId: int | None = LdevId
     endLdevId: int | None = LdevId
@@ -44,12 +46,21 @@ class LdevDelete(Body):
 
 class ExpandParameters(Body):
     additionalByteFormatCapacity: str | None = None
-    additionalBlockCapacity: int | None = Field(default=None, gt=0)
+    additionalBlockCapacity: int | float | None = Field(default=None, gt=0)
     enhancedExpansion: bool | None = None
 
 
 class ExpandBody(Body):
     parameters: ExpandParameters
+
+
+def whole_blocks(value: int | float, attribute: str) -> int:
+    """A block count as the array takes it: an integer, or a float with no fraction (2097152.0)."""
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise invalid(attribute, value, "Specify a whole number of 512-byte blocks.")
+        return int(value)
+    return value
 
 
 def undefined_view(ldev_id: int) -> dict[str, Any]:
@@ -103,7 +114,7 @@ async def create_ldev(request: Request, body: LdevCreate, ctx: Ctx, session: Aut
         size = parse_byte_capacity(body.byteFormatCapacity)
     else:
         assert body.blockCapacity is not None
-        size = body.blockCapacity * BLOCK
+        size = whole_blocks(body.blockCapacity, "blockCapacity") * BLOCK
     check_ldev_size(size)
     pool_id = body.poolId
     ctx.system.check_pool(pool_id)
@@ -207,7 +218,7 @@ async def expand_ldev(ldevId: int, request: Request, body: ExpandBody, ctx: Ctx,
         extra = parse_byte_capacity(p.additionalByteFormatCapacity, "additionalByteFormatCapacity")
     else:
         assert p.additionalBlockCapacity is not None
-        extra = p.additionalBlockCapacity * BLOCK
+        extra = whole_blocks(p.additionalBlockCapacity, "additionalBlockCapacity") * BLOCK
 
     def expand() -> list[str]:
         ctx.system.expand_ldev(ldevId, extra)

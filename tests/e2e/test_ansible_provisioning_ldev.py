@@ -1,0 +1,36 @@
+"""The real Ansible collection provisions LDEVs, pools and users on one vspemu system (issue 16).
+
+Reuses tests/e2e/test_ansible.py's cached venv and lab machinery; the playbooks live in tests/ansible/.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from test_ansible import AnsibleLab, ansible_venv
+
+from vspemu.lab import SystemProcess
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+
+
+@pytest.fixture(scope="module")
+def plab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AnsibleLab]:
+    """One system is enough for provisioning; the lab's secondary is the same process."""
+    venv = ansible_venv()
+    base = tmp_path_factory.mktemp("ansible-prov")
+    p = SystemProcess(base / "primary", 410011).start()
+    pc = p.client()
+    try:
+        yield AnsibleLab(p, p, pc, pc, venv, base / "scratch")
+    finally:
+        pc.close()
+        p.stop()
+
+
+def test_ldev_lifecycle_and_facts(plab: AnsibleLab) -> None:
+    before = {x["ldevId"] for x in plab.pc.get("ldevs", ldevOption="defined")["data"]}
+    plab.play("ldev.yml", ldev_id=100)
+    after = {x["ldevId"] for x in plab.pc.get("ldevs", ldevOption="defined")["data"]}
+    assert after == before
