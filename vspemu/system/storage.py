@@ -51,6 +51,13 @@ MODEL_TYPE_ID = {"900000": "R9", "800000": "R8"}
 # the LDEV attribute of a journal volume (vspemu.system.journals): such a volume refuses host I/O
 JOURNAL_ATTRIBUTE = "JNL"
 JOURNAL_REFUSAL = "a journal volume accepts no host I/O"
+BLOCKED_REFUSAL = "the LDEV is blocked"
+QOS_LIMITS = {  # set-qos parameter -> (lowest, highest); 0 clears a setting
+    "upperIops": (100, 2147483647), "lowerIops": (10, 2147483647),
+    "upperTransferRate": (1, 2097151), "lowerTransferRate": (1, 2097151),
+    "upperAlertAllowableTime": (1, 600), "lowerAlertAllowableTime": (1, 600),
+    "responsePriority": (1, 3), "responseAlertAllowableTime": (1, 600),
+}
 
 HOST_PORTS = ["CL1-A", "CL2-A", "CL1-B", "CL2-B"]
 REPLICATION_PORTS = ["CL3-A", "CL4-A", "CL3-B", "CL4-B"]
@@ -95,8 +102,14 @@ class Ldev:
     block_capacity: int
     label: str = ""
     data_reduction_mode: str = "disabled"
-    # attributes other subsystems add: "HORC" (TC/UR pair volume), "JNL" (journal volume)
+    # attributes other subsystems add: "HORC" (TC/UR pair volume), "JNL" (journal volume), "POOL" (pool volume)
     extra_attributes: list[str] = field(default_factory=list)
+    status: str = "NML"  # "BLK": blocked (change-status), no host I/O
+    is_alua_enabled: bool = False
+    is_full_allocation_enabled: bool = False
+    is_compression_acceleration_enabled: bool = False
+    data_reduction_process_mode: str = "inline"
+    qos: dict[str, int] = field(default_factory=dict)  # set-qos parameters, as the array reports them
 
     @property
     def size(self) -> int:
@@ -176,6 +189,8 @@ class StorageSystem:
             vol = self.volumes[ldev.ldev_id] = Volume(ldev.ldev_id, self._ldev_path(ldev.ldev_id), ldev.size)
             if JOURNAL_ATTRIBUTE in ldev.extra_attributes:
                 vol.refuse_host_io(JOURNAL_REFUSAL)
+            elif ldev.status == "BLK":
+                vol.refuse_host_io(BLOCKED_REFUSAL)
         self.ports = {p: Port(p, wwn=self._wwn(i)) for i, p in enumerate(HOST_PORTS)}
         for i, p in enumerate(REPLICATION_PORTS):
             self.ports[p] = Port(p, attributes=["MCU", "RCU"], wwn=self._wwn(len(HOST_PORTS) + i))
@@ -498,6 +513,71 @@ class StorageSystem:
             raise VspError("CAPACITY", cause=f"The volume file cannot be extended: {e.strerror}.",
                            pool=ldev.pool_id, requested=format_byte_capacity(additional_bytes)) from None
         ldev.block_capacity = new_size // BLOCK
+        self.save_ldev(ldev)
+        return ldev
+
+    def check_plain(self, ldev: Ldev, action: str) -> None:
+        """What the array refuses on a volume in use: a pair volume, a journal volume, a pool volume."""
+        self.guard_ldev(ldev, action)
+        if JOURNAL_ATTRIBUTE in ldev.extra_attributes:
+            raise VspError("IN_USE", detail=f"ldev {ldev.ldev_id} is a journal volume")
+
+    def set_ldev_status(self, ldev_id: int, status: str) -> Ldev:
+        """change-status: "blk" blocks the LDEV (host connections dropped, no host I/O), "nml" restores it."""
+        ldev = self.get_ldev(ldev_id)
+        new = {"blk": "BLK", "nml": "NML"}.get(status)
+        if new is None:
+            raise invalid("status", status, "Specify blk or nml.")
+        if new == "BLK":
+            self.check_plain(ldev, "block")
+        if ldev.status == new:
+            return ldev
+        ldev.status = new
+        self.save_ldev(ldev)
+        self.volumes[ldev_id].refuse_host_io(BLOCKED_REFUSAL if new == "BLK" else None)
+        return ldev
+
+    def check_format(self, ldev_id: int, operation: str) -> Ldev:
+        ldev = self.get_ldev(ldev_id)
+        if operation not in ("FMT", "QFMT"):
+            raise invalid("operationType", operation, "Specify FMT or QFMT.")
+        self.check_plain(ldev, "format")
+        if ldev.status != "BLK":
+            raise VspError("WRONG_STATE", detail=f"ldev {ldev_id} is not blocked; block it (change-status blk) "
+                                                 "before formatting")
+        return ldev
+
+    def format_ldev(self, ldev_id: int, operation: str) -> Ldev:
+        """Zero the whole volume (its file becomes one hole: nothing allocated), then back to normal."""
+        ldev = self.check_format(ldev_id, operation)
+        vol = self.volumes[ldev_id]
+        vol.discard_local(0, vol.size)
+        vol.flush_sync()
+        ldev.status = "NML"
+        self.save_ldev(ldev)
+        vol.refuse_host_io(None)
+        return ldev
+
+    def check_qos(self, ldev_id: int, params: dict[str, int]) -> dict[str, int]:
+        """The LDEV's QoS settings after ``params`` (0 clears one); refused if out of range."""
+        ldev = self.get_ldev(ldev_id)
+        if not params:
+            raise VspError("MISSING_PARAMETER", attribute="parameters")
+        for key, value in params.items():
+            lo, hi = QOS_LIMITS[key]
+            if value != 0 and not lo <= value <= hi:
+                raise invalid(key, value, f"Specify 0 (none) or a value from {lo} to {hi}.")
+        qos = {**ldev.qos, **params}
+        qos = {k: v for k, v in qos.items() if v != 0}
+        for upper, lower in (("upperIops", "lowerIops"), ("upperTransferRate", "lowerTransferRate")):
+            if upper in qos and lower in qos and qos[lower] > qos[upper]:
+                raise invalid(lower, qos[lower], f"Specify a value not above {upper} ({qos[upper]}).")
+        return qos
+
+    def set_qos(self, ldev_id: int, params: dict[str, int]) -> Ldev:
+        qos = self.check_qos(ldev_id, params)
+        ldev = self.get_ldev(ldev_id)
+        ldev.qos = qos
         self.save_ldev(ldev)
         return ldev
 

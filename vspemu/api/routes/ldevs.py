@@ -13,7 +13,7 @@ from vspemu.api.common import Auth, Body, Ctx, data, job_response, sync_work
 from vspemu.context import StorageContext
 from vspemu.errors import VspError, invalid
 from vspemu.system.capacity import BLOCK, format_byte_capacity, parse_byte_capacity
-from vspemu.system.storage import MAX_LDEV_ID, Ldev, check_ldev_size
+from vspemu.system.storage import MAX_LDEV_ID, QOS_LIMITS, Ldev, check_ldev_size
 
 router = APIRouter(tags=["ldevs"])
 LdevId = Field(default=None, ge=0, le=MAX_LDEV_ID)
@@ -35,9 +35,61 @@ class LdevCreate(Body):
 
 
 class LdevUpdate(Body):
+    """PATCH ldevs/{id}: the fields the collection and Cinder send. Modelled: label, dataReductionMode,
+    isAluaEnabled, isFullAllocationEnabled, isCompressionAccelerationEnabled, dataReductionProcessMode (stored
+    and reported). Tiering (HDT) and SSID changes are refused: vspemu pools are not tiered."""
+
     label: str | None = Field(default=None, max_length=32)
     dataReductionMode: Literal["disabled", "compression", "compression_deduplication"] | None = None
     isAluaEnabled: bool | None = None
+    isFullAllocationEnabled: bool | None = None
+    isCompressionAccelerationEnabled: bool | None = None
+    dataReductionProcessMode: Literal["inline", "post_process"] | None = None
+    isDataReductionDeleteForceExecute: bool | None = None
+    isRelocationEnabled: bool | None = None
+    tierLevelForNewPageAllocation: str | None = Field(default=None, max_length=8)
+    tieringPolicy: dict[str, Any] | None = None
+    ssid: str | None = Field(default=None, max_length=8)
+
+
+UNMODELLED_PATCH = {
+    "isRelocationEnabled": "tier relocation (HDT pools)",
+    "tierLevelForNewPageAllocation": "tier levels (HDT pools)",
+    "tieringPolicy": "tiering policies (HDT pools)",
+    "ssid": "SSIDs (mainframe)",
+}
+
+
+class FormatParameters(Body):
+    operationType: Literal["FMT", "QFMT"]
+    isDataReductionForceFormat: bool | None = None
+
+
+class FormatBody(Body):
+    parameters: FormatParameters
+
+
+class StatusParameters(Body):
+    status: Literal["blk", "nml"]
+
+
+class StatusBody(Body):
+    parameters: StatusParameters
+
+
+class QosParameters(Body):
+    upperIops: int | None = Field(default=None, ge=0)
+    lowerIops: int | None = Field(default=None, ge=0)
+    upperTransferRate: int | None = Field(default=None, ge=0)
+    lowerTransferRate: int | None = Field(default=None, ge=0)
+    upperAlertAllowableTime: int | None = Field(default=None, ge=0)
+    lowerAlertAllowableTime: int | None = Field(default=None, ge=0)
+    responsePriority: int | None = Field(default=None, ge=0)
+    responseAlertAllowableTime: int | None = Field(default=None, ge=0)
+
+
+class QosBody(Body):
+    parameters: QosParameters
 
 
 class LdevDelete(Body):
@@ -68,6 +120,17 @@ def undefined_view(ldev_id: int) -> dict[str, Any]:
             "ports": [], "attributes": [], "status": "NML"}
 
 
+def qos_view(ldev: Ldev) -> dict[str, Any]:
+    """The ``qos`` object of ``detailInfoType=qos``: the settings made with set-qos (-1: none)."""
+    return {key: ldev.qos.get(key, -1) for key in QOS_LIMITS}
+
+
+def with_details(out: dict[str, Any], ldev: Ldev, detailInfoType: str | None) -> dict[str, Any]:
+    if detailInfoType and "qos" in detailInfoType.split(","):
+        out["qos"] = qos_view(ldev)
+    return out
+
+
 def view(ctx: StorageContext, ldev: Ldev) -> dict[str, Any]:
     system = ctx.system
     luns = system.ldev_luns(ldev.ldev_id)
@@ -85,18 +148,21 @@ def view(ctx: StorageContext, ldev: Ldev) -> dict[str, Any]:
         "blockCapacity": ldev.block_capacity,
         "numOfPorts": len(ports),
         "ports": ports,
-        "attributes": ["CVS", "HDP", *ldev.extra_attributes],
+        "attributes": (["CVS", *ldev.extra_attributes] if system.is_pool_volume(ldev)
+                       else ["CVS", "HDP", *ldev.extra_attributes]),
         "label": ldev.label,
-        "status": "NML",
+        "status": ldev.status,
         "mpBladeId": ldev.ldev_id % 4,
         "ssid": f"{0x0004 + ldev.ldev_id // 256:04X}",
         "poolId": ldev.pool_id,
         "numOfUsedBlock": min(used_blocks, ldev.block_capacity),
-        "isFullAllocationEnabled": False,
+        "isFullAllocationEnabled": ldev.is_full_allocation_enabled,
+        "isCompressionAccelerationEnabled": ldev.is_compression_acceleration_enabled,
         "resourceGroupId": 0,
         "dataReductionStatus": "DISABLED" if ldev.data_reduction_mode == "disabled" else "ENABLED",
         "dataReductionMode": ldev.data_reduction_mode,
-        "isAluaEnabled": False,
+        "dataReductionProcessMode": ldev.data_reduction_process_mode,
+        "isAluaEnabled": ldev.is_alua_enabled,
         "naaId": f"60060e80{system.serial:08x}{0:08x}{ldev.ldev_id:08x}",
     }
 
@@ -167,32 +233,104 @@ async def list_ldevs(
             continue
         if resourceGroupId not in (None, 0):
             continue
-        out.append(view(ctx, ldev))
+        if ldevOption == "dpVolume" and system.is_pool_volume(ldev):
+            continue
+        out.append(with_details(view(ctx, ldev), ldev, detailInfoType))
     return data(out)
 
 
 @router.get("/ldevs/{ldevId}")
-async def get_ldev(ldevId: int, ctx: Ctx, _s: Auth) -> dict[str, Any]:
+async def get_ldev(ldevId: int, ctx: Ctx, _s: Auth, detailInfoType: str | None = None) -> dict[str, Any]:
     if not 0 <= ldevId <= MAX_LDEV_ID:
         raise VspError("INVALID_OBJECT_ID", object_id=ldevId)
     ldev = ctx.system.ldevs.get(ldevId)
-    return undefined_view(ldevId) if ldev is None else view(ctx, ldev)
+    return undefined_view(ldevId) if ldev is None else with_details(view(ctx, ldev), ldev, detailInfoType)
 
 
 @router.api_route("/ldevs/{ldevId}", methods=["PATCH", "PUT"])
 async def update_ldev(ldevId: int, request: Request, body: LdevUpdate, ctx: Ctx, session: Auth) -> JSONResponse:
     ctx.system.get_ldev(ldevId)
+    fields = body.model_dump(exclude_none=True)
+    if not fields:
+        raise VspError("MISSING_PARAMETER", attribute="label, dataReductionMode, isAluaEnabled or another setting")
+    for name, what in UNMODELLED_PATCH.items():
+        if name in fields:
+            raise VspError("API_NOT_SUPPORTED", detail=f"vspemu does not model {what} ({name})")
 
     def update() -> list[str]:
+        system = ctx.system
+        ldev = system.get_ldev(ldevId)
         if body.label is not None:
-            ctx.system.set_label(ldevId, body.label)
+            system.set_label(ldevId, body.label)
         if body.dataReductionMode is not None:
-            ldev = ctx.system.get_ldev(ldevId)
             ldev.data_reduction_mode = body.dataReductionMode
-            ctx.system.save_ldev(ldev)
+        if body.isAluaEnabled is not None:
+            ldev.is_alua_enabled = body.isAluaEnabled
+        if body.isFullAllocationEnabled is not None:
+            ldev.is_full_allocation_enabled = body.isFullAllocationEnabled
+        if body.isCompressionAccelerationEnabled is not None:
+            ldev.is_compression_acceleration_enabled = body.isCompressionAccelerationEnabled
+        if body.dataReductionProcessMode is not None:
+            ldev.data_reduction_process_mode = body.dataReductionProcessMode
+        system.save_ldev(ldev)
         return [f"ldevs/{ldevId}"]
 
     return await job_response(request, session, sync_work(update), key=f"ldev:{ldevId}")
+
+
+@router.api_route("/ldevs/{ldevId}/actions/format/invoke", methods=["POST", "PUT"])
+async def format_ldev(ldevId: int, request: Request, body: FormatBody, ctx: Ctx, session: Auth) -> JSONResponse:
+    """Format (FMT or QFMT, both the same here): the LDEV must be blocked; its data become zeros (the file
+    is punched to one hole), and it is normal again afterwards."""
+    operation = body.parameters.operationType
+    ctx.system.check_format(ldevId, operation)
+
+    def fmt() -> list[str]:
+        ctx.system.format_ldev(ldevId, operation)
+        return [f"ldevs/{ldevId}"]
+
+    return await job_response(request, session, sync_work(fmt), key=f"ldev:{ldevId}")
+
+
+@router.api_route("/ldevs/{ldevId}/actions/change-status/invoke", methods=["POST", "PUT"])
+async def change_status(ldevId: int, request: Request, body: StatusBody, ctx: Ctx, session: Auth) -> JSONResponse:
+    ldev = ctx.system.get_ldev(ldevId)
+    status = body.parameters.status
+    if status == "blk":
+        ctx.system.check_plain(ldev, "block")
+
+    def change() -> list[str]:
+        ctx.system.set_ldev_status(ldevId, status)
+        return [f"ldevs/{ldevId}"]
+
+    return await job_response(request, session, sync_work(change), key=f"ldev:{ldevId}")
+
+
+@router.api_route("/ldevs/{ldevId}/actions/set-qos/invoke", methods=["POST", "PUT"])
+async def set_qos(ldevId: int, request: Request, body: QosBody, ctx: Ctx, session: Auth) -> JSONResponse:
+    """Stored and reported (``detailInfoType=qos``); vspemu does not throttle host I/O by it."""
+    params = body.parameters.model_dump(exclude_none=True)
+    ctx.system.check_qos(ldevId, params)  # a refused request answers the error and changes nothing
+
+    def apply() -> list[str]:
+        ctx.system.set_qos(ldevId, params)
+        return [f"ldevs/{ldevId}"]
+
+    return await job_response(request, session, sync_work(apply), key=f"ldev:{ldevId}")
+
+
+@router.api_route("/ldevs/{ldevId}/actions/discard-zero-page/invoke", methods=["POST", "PUT"])
+async def discard_zero_page(ldevId: int, request: Request, ctx: Ctx, session: Auth) -> JSONResponse:
+    """Accepted: the volume files are sparse already (zero pages written by hosts are holes if discarded)."""
+    ldev = ctx.system.get_ldev(ldevId)
+    if ctx.system.is_pool_volume(ldev):
+        raise VspError("IN_USE", detail=f"ldev {ldevId} is a pool volume, not a DP volume")
+
+    def noop() -> list[str]:
+        ctx.system.get_ldev(ldevId)
+        return [f"ldevs/{ldevId}"]
+
+    return await job_response(request, session, sync_work(noop), key=f"ldev:{ldevId}")
 
 
 @router.delete("/ldevs/{ldevId}")
