@@ -34,3 +34,10 @@ def test_ldev_lifecycle_and_facts(plab: AnsibleLab) -> None:
     plab.play("ldev.yml", ldev_id=100)
     after = {x["ldevId"] for x in plab.pc.get("ldevs", ldevOption="defined")["data"]}
     assert after == before
+
+
+def test_storage_pool_lifecycle(plab: AnsibleLab) -> None:
+    plab.play("pool.yml", pool_id=12, vol_a=201, vol_b=202, dp_vol=203)
+    assert [p["poolId"] for p in plab.pc.get("pools")["data"]] == [0]
+    defined = {x["ldevId"] for x in plab.pc.get("ldevs", ldevOption="defined")["data"]}
+    assert not defined & {201, 202, 203}

@@ -306,7 +306,8 @@ class StorageSystem:
     def get_pool(self, pool_id: int) -> Pool:
         pool = self.pools.get(pool_id)
         if pool is None:
-            raise not_found("pool", pool_id)
+            # the collection tells "no such pool" from other errors by this text (vsp_storage_pool_gateway)
+            raise VspError("NOT_FOUND", cause="Specified object does not exist.", object_id=f"pool {pool_id}")
         return pool
 
     def _pool_volume_guard(self, ldev: Ldev, action: str) -> None:
