@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from test_ansible import AnsibleLab, ansible_venv
+from test_ansible import PASSWORD, AnsibleLab, ansible_venv
 
+from vspemu.client import ApiError, VspClient
 from vspemu.lab import SystemProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
@@ -41,3 +42,16 @@ def test_storage_pool_lifecycle(plab: AnsibleLab) -> None:
     assert [p["poolId"] for p in plab.pc.get("pools")["data"]] == [0]
     defined = {x["ldevId"] for x in plab.pc.get("ldevs", ldevOption="defined")["data"]}
     assert not defined & {201, 202, 203}
+
+
+def test_users_and_factory_password(plab: AnsibleLab) -> None:
+    """Last (it changes the factory password): hv_user manages an account and the factory password."""
+    new = "Lab-pass-42"
+    plab.play("users.yml", new_password=new)
+    assert [u["userId"] for u in plab.pc.get("users")["data"]] == ["maintenance"]
+    with pytest.raises(ApiError):
+        VspClient(plab.p.rest_url, verify=str(plab.p.cert_path), password=PASSWORD)
+    plab.p.password = new
+    plab.p.restart()  # the changed password survives a restart
+    with plab.p.client() as c:
+        assert c.get("users/maintenance")["isBuiltIn"]
