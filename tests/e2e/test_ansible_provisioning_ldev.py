@@ -44,6 +44,16 @@ def test_storage_pool_lifecycle(plab: AnsibleLab) -> None:
     assert not defined & {201, 202, 203}
 
 
+def test_sample_provision_ldev_to_host(plab: AnsibleLab) -> None:
+    """The collection's sample provision_ldev_to_host.yml (its LDEV step; the hv_hg step is h-prov-hg's)."""
+    vols = [plab.pc.create_ldev("1G", ldev_id=i) for i in (401, 402)]
+    plab.pc.invoke("POST", "pools", {"poolId": 15, "poolName": "sample_pool", "poolType": "DP", "ldevIds": vols})
+    plab.play("provision_ldev_to_host.yml")
+    made = plab.pc.get("ldevs", poolId=15, ldevOption="dpVolume")["data"]
+    assert [(x["label"], x["dataReductionMode"], x["blockCapacity"]) for x in made] == [
+        ("database_volume1", "compression_deduplication", 2097152)]
+
+
 def test_users_and_factory_password(plab: AnsibleLab) -> None:
     """Last (it changes the factory password): hv_user manages an account and the factory password."""
     new = "Lab-pass-42"
