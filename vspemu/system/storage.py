@@ -181,6 +181,8 @@ class StorageSystem:
         self.users = {k: User(**v) for k, v in self.store.load("users").items()}
         if not self.users:
             self.add_user(user, password, built_in=True)
+        elif not any(u.built_in for u in self.users.values()) and user in self.users:
+            self.users[user].built_in = True  # a data directory from before users had groups: its first account
         self.ldevs: dict[int, Ldev] = {}
         self.volumes: dict[int, Volume] = {}
         for doc in self.store.load("ldevs").values():
