@@ -126,6 +126,15 @@ MESSAGES: dict[str, Message] = {
         "KART40064-E", 412,
         "The pool does not have enough free capacity. (pool = {pool}, requested = {requested})",
         "Free capacity in the pool, and then retry the operation."),
+    # --- issue 16: APIs vspemu does not model, and user permissions (emulator ids) -------------------
+    "API_NOT_SUPPORTED": Message(  # clients match on the text (the collection tolerates it for optional facts)
+        "KART40033-E", 400,
+        "The API is not supported for the specified storage system. ({detail})",
+        "Check the storage system model and the API, and then retry the operation."),
+    "NO_PERMISSION": Message(
+        "KART40049-E", 403,
+        "The user does not have the permission to perform this operation. (user = {user})",
+        "Log in as a user that belongs to a user group with the required role, and then retry the operation."),
     # --- remote storage systems and journals (issue 4; emulator ids from KART40101-E on) -----------
     "REMOTE_IS_SELF": Message(
         "KART40101-E", 400,

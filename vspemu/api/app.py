@@ -21,12 +21,13 @@ from vspemu.api.routes import (
     sessions,
     status,
     storages,
+    users,
 )
 from vspemu.context import StorageContext
 
 OBJECT_ROUTERS: list[APIRouter] = [sessions.router, jobs.router, ldevs.router, pools.router, ports.router,
                                    remote_storages.router, remotepath_groups.router, journals.router,
-                                   remote_pairs.router]
+                                   remote_pairs.router, storages.facts_router, users.router]
 
 
 def create_app(ctx: StorageContext) -> FastAPI:

@@ -46,7 +46,25 @@ def authenticate(request: Request) -> Session:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "session" or not token.strip():
         raise VspError("TOKEN_INVALID", cause="The Authorization header does not carry a session token.")
-    return ctx_of(request).sessions.authenticate(token.strip())
+    session = ctx_of(request).sessions.authenticate(token.strip())
+    check_role(request, session)
+    return session
+
+
+# routes that check their own permission (users: one's own password), or that every user may call (log out)
+_SELF_CHECKED = ("/users", "/user-groups", "/sessions")
+
+
+def check_role(request: Request, session: Session) -> None:
+    """A change to the storage configuration needs a user group with a modify role (403 otherwise)."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    rest = request.url.path.partition("/objects")[2]
+    if rest.startswith("/storages/"):  # the storage-scoped form: /objects/storages/{id}/...
+        rest = "/" + rest.split("/", 3)[-1] if rest.count("/") >= 3 else ""
+    if rest.startswith(_SELF_CHECKED):
+        return
+    ctx_of(request).system.check_permission(session.user, "modify")
 
 
 def basic_credentials(request: Request) -> tuple[str, str]:

@@ -17,7 +17,16 @@ from pathlib import Path
 
 from vspemu.errors import VspError, invalid, not_found
 from vspemu.system.capacity import BLOCK, format_byte_capacity
+from vspemu.system.pools import DEFAULT_POOL_NAME, MAX_POOL_ID, POOL_ATTRIBUTE, Pool
 from vspemu.system.store import Store
+from vspemu.system.users import (
+    ADMIN_GROUP,
+    BUILT_IN_GROUPS,
+    MAX_GROUPS,
+    password_problem,
+    permissions_of,
+    user_name_problem,
+)
 from vspemu.volumes.volume import Volume
 
 MAX_LDEV_ID = 65279
@@ -42,6 +51,13 @@ MODEL_TYPE_ID = {"900000": "R9", "800000": "R8"}
 # the LDEV attribute of a journal volume (vspemu.system.journals): such a volume refuses host I/O
 JOURNAL_ATTRIBUTE = "JNL"
 JOURNAL_REFUSAL = "a journal volume accepts no host I/O"
+BLOCKED_REFUSAL = "the LDEV is blocked"
+QOS_LIMITS = {  # set-qos parameter -> (lowest, highest); 0 clears a setting
+    "upperIops": (100, 2147483647), "lowerIops": (10, 2147483647),
+    "upperTransferRate": (1, 2097151), "lowerTransferRate": (1, 2097151),
+    "upperAlertAllowableTime": (1, 600), "lowerAlertAllowableTime": (1, 600),
+    "responsePriority": (1, 3), "responseAlertAllowableTime": (1, 600),
+}
 
 HOST_PORTS = ["CL1-A", "CL2-A", "CL1-B", "CL2-B"]
 REPLICATION_PORTS = ["CL3-A", "CL4-A", "CL3-B", "CL4-B"]
@@ -63,11 +79,13 @@ class User:
     name: str
     salt: str
     hash: str
+    groups: list[str] = field(default_factory=lambda: [ADMIN_GROUP])
+    built_in: bool = False
 
     @classmethod
-    def new(cls, name: str, password: str) -> User:
+    def new(cls, name: str, password: str, groups: list[str] | None = None, built_in: bool = False) -> User:
         salt = secrets.token_hex(16)
-        return cls(name, salt, _hash_password(password, salt))
+        return cls(name, salt, _hash_password(password, salt), list(groups or [ADMIN_GROUP]), built_in)
 
     def check(self, password: str) -> bool:
         return hmac.compare_digest(self.hash, _hash_password(password, self.salt))
@@ -84,8 +102,14 @@ class Ldev:
     block_capacity: int
     label: str = ""
     data_reduction_mode: str = "disabled"
-    # attributes other subsystems add: "HORC" (TC/UR pair volume), "JNL" (journal volume)
+    # attributes other subsystems add: "HORC" (TC/UR pair volume), "JNL" (journal volume), "POOL" (pool volume)
     extra_attributes: list[str] = field(default_factory=list)
+    status: str = "NML"  # "BLK": blocked (change-status), no host I/O
+    is_alua_enabled: bool = False
+    is_full_allocation_enabled: bool = False
+    is_compression_acceleration_enabled: bool = False
+    data_reduction_process_mode: str = "inline"
+    qos: dict[str, int] = field(default_factory=dict)  # set-qos parameters, as the array reports them
 
     @property
     def size(self) -> int:
@@ -148,11 +172,17 @@ class StorageSystem:
         self.storage_type_id = storage_type_id(self.storage_device_id)
         self.pool_capacity = pool_capacity or shutil.disk_usage(data_dir).total
         # hooks other subsystems set: who may map/delete/expand an LDEV (pairs, journals)
-        self.ldev_guards: list[Callable[[Ldev, str], None]] = []
+        self.ldev_guards: list[Callable[[Ldev, str], None]] = [self._pool_volume_guard]
 
+        self.pools: dict[int, Pool] = {0: Pool(0, DEFAULT_POOL_NAME)}
+        for doc in self.store.load("pools").values():
+            pool = Pool(**doc)
+            self.pools[pool.pool_id] = pool
         self.users = {k: User(**v) for k, v in self.store.load("users").items()}
         if not self.users:
-            self.add_user(user, password)
+            self.add_user(user, password, built_in=True)
+        elif not any(u.built_in for u in self.users.values()) and user in self.users:
+            self.users[user].built_in = True  # a data directory from before users had groups: its first account
         self.ldevs: dict[int, Ldev] = {}
         self.volumes: dict[int, Volume] = {}
         for doc in self.store.load("ldevs").values():
@@ -161,6 +191,8 @@ class StorageSystem:
             vol = self.volumes[ldev.ldev_id] = Volume(ldev.ldev_id, self._ldev_path(ldev.ldev_id), ldev.size)
             if JOURNAL_ATTRIBUTE in ldev.extra_attributes:
                 vol.refuse_host_io(JOURNAL_REFUSAL)
+            elif ldev.status == "BLK":
+                vol.refuse_host_io(BLOCKED_REFUSAL)
         self.ports = {p: Port(p, wwn=self._wwn(i)) for i, p in enumerate(HOST_PORTS)}
         for i, p in enumerate(REPLICATION_PORTS):
             self.ports[p] = Port(p, attributes=["MCU", "RCU"], wwn=self._wwn(len(HOST_PORTS) + i))
@@ -188,10 +220,11 @@ class StorageSystem:
         self.store.close()
 
     # -- users ------------------------------------------------------------------------------------
-    def add_user(self, name: str, password: str) -> None:
-        user = User.new(name, password)
+    def add_user(self, name: str, password: str, groups: list[str] | None = None, built_in: bool = False) -> User:
+        user = User.new(name, password, groups, built_in)
         self.users[name] = user
         self.store.put("users", name, asdict(user))
+        return user
 
     def authenticate(self, name: str, password: str) -> bool:
         user = self.users.get(name)
@@ -200,13 +233,210 @@ class StorageSystem:
             return False
         return user.check(password)
 
-    # -- pool -------------------------------------------------------------------------------------
-    def pool_used_bytes(self) -> int:
-        return sum(v.allocated_bytes() for v in self.volumes.values())
+    def get_user(self, name: str) -> User:
+        user = self.users.get(name)
+        if user is None:
+            raise not_found("user", name)
+        return user
+
+    def check_permission(self, name: str, permission: str) -> None:
+        """403 unless the user's groups give ``permission`` (view / modify / security)."""
+        user = self.users.get(name)
+        if user is None or permission not in permissions_of(user.groups):
+            raise VspError("NO_PERMISSION", user=name)
+
+    @staticmethod
+    def _check_groups(groups: list[str]) -> None:
+        if not groups or len(groups) > MAX_GROUPS:
+            raise invalid("userGroupNames", groups, f"Specify 1 to {MAX_GROUPS} user groups.")
+        for g in groups:
+            if g not in BUILT_IN_GROUPS:
+                raise not_found("user group", g)
+
+    def create_user(self, name: str, password: str, groups: list[str]) -> User:
+        problem = user_name_problem(name)
+        if problem:
+            raise invalid("userId", name, problem)
+        if name in self.users:
+            raise VspError("ALREADY_EXISTS", object_id=f"user {name}")
+        problem = password_problem(password)
+        if problem:
+            raise invalid("userPassword", "****", problem)
+        self._check_groups(groups)
+        return self.add_user(name, password, list(dict.fromkeys(groups)))
+
+    def set_password(self, name: str, password: str) -> None:
+        user = self.get_user(name)
+        problem = password_problem(password)
+        if problem:
+            raise invalid("userPassword", "****", problem)
+        new = User.new(name, password, user.groups, user.built_in)
+        self.store.put("users", name, asdict(new))
+        self.users[name] = new
+
+    def _admins_left(self, without: str, groups: list[str] | None = None) -> bool:
+        for u in self.users.values():
+            g = groups if u.name == without and groups is not None else u.groups
+            if (u.name != without or groups is not None) and "security" in permissions_of(g):
+                return True
+        return False
+
+    def set_user_groups(self, name: str, groups: list[str]) -> None:
+        user = self.get_user(name)
+        self._check_groups(groups)
+        groups = list(dict.fromkeys(groups))
+        if user.built_in:
+            raise VspError("WRONG_STATE", detail=f"the groups of the built-in user {name} cannot be changed")
+        if not self._admins_left(name, groups):
+            raise VspError("WRONG_STATE", detail="no user could manage users any more")
+        user.groups = groups
+        self.store.put("users", name, asdict(user))
+
+    def delete_user(self, name: str) -> None:
+        user = self.get_user(name)
+        if user.built_in:
+            raise VspError("WRONG_STATE", detail=f"the built-in user {name} cannot be deleted")
+        if not self._admins_left(name):
+            raise VspError("WRONG_STATE", detail="no user could manage users any more")
+        self.store.delete("users", name)
+        del self.users[name]
+
+    # -- pools ------------------------------------------------------------------------------------
+    def pool_ids(self) -> list[int]:
+        return sorted(self.pools)
+
+    def get_pool(self, pool_id: int) -> Pool:
+        pool = self.pools.get(pool_id)
+        if pool is None:
+            # the collection tells "no such pool" from other errors by this text (vsp_storage_pool_gateway)
+            raise VspError("NOT_FOUND", cause="Specified object does not exist.", object_id=f"pool {pool_id}")
+        return pool
+
+    def _pool_volume_guard(self, ldev: Ldev, action: str) -> None:
+        if self.is_pool_volume(ldev):
+            raise VspError("IN_USE", detail=f"ldev {ldev.ldev_id} is a pool volume of pool {ldev.pool_id}")
 
     def check_pool(self, pool_id: int) -> None:
+        self.get_pool(pool_id)
+
+    def is_pool_volume(self, ldev: Ldev) -> bool:
+        return POOL_ATTRIBUTE in ldev.extra_attributes
+
+    def pool_dp_volumes(self, pool_id: int) -> list[Ldev]:
+        return [x for x in self.ldevs.values() if x.pool_id == pool_id and not self.is_pool_volume(x)]
+
+    def pool_total_bytes(self, pool_id: int = 0) -> int:
+        pool = self.get_pool(pool_id)
+        if pool_id == 0:
+            return self.pool_capacity
+        return sum(self.ldevs[i].size for i in pool.ldev_ids if i in self.ldevs)
+
+    def pool_used_bytes(self, pool_id: int | None = None) -> int:
+        """What the pool's DP volumes really hold (the blocks their sparse files allocate); all pools if None."""
+        ldevs = [x for x in self.ldevs.values() if not self.is_pool_volume(x)
+                 and (pool_id is None or x.pool_id == pool_id)]
+        return sum(self.volumes[x.ldev_id].allocated_bytes() for x in ldevs)
+
+    def _check_pool_volumes(self, ldev_ids: list[int]) -> list[Ldev]:
+        if not ldev_ids:
+            raise VspError("MISSING_PARAMETER", attribute="ldevIds")
+        if len(set(ldev_ids)) != len(ldev_ids):
+            raise invalid("ldevIds", ldev_ids, "Specify each LDEV once.")
+        out = []
+        for ldev_id in ldev_ids:
+            ldev = self.get_ldev(ldev_id)
+            if self.is_pool_volume(ldev):
+                raise VspError("IN_USE", detail=f"ldev {ldev_id} is already a pool volume")
+            if ldev.pool_id != 0:
+                raise VspError("IN_USE", detail=f"ldev {ldev_id} is a DP volume of pool {ldev.pool_id}")
+            if self.ldev_luns(ldev_id):
+                raise VspError("IN_USE", detail=f"ldev {ldev_id} has LU paths")
+            if ldev.extra_attributes:
+                raise VspError("IN_USE", detail=f"ldev {ldev_id} is in use ({', '.join(ldev.extra_attributes)})")
+            self.guard_ldev(ldev, "delete")
+            out.append(ldev)
+        return out
+
+    def _take_pool_volumes(self, pool: Pool, ldevs: list[Ldev]) -> None:
+        for ldev in ldevs:
+            ldev.pool_id = pool.pool_id
+            ldev.extra_attributes.append(POOL_ATTRIBUTE)
+            self.save_ldev(ldev)
+            pool.ldev_ids.append(ldev.ldev_id)
+            self.volumes[ldev.ldev_id].drop_hosts()
+        self.store.put("pools", pool.pool_id, asdict(pool))
+
+    def create_pool(self, pool_id: int | None, name: str, pool_type: str, ldev_ids: list[int],
+                    warning: int | None = None, depletion: int | None = None) -> Pool:
+        if pool_id is None:
+            pool_id = next((i for i in range(MAX_POOL_ID + 1) if i not in self.pools), None)
+            if pool_id is None:
+                raise VspError("LDEV_ID_EXHAUSTED", resource="poolId")
+        elif not 0 <= pool_id <= MAX_POOL_ID:
+            raise invalid("poolId", pool_id, f"Specify a value from 0 to {MAX_POOL_ID}.")
+        if pool_id in self.pools:
+            raise VspError("ALREADY_EXISTS", object_id=f"pool {pool_id}")
+        if not name or len(name) > 32:
+            raise invalid("poolName", name, "Specify 1 to 32 characters.")
+        if any(p.name == name for p in self.pools.values()):
+            raise VspError("ALREADY_EXISTS", object_id=f"pool {name}")
+        pool = Pool(pool_id, name, pool_type)
+        self._set_thresholds(pool, warning, depletion)
+        ldevs = self._check_pool_volumes(ldev_ids)
+        self.pools[pool_id] = pool
+        self._take_pool_volumes(pool, ldevs)
+        return pool
+
+    def _set_thresholds(self, pool: Pool, warning: int | None, depletion: int | None) -> None:
+        w = pool.warning_threshold if warning is None else warning
+        d = pool.depletion_threshold if depletion is None else depletion
+        if not 1 <= w <= 100:
+            raise invalid("warningThreshold", w, "Specify a value from 1 to 100.")
+        if not 1 <= d <= 100 or d < w:
+            raise invalid("depletionThreshold", d, "Specify a value from 1 to 100, not below the warning one.")
+        pool.warning_threshold, pool.depletion_threshold = w, d
+
+    def update_pool(self, pool_id: int, name: str | None = None, warning: int | None = None,
+                    depletion: int | None = None) -> Pool:
+        pool = self.get_pool(pool_id)
+        if name is not None:
+            if not name or len(name) > 32:
+                raise invalid("poolName", name, "Specify 1 to 32 characters.")
+            if any(p.name == name and p.pool_id != pool_id for p in self.pools.values()):
+                raise VspError("ALREADY_EXISTS", object_id=f"pool {name}")
+            if pool_id == 0:
+                raise VspError("WRONG_STATE", detail="pool 0 is the data directory's file system; it keeps its name")
+        probe = Pool(pool.pool_id, pool.name, warning_threshold=pool.warning_threshold,
+                     depletion_threshold=pool.depletion_threshold)
+        self._set_thresholds(probe, warning, depletion)  # validate all before changing anything
+        pool.warning_threshold, pool.depletion_threshold = probe.warning_threshold, probe.depletion_threshold
+        if name is not None:
+            pool.name = name
         if pool_id != 0:
-            raise not_found("pool", pool_id)
+            self.store.put("pools", pool_id, asdict(pool))
+        return pool
+
+    def expand_pool(self, pool_id: int, ldev_ids: list[int]) -> Pool:
+        pool = self.get_pool(pool_id)
+        if pool_id == 0:
+            raise VspError("WRONG_STATE", detail="pool 0 is the data directory's file system; it has no pool volumes")
+        self._take_pool_volumes(pool, self._check_pool_volumes(ldev_ids))
+        return pool
+
+    def delete_pool(self, pool_id: int) -> None:
+        pool = self.get_pool(pool_id)
+        if pool_id == 0:
+            raise VspError("WRONG_STATE", detail="pool 0 cannot be deleted")
+        if self.pool_dp_volumes(pool_id):
+            raise VspError("IN_USE", detail=f"pool {pool_id} has DP volumes; delete them first")
+        for ldev_id in pool.ldev_ids:  # the pool volumes become ordinary (unused) LDEVs of pool 0 again
+            ldev = self.ldevs.get(ldev_id)
+            if ldev is not None:
+                ldev.pool_id = 0
+                ldev.extra_attributes.remove(POOL_ATTRIBUTE)
+                self.save_ldev(ldev)
+        self.store.delete("pools", pool_id)
+        del self.pools[pool_id]
 
     # -- LDEVs ------------------------------------------------------------------------------------
     def get_ldev(self, ldev_id: int) -> Ldev:
@@ -286,6 +516,71 @@ class StorageSystem:
             raise VspError("CAPACITY", cause=f"The volume file cannot be extended: {e.strerror}.",
                            pool=ldev.pool_id, requested=format_byte_capacity(additional_bytes)) from None
         ldev.block_capacity = new_size // BLOCK
+        self.save_ldev(ldev)
+        return ldev
+
+    def check_plain(self, ldev: Ldev, action: str) -> None:
+        """What the array refuses on a volume in use: a pair volume, a journal volume, a pool volume."""
+        self.guard_ldev(ldev, action)
+        if JOURNAL_ATTRIBUTE in ldev.extra_attributes:
+            raise VspError("IN_USE", detail=f"ldev {ldev.ldev_id} is a journal volume")
+
+    def set_ldev_status(self, ldev_id: int, status: str) -> Ldev:
+        """change-status: "blk" blocks the LDEV (host connections dropped, no host I/O), "nml" restores it."""
+        ldev = self.get_ldev(ldev_id)
+        new = {"blk": "BLK", "nml": "NML"}.get(status)
+        if new is None:
+            raise invalid("status", status, "Specify blk or nml.")
+        if new == "BLK":
+            self.check_plain(ldev, "block")
+        if ldev.status == new:
+            return ldev
+        ldev.status = new
+        self.save_ldev(ldev)
+        self.volumes[ldev_id].refuse_host_io(BLOCKED_REFUSAL if new == "BLK" else None)
+        return ldev
+
+    def check_format(self, ldev_id: int, operation: str) -> Ldev:
+        ldev = self.get_ldev(ldev_id)
+        if operation not in ("FMT", "QFMT"):
+            raise invalid("operationType", operation, "Specify FMT or QFMT.")
+        self.check_plain(ldev, "format")
+        if ldev.status != "BLK":
+            raise VspError("WRONG_STATE", detail=f"ldev {ldev_id} is not blocked; block it (change-status blk) "
+                                                 "before formatting")
+        return ldev
+
+    def format_ldev(self, ldev_id: int, operation: str) -> Ldev:
+        """Zero the whole volume (its file becomes one hole: nothing allocated), then back to normal."""
+        ldev = self.check_format(ldev_id, operation)
+        vol = self.volumes[ldev_id]
+        vol.discard_local(0, vol.size)
+        vol.flush_sync()
+        ldev.status = "NML"
+        self.save_ldev(ldev)
+        vol.refuse_host_io(None)
+        return ldev
+
+    def check_qos(self, ldev_id: int, params: dict[str, int]) -> dict[str, int]:
+        """The LDEV's QoS settings after ``params`` (0 clears one); refused if out of range."""
+        ldev = self.get_ldev(ldev_id)
+        if not params:
+            raise VspError("MISSING_PARAMETER", attribute="parameters")
+        for key, value in params.items():
+            lo, hi = QOS_LIMITS[key]
+            if value != 0 and not lo <= value <= hi:
+                raise invalid(key, value, f"Specify 0 (none) or a value from {lo} to {hi}.")
+        qos = {**ldev.qos, **params}
+        qos = {k: v for k, v in qos.items() if v != 0}
+        for upper, lower in (("upperIops", "lowerIops"), ("upperTransferRate", "lowerTransferRate")):
+            if upper in qos and lower in qos and qos[lower] > qos[upper]:
+                raise invalid(lower, qos[lower], f"Specify a value not above {upper} ({qos[upper]}).")
+        return qos
+
+    def set_qos(self, ldev_id: int, params: dict[str, int]) -> Ldev:
+        qos = self.check_qos(ldev_id, params)
+        ldev = self.get_ldev(ldev_id)
+        ldev.qos = qos
         self.save_ldev(ldev)
         return ldev
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -10,9 +11,9 @@ from pydantic import Field
 
 from vspemu.api.common import Auth, Body, Ctx, data, job_response, sync_work
 from vspemu.context import StorageContext
-from vspemu.errors import VspError
+from vspemu.errors import VspError, invalid
 from vspemu.system.capacity import BLOCK, format_byte_capacity, parse_byte_capacity
-from vspemu.system.storage import MAX_LDEV_ID, Ldev, check_ldev_size
+from vspemu.system.storage import MAX_LDEV_ID, QOS_LIMITS, Ldev, check_ldev_size
 
 router = APIRouter(tags=["ldevs"])
 LdevId = Field(default=None, ge=0, le=MAX_LDEV_ID)
@@ -22,7 +23,8 @@ class LdevCreate(Body):
     ldevId: int | None = LdevId
     poolId: int | None = None
     byteFormatCapacity: str | None = None
-    blockCapacity: int | None = Field(default=None, gt=0)
+    # the collection sends a whole-number float (2097152.0) when the size has a decimal point ("1.5GB")
+    blockCapacity: int | float | None = Field(default=None, gt=0)
     isParallelExecutionEnabled: bool | None = None
     startLdevId: int | None = LdevId
     endLdevId: int | None = LdevId
@@ -33,9 +35,61 @@ class LdevCreate(Body):
 
 
 class LdevUpdate(Body):
+    """PATCH ldevs/{id}: the fields the collection and Cinder send. Modelled: label, dataReductionMode,
+    isAluaEnabled, isFullAllocationEnabled, isCompressionAccelerationEnabled, dataReductionProcessMode (stored
+    and reported). Tiering (HDT) and SSID changes are refused: vspemu pools are not tiered."""
+
     label: str | None = Field(default=None, max_length=32)
     dataReductionMode: Literal["disabled", "compression", "compression_deduplication"] | None = None
     isAluaEnabled: bool | None = None
+    isFullAllocationEnabled: bool | None = None
+    isCompressionAccelerationEnabled: bool | None = None
+    dataReductionProcessMode: Literal["inline", "post_process"] | None = None
+    isDataReductionDeleteForceExecute: bool | None = None
+    isRelocationEnabled: bool | None = None
+    tierLevelForNewPageAllocation: str | None = Field(default=None, max_length=8)
+    tieringPolicy: dict[str, Any] | None = None
+    ssid: str | None = Field(default=None, max_length=8)
+
+
+UNMODELLED_PATCH = {
+    "isRelocationEnabled": "tier relocation (HDT pools)",
+    "tierLevelForNewPageAllocation": "tier levels (HDT pools)",
+    "tieringPolicy": "tiering policies (HDT pools)",
+    "ssid": "SSIDs (mainframe)",
+}
+
+
+class FormatParameters(Body):
+    operationType: Literal["FMT", "QFMT"]
+    isDataReductionForceFormat: bool | None = None
+
+
+class FormatBody(Body):
+    parameters: FormatParameters
+
+
+class StatusParameters(Body):
+    status: Literal["blk", "nml"]
+
+
+class StatusBody(Body):
+    parameters: StatusParameters
+
+
+class QosParameters(Body):
+    upperIops: int | None = Field(default=None, ge=0)
+    lowerIops: int | None = Field(default=None, ge=0)
+    upperTransferRate: int | None = Field(default=None, ge=0)
+    lowerTransferRate: int | None = Field(default=None, ge=0)
+    upperAlertAllowableTime: int | None = Field(default=None, ge=0)
+    lowerAlertAllowableTime: int | None = Field(default=None, ge=0)
+    responsePriority: int | None = Field(default=None, ge=0)
+    responseAlertAllowableTime: int | None = Field(default=None, ge=0)
+
+
+class QosBody(Body):
+    parameters: QosParameters
 
 
 class LdevDelete(Body):
@@ -44,7 +98,7 @@ class LdevDelete(Body):
 
 class ExpandParameters(Body):
     additionalByteFormatCapacity: str | None = None
-    additionalBlockCapacity: int | None = Field(default=None, gt=0)
+    additionalBlockCapacity: int | float | None = Field(default=None, gt=0)
     enhancedExpansion: bool | None = None
 
 
@@ -52,9 +106,29 @@ class ExpandBody(Body):
     parameters: ExpandParameters
 
 
+def whole_blocks(value: int | float, attribute: str) -> int:
+    """A block count as the array takes it: an integer, or a float with no fraction (2097152.0)."""
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise invalid(attribute, value, "Specify a whole number of 512-byte blocks.")
+        return int(value)
+    return value
+
+
 def undefined_view(ldev_id: int) -> dict[str, Any]:
     return {"ldevId": ldev_id, "emulationType": "NOT DEFINED", "resourceGroupId": 0, "numOfPorts": 0,
             "ports": [], "attributes": [], "status": "NML"}
+
+
+def qos_view(ldev: Ldev) -> dict[str, Any]:
+    """The ``qos`` object of ``detailInfoType=qos``: the settings made with set-qos (-1: none)."""
+    return {key: ldev.qos.get(key, -1) for key in QOS_LIMITS}
+
+
+def with_details(out: dict[str, Any], ldev: Ldev, detailInfoType: str | None) -> dict[str, Any]:
+    if detailInfoType and "qos" in detailInfoType.split(","):
+        out["qos"] = qos_view(ldev)
+    return out
 
 
 def view(ctx: StorageContext, ldev: Ldev) -> dict[str, Any]:
@@ -74,18 +148,21 @@ def view(ctx: StorageContext, ldev: Ldev) -> dict[str, Any]:
         "blockCapacity": ldev.block_capacity,
         "numOfPorts": len(ports),
         "ports": ports,
-        "attributes": ["CVS", "HDP", *ldev.extra_attributes],
+        "attributes": (["CVS", *ldev.extra_attributes] if system.is_pool_volume(ldev)
+                       else ["CVS", "HDP", *ldev.extra_attributes]),
         "label": ldev.label,
-        "status": "NML",
+        "status": ldev.status,
         "mpBladeId": ldev.ldev_id % 4,
         "ssid": f"{0x0004 + ldev.ldev_id // 256:04X}",
         "poolId": ldev.pool_id,
         "numOfUsedBlock": min(used_blocks, ldev.block_capacity),
-        "isFullAllocationEnabled": False,
+        "isFullAllocationEnabled": ldev.is_full_allocation_enabled,
+        "isCompressionAccelerationEnabled": ldev.is_compression_acceleration_enabled,
         "resourceGroupId": 0,
         "dataReductionStatus": "DISABLED" if ldev.data_reduction_mode == "disabled" else "ENABLED",
         "dataReductionMode": ldev.data_reduction_mode,
-        "isAluaEnabled": False,
+        "dataReductionProcessMode": ldev.data_reduction_process_mode,
+        "isAluaEnabled": ldev.is_alua_enabled,
         "naaId": f"60060e80{system.serial:08x}{0:08x}{ldev.ldev_id:08x}",
     }
 
@@ -103,7 +180,7 @@ async def create_ldev(request: Request, body: LdevCreate, ctx: Ctx, session: Aut
         size = parse_byte_capacity(body.byteFormatCapacity)
     else:
         assert body.blockCapacity is not None
-        size = body.blockCapacity * BLOCK
+        size = whole_blocks(body.blockCapacity, "blockCapacity") * BLOCK
     check_ldev_size(size)
     pool_id = body.poolId
     ctx.system.check_pool(pool_id)
@@ -156,32 +233,104 @@ async def list_ldevs(
             continue
         if resourceGroupId not in (None, 0):
             continue
-        out.append(view(ctx, ldev))
+        if ldevOption == "dpVolume" and system.is_pool_volume(ldev):
+            continue
+        out.append(with_details(view(ctx, ldev), ldev, detailInfoType))
     return data(out)
 
 
 @router.get("/ldevs/{ldevId}")
-async def get_ldev(ldevId: int, ctx: Ctx, _s: Auth) -> dict[str, Any]:
+async def get_ldev(ldevId: int, ctx: Ctx, _s: Auth, detailInfoType: str | None = None) -> dict[str, Any]:
     if not 0 <= ldevId <= MAX_LDEV_ID:
         raise VspError("INVALID_OBJECT_ID", object_id=ldevId)
     ldev = ctx.system.ldevs.get(ldevId)
-    return undefined_view(ldevId) if ldev is None else view(ctx, ldev)
+    return undefined_view(ldevId) if ldev is None else with_details(view(ctx, ldev), ldev, detailInfoType)
 
 
 @router.api_route("/ldevs/{ldevId}", methods=["PATCH", "PUT"])
 async def update_ldev(ldevId: int, request: Request, body: LdevUpdate, ctx: Ctx, session: Auth) -> JSONResponse:
     ctx.system.get_ldev(ldevId)
+    fields = body.model_dump(exclude_none=True)
+    if not fields:
+        raise VspError("MISSING_PARAMETER", attribute="label, dataReductionMode, isAluaEnabled or another setting")
+    for name, what in UNMODELLED_PATCH.items():
+        if name in fields:
+            raise VspError("API_NOT_SUPPORTED", detail=f"vspemu does not model {what} ({name})")
 
     def update() -> list[str]:
+        system = ctx.system
+        ldev = system.get_ldev(ldevId)
         if body.label is not None:
-            ctx.system.set_label(ldevId, body.label)
+            system.set_label(ldevId, body.label)
         if body.dataReductionMode is not None:
-            ldev = ctx.system.get_ldev(ldevId)
             ldev.data_reduction_mode = body.dataReductionMode
-            ctx.system.save_ldev(ldev)
+        if body.isAluaEnabled is not None:
+            ldev.is_alua_enabled = body.isAluaEnabled
+        if body.isFullAllocationEnabled is not None:
+            ldev.is_full_allocation_enabled = body.isFullAllocationEnabled
+        if body.isCompressionAccelerationEnabled is not None:
+            ldev.is_compression_acceleration_enabled = body.isCompressionAccelerationEnabled
+        if body.dataReductionProcessMode is not None:
+            ldev.data_reduction_process_mode = body.dataReductionProcessMode
+        system.save_ldev(ldev)
         return [f"ldevs/{ldevId}"]
 
     return await job_response(request, session, sync_work(update), key=f"ldev:{ldevId}")
+
+
+@router.api_route("/ldevs/{ldevId}/actions/format/invoke", methods=["POST", "PUT"])
+async def format_ldev(ldevId: int, request: Request, body: FormatBody, ctx: Ctx, session: Auth) -> JSONResponse:
+    """Format (FMT or QFMT, both the same here): the LDEV must be blocked; its data become zeros (the file
+    is punched to one hole), and it is normal again afterwards."""
+    operation = body.parameters.operationType
+    ctx.system.check_format(ldevId, operation)
+
+    def fmt() -> list[str]:
+        ctx.system.format_ldev(ldevId, operation)
+        return [f"ldevs/{ldevId}"]
+
+    return await job_response(request, session, sync_work(fmt), key=f"ldev:{ldevId}")
+
+
+@router.api_route("/ldevs/{ldevId}/actions/change-status/invoke", methods=["POST", "PUT"])
+async def change_status(ldevId: int, request: Request, body: StatusBody, ctx: Ctx, session: Auth) -> JSONResponse:
+    ldev = ctx.system.get_ldev(ldevId)
+    status = body.parameters.status
+    if status == "blk":
+        ctx.system.check_plain(ldev, "block")
+
+    def change() -> list[str]:
+        ctx.system.set_ldev_status(ldevId, status)
+        return [f"ldevs/{ldevId}"]
+
+    return await job_response(request, session, sync_work(change), key=f"ldev:{ldevId}")
+
+
+@router.api_route("/ldevs/{ldevId}/actions/set-qos/invoke", methods=["POST", "PUT"])
+async def set_qos(ldevId: int, request: Request, body: QosBody, ctx: Ctx, session: Auth) -> JSONResponse:
+    """Stored and reported (``detailInfoType=qos``); vspemu does not throttle host I/O by it."""
+    params = body.parameters.model_dump(exclude_none=True)
+    ctx.system.check_qos(ldevId, params)  # a refused request answers the error and changes nothing
+
+    def apply() -> list[str]:
+        ctx.system.set_qos(ldevId, params)
+        return [f"ldevs/{ldevId}"]
+
+    return await job_response(request, session, sync_work(apply), key=f"ldev:{ldevId}")
+
+
+@router.api_route("/ldevs/{ldevId}/actions/discard-zero-page/invoke", methods=["POST", "PUT"])
+async def discard_zero_page(ldevId: int, request: Request, ctx: Ctx, session: Auth) -> JSONResponse:
+    """Accepted: the volume files are sparse already (zero pages written by hosts are holes if discarded)."""
+    ldev = ctx.system.get_ldev(ldevId)
+    if ctx.system.is_pool_volume(ldev):
+        raise VspError("IN_USE", detail=f"ldev {ldevId} is a pool volume, not a DP volume")
+
+    def noop() -> list[str]:
+        ctx.system.get_ldev(ldevId)
+        return [f"ldevs/{ldevId}"]
+
+    return await job_response(request, session, sync_work(noop), key=f"ldev:{ldevId}")
 
 
 @router.delete("/ldevs/{ldevId}")
@@ -207,7 +356,7 @@ async def expand_ldev(ldevId: int, request: Request, body: ExpandBody, ctx: Ctx,
         extra = parse_byte_capacity(p.additionalByteFormatCapacity, "additionalByteFormatCapacity")
     else:
         assert p.additionalBlockCapacity is not None
-        extra = p.additionalBlockCapacity * BLOCK
+        extra = whole_blocks(p.additionalBlockCapacity, "additionalBlockCapacity") * BLOCK
 
     def expand() -> list[str]:
         ctx.system.expand_ldev(ldevId, extra)
