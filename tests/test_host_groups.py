@@ -114,6 +114,7 @@ def test_supported_host_modes(api: VspClient) -> None:
     ("POST", "host-wwns", {"portId": "CL5-A", "hostGroupNumber": 0, "hostWwn": "21000024ff8f0a01"}),
     ("POST", "host-iscsis", {"portId": "CL1-A", "hostGroupNumber": 0, "iscsiName": "iqn.1991-05.com.x:h"}),
     ("POST", "host-iscsis", {"portId": "CL5-A", "hostGroupNumber": 0, "iscsiName": "not-an-iqn"}),
+    ("POST", "host-iscsis", {"portId": "CL5-A", "hostGroupNumber": 0, "iscsiName": "iqn.1994-05.com.x:a,b"}),
     ("POST", "chap-users", {"portId": "CL5-A", "hostGroupNumber": 0, "chapUserName": "u", "wayOfChapUser": "X"}),
     ("POST", "chap-users", {"portId": "CL5-A", "hostGroupNumber": 0, "chapUserName": "u", "wayOfChapUser": "TAR",
                             "chapPassword": "short"}),

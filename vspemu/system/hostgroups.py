@@ -65,7 +65,8 @@ CLEAR_OPTIONS = -1  # hostModeOptions [-1] in a PATCH: remove every option (what
 AUTH_MODES = ("CHAP", "NONE", "BOTH")
 CHAP_WAYS = ("TAR", "INI")
 _WWN = re.compile(r"^[0-9a-fA-F]{16}$")
-_IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[\x21-\x7e]*)?|eui\.[0-9A-Fa-f]{16})$")
+# RFC 3720 names: no commas (they separate the parts of an object id), no URL-special characters
+_IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]*)?|eui\.[0-9A-Fa-f]{16})$")
 _FORBIDDEN = set(",/%\\?#")
 
 
