@@ -58,6 +58,7 @@ def test_host_group_lifecycle_with_wwns_and_luns(api: VspClient) -> None:
     assert [x["hostWwn"] for x in api.get("host-wwns", portId="CL1-A", hostGroupNumber=1)["data"]] == [
         "21000024ff8f0a01"]
     assert len(api.get("host-wwns", portId="CL1-A", hostGroupName="srv1")["data"]) == 1
+    assert api.get("host-wwns", portId="CL1-A", hostGroupName="no-such-group")["data"] == []  # as Cinder expects
     with pytest.raises(ApiError) as e:  # the same WWN in another host group of the same port
         api.invoke("POST", "host-wwns", {"portId": "CL1-A", "hostGroupNumber": 7, "hostWwn": "21000024ff8f0a01"})
     assert e.value.status == 409
@@ -74,6 +75,9 @@ def test_host_group_lifecycle_with_wwns_and_luns(api: VspClient) -> None:
     assert api.get("host-groups/CL1-A,1")["hostModeOptions"] == [2, 22]
     api.invoke("PATCH", "host-groups/CL1-A,1", {"hostModeOptions": [-1]})
     assert api.get("host-groups/CL1-A,1")["hostModeOptions"] == []
+    api.invoke("PUT", "host-groups/CL1-A,7", {"hostMode": "WIN", "hostModeOptions": [73]})  # Cinder's form
+    assert (api.get("host-groups/CL1-A,7")["hostMode"], api.get("host-groups/CL1-A,7")["hostModeOptions"]) == (
+        "WIN", [73])
 
     # delete: its LU paths and WWNs go; the other group's path stays
     api.invoke("DELETE", "host-groups/CL1-A,1")

@@ -127,8 +127,8 @@ def _hg_of(ctx: StorageContext, port_id: str | None, number: int | None, name: s
     ctx.system.get_port(port_id)
     if number is not None:
         return [ctx.system.get_host_group(port_id, number)]
-    if name is not None:
-        return [ctx.system.hosts.find_by_name(port_id, name)]
+    if name is not None:  # an unknown name selects nothing (Cinder looks its groups up by name this way)
+        return [h for h in ctx.system.host_groups.values() if h.port_id == port_id and h.name == name]
     return [h for h in ctx.system.host_groups.values() if h.port_id == port_id]
 
 
@@ -168,6 +168,7 @@ async def create_host_group(request: Request, body: HostGroupCreate, ctx: Ctx, s
     return await job_response(request, session, sync_work(create), key="host-groups")
 
 
+@router.put("/host-groups/{hostGroupId}")  # the array takes PUT like PATCH; Cinder sends PUT
 @router.patch("/host-groups/{hostGroupId}")
 async def patch_host_group(hostGroupId: str, request: Request, body: HostGroupPatch, ctx: Ctx,
                            session: Auth) -> JSONResponse:
@@ -241,6 +242,7 @@ async def add_host_wwn(request: Request, body: HostWwnCreate, ctx: Ctx, session:
     return await job_response(request, session, sync_work(add), key="host-wwns")
 
 
+@router.put("/host-wwns/{hostWwnId}")
 @router.patch("/host-wwns/{hostWwnId}")
 async def patch_host_wwn(hostWwnId: str, request: Request, body: NicknamePatch, ctx: Ctx,
                          session: Auth) -> JSONResponse:
@@ -296,6 +298,7 @@ async def add_host_iscsi(request: Request, body: HostIscsiCreate, ctx: Ctx, sess
     return await job_response(request, session, sync_work(add), key="host-iscsis")
 
 
+@router.put("/host-iscsis/{hostIscsiId}")
 @router.patch("/host-iscsis/{hostIscsiId}")
 async def patch_host_iscsi(hostIscsiId: str, request: Request, body: IscsiNicknamePatch, ctx: Ctx,
                            session: Auth) -> JSONResponse:
@@ -354,6 +357,7 @@ async def add_chap_user(request: Request, body: ChapUserCreate, ctx: Ctx, sessio
     return await job_response(request, session, sync_work(add), key="chap-users")
 
 
+@router.put("/chap-users/{chapUserId}")
 @router.patch("/chap-users/{chapUserId}")
 async def patch_chap_user(chapUserId: str, request: Request, body: ChapUserPatch, ctx: Ctx,
                           session: Auth) -> JSONResponse:
