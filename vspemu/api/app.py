@@ -9,6 +9,7 @@ from vspemu.api import errors
 from vspemu.api.common import API_ROOT, OBJECTS, check_device
 from vspemu.api.limits import RequestLimits
 from vspemu.api.routes import (
+    host_groups,
     jobs,
     journals,
     ldevs,
@@ -26,6 +27,7 @@ from vspemu.api.routes import (
 from vspemu.context import StorageContext
 
 OBJECT_ROUTERS: list[APIRouter] = [sessions.router, jobs.router, ldevs.router, pools.router, ports.router,
+                                   host_groups.router,
                                    remote_storages.router, remotepath_groups.router, journals.router,
                                    remote_pairs.router, storages.facts_router, users.router]
 

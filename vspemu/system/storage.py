@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vspemu.errors import VspError, invalid, not_found
 from vspemu.system.capacity import BLOCK, format_byte_capacity
+from vspemu.system.hostgroups import HostGroups, default_group_name
 from vspemu.system.pools import DEFAULT_POOL_NAME, MAX_POOL_ID, POOL_ATTRIBUTE, Pool
 from vspemu.system.store import Store
 from vspemu.system.users import (
@@ -59,7 +60,9 @@ QOS_LIMITS = {  # set-qos parameter -> (lowest, highest); 0 clears a setting
     "responsePriority": (1, 3), "responseAlertAllowableTime": (1, 600),
 }
 
-HOST_PORTS = ["CL1-A", "CL2-A", "CL1-B", "CL2-B"]
+HOST_PORTS = ["CL1-A", "CL2-A", "CL1-B", "CL2-B"]  # Fibre Channel target ports
+# iSCSI target ports (10GbE iSCSI channel boards in the slots of clusters 5/6; docs/provisioning.md)
+ISCSI_PORTS = ["CL5-A", "CL6-A", "CL5-B", "CL6-B"]
 REPLICATION_PORTS = ["CL3-A", "CL4-A", "CL3-B", "CL4-B"]
 
 
@@ -122,6 +125,10 @@ class HostGroup:
     number: int
     name: str
     host_mode: str = "LINUX/IRIX"
+    host_mode_options: list[int] = field(default_factory=list)
+    iscsi_name: str | None = None  # an iSCSI target's IQN (host groups of iSCSI ports only)
+    authentication_mode: str = "BOTH"
+    iscsi_target_direction: str = "S"
 
 
 @dataclass
@@ -142,6 +149,7 @@ class Port:
     port_type: str = "FIBRE"
     attributes: list[str] = field(default_factory=lambda: ["TAR"])
     wwn: str = ""
+    ipv4_address: str = ""  # iSCSI ports: the portal address (tcp port 3260)
 
 
 def check_ldev_size(size: int) -> None:
@@ -196,13 +204,19 @@ class StorageSystem:
         self.ports = {p: Port(p, wwn=self._wwn(i)) for i, p in enumerate(HOST_PORTS)}
         for i, p in enumerate(REPLICATION_PORTS):
             self.ports[p] = Port(p, attributes=["MCU", "RCU"], wwn=self._wwn(len(HOST_PORTS) + i))
+        for i, p in enumerate(ISCSI_PORTS):
+            self.ports[p] = Port(p, port_type="ISCSI", ipv4_address=f"192.168.{100 + i}.{self.serial % 250 + 1}")
         self.host_groups: dict[tuple[str, int], HostGroup] = {}
         for doc in self.store.load("host_groups").values():
             hg = HostGroup(**doc)
             self.host_groups[(hg.port_id, hg.number)] = hg
-        for p in HOST_PORTS:
+        self.hosts = HostGroups(self)
+        for p in HOST_PORTS + ISCSI_PORTS:
             if (p, 0) not in self.host_groups:
-                self._put_host_group(HostGroup(p, 0, f"{p[2]}{p[4]}-G00"))
+                group0 = HostGroup(p, 0, default_group_name(p))
+                if p in ISCSI_PORTS:
+                    group0.iscsi_name = self.hosts.default_iscsi_name(p, 0)
+                self.put_host_group(group0)
         self.luns: dict[str, Lun] = {}
         for doc in self.store.load("luns").values():
             lun = Lun(**doc)
@@ -602,7 +616,7 @@ class StorageSystem:
         return [lun for lun in self.luns.values() if lun.ldev_id == ldev_id]
 
     # -- host groups and LU paths -----------------------------------------------------------------
-    def _put_host_group(self, hg: HostGroup) -> None:
+    def put_host_group(self, hg: HostGroup) -> None:
         self.host_groups[(hg.port_id, hg.number)] = hg
         self.store.put("host_groups", f"{hg.port_id},{hg.number}", asdict(hg))
 

@@ -11,7 +11,7 @@ from pydantic import Field
 from vspemu.api.common import Auth, Body, Ctx, data, job_response, sync_work
 from vspemu.context import StorageContext
 from vspemu.errors import VspError
-from vspemu.system.storage import MAX_LDEV_ID, HostGroup, Lun, Port
+from vspemu.system.storage import MAX_LDEV_ID, Lun, Port
 
 router = APIRouter(tags=["ports"])
 
@@ -25,6 +25,26 @@ class LunCreate(Body):
 
 
 def port_view(port: Port) -> dict[str, Any]:
+    if port.port_type == "ISCSI":
+        return {
+            "portId": port.port_id,
+            "portType": port.port_type,
+            "portAttributes": port.attributes,
+            "portSpeed": "10G",
+            "loopId": "00",
+            "fabricMode": False,
+            "lunSecuritySetting": True,
+            "ipv4Address": port.ipv4_address,
+            "ipv4Subnetmask": "255.255.255.0",
+            "ipv4GatewayAddress": "0.0.0.0",
+            "tcpPort": "3260",
+            "ipMode": "ipv4",
+            "tcpMtu": 1500,
+            "iscsiWindowSize": "64KB",
+            "keepAliveTimer": 60,
+            "isIPv6Updating": False,
+            "macAddress": "00:60:e8:" + ":".join(f"{int(x):02x}" for x in port.ipv4_address.split(".")[1:]),
+        }
     return {
         "portId": port.port_id,
         "portType": port.port_type,
@@ -35,19 +55,6 @@ def port_view(port: Port) -> dict[str, Any]:
         "portConnection": "PtoP",
         "lunSecuritySetting": True,
         "wwn": port.wwn,
-    }
-
-
-def host_group_view(ctx: StorageContext, hg: HostGroup) -> dict[str, Any]:
-    return {
-        "hostGroupId": f"{hg.port_id},{hg.number}",
-        "portId": hg.port_id,
-        "hostGroupNumber": hg.number,
-        "hostGroupName": hg.name,
-        "hostMode": hg.host_mode,
-        "hostModeOptions": [],
-        "resourceGroupId": 0,
-        "isDefined": True,
     }
 
 
@@ -63,18 +70,18 @@ def lun_view(ctx: StorageContext, lun: Lun) -> dict[str, Any]:
         "isCommandDevice": False,
         "luHostReserve": {"openSystem": False, "persistent": False, "pgrKey": False,
                           "mainframe": False, "acaReserve": False},
-        "hostModeOptions": [],
+        "hostModeOptions": list(hg.host_mode_options),
     }
 
 
-def _split_id(text: str, parts: int, what: str) -> list[str]:
+def split_id(text: str, parts: int, what: str) -> list[str]:
     items = text.split(",")
     if len(items) != parts or not all(items):
         raise VspError("INVALID_OBJECT_ID", object_id=f"{what} {text}")
     return items
 
 
-def _int(text: str, what: str) -> int:
+def int_id(text: str, what: str) -> int:
     if not (text.isascii() and text.isdigit()):  # str.isdigit() alone accepts '²', which int() refuses
         raise VspError("INVALID_OBJECT_ID", object_id=f"{what} {text}")
     return int(text)
@@ -88,21 +95,6 @@ async def list_ports(ctx: Ctx, _s: Auth, detailInfoType: str | None = None) -> d
 @router.get("/ports/{portId}")
 async def get_port(portId: str, ctx: Ctx, _s: Auth, detailInfoType: str | None = None) -> dict[str, Any]:
     return port_view(ctx.system.get_port(portId))
-
-
-@router.get("/host-groups")
-async def list_host_groups(ctx: Ctx, _s: Auth, portId: str | None = None,
-                           detailInfoType: str | None = None) -> dict[str, Any]:
-    if portId is not None:
-        ctx.system.get_port(portId)
-    groups = sorted(ctx.system.host_groups.values(), key=lambda h: (h.port_id, h.number))
-    return data([host_group_view(ctx, h) for h in groups if portId is None or h.port_id == portId])
-
-
-@router.get("/host-groups/{hostGroupId}")
-async def get_host_group(hostGroupId: str, ctx: Ctx, _s: Auth) -> dict[str, Any]:
-    port_id, number = _split_id(hostGroupId, 2, "host group")
-    return host_group_view(ctx, ctx.system.get_host_group(port_id, _int(number, "host group")))
 
 
 @router.get("/luns")
@@ -122,7 +114,7 @@ async def list_luns(ctx: Ctx, _s: Auth, portId: str | None = None,
 
 @router.get("/luns/{lunId}")
 async def get_lun(lunId: str, ctx: Ctx, _s: Auth) -> dict[str, Any]:
-    _split_id(lunId, 3, "lun")
+    split_id(lunId, 3, "lun")
     return lun_view(ctx, ctx.system.get_lun(lunId))
 
 
@@ -140,7 +132,7 @@ async def create_lun(request: Request, body: LunCreate, ctx: Ctx, session: Auth)
 
 @router.delete("/luns/{lunId}")
 async def delete_lun(lunId: str, request: Request, ctx: Ctx, session: Auth) -> JSONResponse:
-    _split_id(lunId, 3, "lun")
+    split_id(lunId, 3, "lun")
     ctx.system.get_lun(lunId)
 
     def delete() -> list[str]:
