@@ -256,6 +256,8 @@ class UniversalReplicator:
         entries (the others then find room)."""
         self._release(jid)  # (entries that no mirror needs go first)
         holding = [(self.runtime(g).acked, g) for g in self.journal_groups(jid) if self._holds(g)]
+        if not holding and jid in self.held_full:  # held full on demand: no entry to blame, every mirror waits
+            holding = [(0, g) for g in self.journal_groups(jid)]
         if not holding:
             return
         oldest = min(acked for acked, _ in holding)
