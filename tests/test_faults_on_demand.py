@@ -219,3 +219,20 @@ def test_cli_and_system_stop(system: SystemProcess) -> None:
         assert [f["kind"] for f in c.faults()] == ["ldev-eio"]
         c.clear_faults()
         assert c.faults() == []
+
+
+def test_ldev_eio_on_a_pvol_suspends_the_pair(linked: Linked) -> None:
+    p, s, pc, sc = linked
+    pv, sv = _tc_pair(p, s, pc, sc, "NEVER")
+    _wait_pair(pc, "PAIR")
+    fault = pc.add_fault("ldev-eio", ldevId=pv)
+    with NbdClient("127.0.0.1", p.nbd_port, str(pv)) as c, pytest.raises(NbdError) as e:
+        c.write(0, b"e" * 4096)
+    assert e.value.errno == 5
+    _wait_pair(pc, "PSUE", timeout=30)
+    pc.clear_fault(fault["faultId"])
+    sid = f"{s.storage_device_id},{CG},{CG}P_,{CG}S_,p1"
+    pc.invoke("PUT", f"remote-mirror-copypairs/{sid}/actions/resync/invoke",
+              {"parameters": {"replicationType": "TC"}}, remote=sc)
+    _wait_pair(pc, "PAIR")
+    assert volume_digest(p.nbd_port, pv, 8 * MiB) == volume_digest(s.nbd_port, sv, 8 * MiB)

@@ -87,6 +87,11 @@ def _write_zeros(fd: int, offset: int, length: int) -> None:
         length -= n
 
 
+class InjectedIOError(VolumeIOError, OSError):
+    """An I/O error injected on demand (``ldev-eio``): an OSError (EIO) like a failing disk's, so every path
+    treats it as one (the host gets EIO, a P-VOL write that fails suspends its pair)."""
+
+
 class Volume:
     """The data of one LDEV: a sparse file of ``size`` bytes."""
 
@@ -120,7 +125,7 @@ class Volume:
     @property
     def fd(self) -> int:
         if self.io_fault is not None:  # fault on demand (ldev-eio): every read and write of the data fails
-            raise VolumeIOError(f"LDEV {self.ldev_id}: {self.io_fault}")
+            raise InjectedIOError(errno.EIO, f"LDEV {self.ldev_id}: {self.io_fault}")
         fd = self._fd
         if fd is None:
             if self._closed:  # never reopen: the path may belong to a new LDEV with the same id by now
