@@ -236,3 +236,33 @@ def test_ldev_eio_on_a_pvol_suspends_the_pair(linked: Linked) -> None:
               {"parameters": {"replicationType": "TC"}}, remote=sc)
     _wait_pair(pc, "PAIR")
     assert volume_digest(p.nbd_port, pv, 8 * MiB) == volume_digest(s.nbd_port, sv, 8 * MiB)
+
+
+def test_ur_pulls_stop_while_the_secondarys_path_group_is_down(linked: Linked) -> None:
+    """UR: the secondary pulls the journal over its own path group; with that group held down the journal
+    holds the writes (the path watch runs), and after clearing it the mirror catches up."""
+    p, s, pc, sc = linked
+    for c in (pc, sc):
+        c.create_journal(1, [c.create_ldev("64M")])
+    pv, sv = pc.create_ldev("8M"), sc.create_ldev("8M")
+    pc.add_lun(pv)
+    sc.add_lun(sv)
+    pc.invoke("POST", "remote-mirror-copypairs", {
+        "copyGroupName": CG, "copyPairName": "p1", "replicationType": "UR", "muNumber": 1,
+        "remoteStorageDeviceId": s.storage_device_id, "pvolLdevId": pv, "svolLdevId": sv,
+        "isNewGroupCreation": True, "fenceLevel": "ASYNC", "pvolJournalId": 1, "svolJournalId": 1}, remote=sc)
+    _wait_pair(pc, "PAIR")
+    fault = sc.add_fault("path-group", remoteSerialNumber=p.serial)
+    _wait_paths(sc, f"{p.serial},R9,0", {("CL3-A", "CL3-A"): "ERR_13", ("CL4-A", "CL4-A"): "ERR_13"})
+    with NbdClient("127.0.0.1", p.nbd_port, str(pv)) as c:
+        c.write(0, os.urandom(2 * MiB))
+        c.flush()
+    time.sleep(1)
+    assert pc.get("journals", journalInfo="basic")["data"][0]["qCount"] > 0  # nobody pulls
+    assert _pair(pc)["pvolStatus"] == "PAIR"  # within the path watch time
+    sc.clear_fault(fault["faultId"])
+    deadline = time.monotonic() + 60
+    while pc.get("journals", journalInfo="basic")["data"][0]["qCount"] != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert volume_digest(p.nbd_port, pv, 8 * MiB) == volume_digest(s.nbd_port, sv, 8 * MiB)
