@@ -158,7 +158,7 @@ class Faults:
         doc = self.get(fault_id)
         self.system.store.delete(STORE_KIND, fault_id)
         del self.faults[fault_id]
-        self.apply(cleared=[doc])
+        self.apply()
         return doc
 
     def clear(self) -> list[dict[str, Any]]:
@@ -167,7 +167,7 @@ class Faults:
             for doc in docs:
                 self.system.store.delete(STORE_KIND, doc["faultId"])
         self.faults.clear()
-        self.apply(cleared=docs)
+        self.apply()
         return docs
 
     # -- applying ------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ class Faults:
 
     _shapers: dict[int, SendShaper]
 
-    def apply(self, cleared: list[dict[str, Any]] | None = None) -> None:
+    def apply(self) -> None:
         """Put the hooks in the state the faults in force ask for (at start and after every change)."""
         self._shapers = {k: v for k, v in getattr(self, "_shapers", {}).items() if k in self.faults}
         link = self.link
