@@ -35,8 +35,10 @@ from vspemu.lab import SystemProcess
 EXAMPLES = int(os.environ.get("VSPEMU_FUZZ_EXAMPLES", "8"))
 ERROR_KEYS = ("errorSource", "messageId", "message", "solution", "solutionType", "detailCode")
 CG = "fz"
-# a load generator by design (its valid bodies ask for up to 100000 echoes of 64 MiB): invalid bodies only
-INVALID_ONLY = {("POST", "/ConfigurationManager/vspemu/v1/link-test")}
+# invalid bodies only: link-test is a load generator by design (its valid bodies ask for up to 100000 echoes of
+# 64 MiB), and a valid POST faults may be {"kind": "system-stop"}, which ends the server
+INVALID_ONLY = {("POST", "/ConfigurationManager/vspemu/v1/link-test"),
+                ("POST", "/ConfigurationManager/vspemu/v1/faults")}
 
 
 @dataclass

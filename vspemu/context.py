@@ -13,6 +13,7 @@ from vspemu.system.storage import StorageSystem
 if TYPE_CHECKING:
     from vspemu.replication.engine import Replication
     from vspemu.replication.link import Link
+    from vspemu.system.faults import Faults
     from vspemu.system.remotes import Remotes
 
 
@@ -30,6 +31,7 @@ class StorageContext:
     link: Link | None = None
     remotes: Remotes | None = None
     replication: Replication | None = None  # pairs and copy groups (set by the server)
+    faults: Faults | None = None  # faults on demand (set by the server)
 
     def __post_init__(self) -> None:
         self.journals = Journals(self.system)

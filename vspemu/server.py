@@ -18,6 +18,7 @@ from vspemu.context import StorageContext
 from vspemu.jobs import Jobs
 from vspemu.replication.engine import Replication
 from vspemu.replication.link import Link
+from vspemu.system.faults import Faults
 from vspemu.system.remotes import MIN_TIMEOUT_FOR_REMOTE_IO, Remotes
 from vspemu.system.sessions import Sessions
 from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER, REPLICATION_PORTS, StorageSystem
@@ -81,6 +82,7 @@ def build_context(cfg: ServerConfig) -> StorageContext:
     ctx.link = link
     ctx.remotes = Remotes(system, link, cfg.rest_host, cfg.rest_port, cfg.min_remote_io_timeout)
     ctx.replication = Replication(system, link, ctx.remotes, cfg.data_dir, ctx.journals)
+    ctx.faults = Faults(system, link, ctx.replication, ctx.journals)
     return ctx
 
 
@@ -134,6 +136,8 @@ async def serve(cfg: ServerConfig) -> None:
     await start_link(cfg, ctx)
     assert ctx.link is not None and ctx.replication is not None
     ctx.replication.start()
+    assert ctx.faults is not None
+    ctx.faults.apply()  # the faults in force before the restart are in force again
     log.info("storage %s (serial %s) REST https://%s:%s NBD %s link %s", ctx.system.storage_device_id,
              ctx.system.serial, cfg.rest_host, cfg.rest_port,
              f"nbd://{cfg.nbd_host}:{cfg.nbd_port}" if nbd else "off",

@@ -9,6 +9,7 @@ from vspemu.api import errors
 from vspemu.api.common import API_ROOT, OBJECTS, check_device
 from vspemu.api.limits import RequestLimits
 from vspemu.api.routes import (
+    faults,
     host_groups,
     jobs,
     journals,
@@ -57,5 +58,6 @@ def create_app(ctx: StorageContext) -> FastAPI:
     # vspemu-private routes (outside the documented API): what the replication link needs
     app.include_router(remote_storages.private_router, prefix="/ConfigurationManager/vspemu/v1")
     app.include_router(remote_pairs.private_router, prefix="/ConfigurationManager/vspemu/v1")
+    app.include_router(faults.router, prefix="/ConfigurationManager/vspemu/v1")
     status.install(app, ctx)  # /metrics, the status page and its JSON (docs/observability.md)
     return app

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vspemu.cli.demo import demo
+from vspemu.cli.fault import app as fault_app
 from vspemu.cli.pair import app as pair_app
 from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER, storage_device_id
 
@@ -26,6 +27,7 @@ app = typer.Typer(help="vspemu: Hitachi VSP storage systems in software, with Tr
                        "Replicator.", no_args_is_help=True, add_completion=False)
 console = Console(width=None if sys.stdout.isatty() else 200)  # full lines when piped or logged
 app.add_typer(pair_app, name="pair")
+app.add_typer(fault_app, name="fault")
 app.command()(demo)
 
 PASSWORD_ENV = "VSPEMU_PASSWORD"

@@ -343,3 +343,23 @@ class VspClient:
         if timeout is not None:
             body["timeout"] = timeout
         return self.private("POST", "link-test", body)  # type: ignore[no-any-return]
+
+    # -- faults on demand (vspemu-private, docs/faults-on-demand.md) -----------------------------------------
+    def faults(self) -> list[dict[str, Any]]:
+        """The faults in force on this system."""
+        return self.private("GET", "faults")["data"]  # type: ignore[no-any-return]
+
+    def add_fault(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Put a fault in force: ``kind`` path, path-group, path-delay, journal-full, ldev-eio or system-stop,
+        with its fields (localPortId, remoteSerialNumber, remotePortId, pathGroupId, latencyMs,
+        bandwidthMiBps, journalId, ldevId). Returns the fault with its faultId."""
+        body = {"kind": kind, **{k: v for k, v in fields.items() if v is not None}}
+        return self.private("POST", "faults", body)  # type: ignore[no-any-return]
+
+    def clear_fault(self, fault_id: int) -> dict[str, Any]:
+        """Clear one fault; returns it."""
+        return self.private("DELETE", f"faults/{fault_id}")  # type: ignore[no-any-return]
+
+    def clear_faults(self) -> list[dict[str, Any]]:
+        """Clear every fault; returns those cleared."""
+        return self.private("DELETE", "faults")["data"]  # type: ignore[no-any-return]

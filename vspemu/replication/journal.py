@@ -148,6 +148,7 @@ class MasterJournal:
         self.used = 0  # bytes between head and tail, wrap gaps included
         self._cursors: dict[int, tuple[int, int]] = {}  # reader (mirror) -> (offset, seq) of its next entry
         self.floors = [0] * MIRRORS
+        self.held_full = False  # fault on demand: behave as full (see vspemu.system.faults)
         self._recover()
 
     @property
@@ -155,6 +156,8 @@ class MasterJournal:
         return self.size - HEADER_SIZE
 
     def usage_rate(self) -> int:
+        if self.held_full:
+            return 100
         return min(100, self.used * 100 // self.capacity) if self.capacity > 0 else 100
 
     @property
@@ -392,6 +395,8 @@ class MasterJournal:
         return self.tail if self.tail + need < self.head else None  # wrapped: room in [tail, head)
 
     def fits(self, length: int, zero: bool = False) -> bool:
+        if self.held_full:  # fault on demand (journal-full): no room for anything
+            return False
         return self._place(ENTRY.size + (0 if zero else _align(length))) is not None
 
     def append(self, ldev: int, offset: int, data: bytes | memoryview | None, length: int, mirrors: int = 0) -> int:

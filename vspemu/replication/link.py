@@ -497,6 +497,7 @@ class Connection:
         self._poller: select.poll | None = None  # this connection's socket, for polled completion
         self._fd = -1
         self._spinner = _Spinner.of(asyncio.get_running_loop())
+        self.shaper: SendShaper | None = None  # a latency / bandwidth fault on demand (see Link.path_fault)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -590,6 +591,9 @@ class Connection:
 
     async def _send(self, ftype: int, request_id: int, header: dict[str, Any],
                     payload: bytes | bytearray | memoryview = b"") -> None:
+        if self.shaper is not None:  # fault on demand: latency and a bandwidth limit on the sending side
+            await self.shaper.pace(len(payload) if isinstance(payload, (bytes, bytearray)) else
+                                   memoryview(payload).nbytes)
         self._write_frame(ftype, request_id, header, payload)
         if self._write_paused:
             await self._drain()
@@ -958,6 +962,26 @@ class Connection:
             task.cancel()
 
 
+class SendShaper:
+    """A fault on demand on a path group's connections: every frame sent waits ``latency`` seconds, and the
+    payload bytes pass a token bucket of ``rate`` bytes per second (0: no limit)."""
+
+    def __init__(self, latency: float = 0.0, rate: float = 0.0) -> None:
+        self.latency = latency
+        self.rate = rate
+        self._free_at = 0.0  # when the bucket has room again (monotonic)
+
+    async def pace(self, nbytes: int) -> None:
+        delay = self.latency
+        if self.rate > 0 and nbytes:
+            now = time.monotonic()
+            start = max(self._free_at, now)
+            self._free_at = start + nbytes / self.rate
+            delay += self._free_at - now
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
 class RemotePath:
     """One path of a group: keeps a connection from a local port to a remote port up, reconnecting."""
 
@@ -1026,6 +1050,9 @@ class RemotePath:
         link = self.group.link
         if not link.port_enabled(self.local_port_id):
             raise HandshakeRefused(PATH_INIT_FAILED, f"local port {self.local_port_id} is offline")
+        if link.path_fault is not None and link.path_fault(self.local_port_id, self.group.remote_serial,
+                                                           self.remote_port_id, self.group.path_group_id):
+            raise HandshakeRefused(PATH_COMMUNICATION_FAILED, "the path is held down (fault on demand)")
         address = link.address_of(self.group.remote_device_id, self.remote_port_id)
         if address is None:
             raise HandshakeRefused(PATH_INVALID_PORT, f"{self.remote_port_id} is not a replication port of "
@@ -1043,6 +1070,8 @@ class RemotePath:
         peer = PeerInfo(self.group.remote_device_id, self.group.remote_serial, self.local_port_id,
                         self.remote_port_id, True)
         conn = Connection(reader, writer, peer, link.handlers, self.group.timeout, keys)
+        if link.shaper_for is not None:
+            conn.shaper = link.shaper_for(self.group.remote_serial, self.group.path_group_id)
         conn.start()
         return conn
 
@@ -1223,6 +1252,10 @@ class Link:
         self._pending_handshakes = 0
         self._pending_by_address: dict[str, int] = {}
         self.rejected_connections = 0
+        # faults on demand (vspemu.system.faults): whether a path (local port, remote serial, remote port,
+        # path group id or None for an inbound connection) is held down; the send shaper of a connection
+        self.path_fault: Callable[[str, int, str, int | None], bool] | None = None
+        self.shaper_for: Callable[[int, int | None], SendShaper | None] | None = None
         self.register_handler(ECHO, _echo)
 
     # -- handlers ----------------------------------------------------------------------------------
@@ -1301,7 +1334,13 @@ class Link:
         if port_id not in self._servers:  # the port went offline meanwhile
             writer.transport.abort()
             return
+        if self.path_fault is not None and self.path_fault(port_id, peer.serial, peer.remote_port_id, None):
+            self.rejected_connections += 1
+            writer.transport.abort()  # the path is held down (fault on demand)
+            return
         conn = Connection(reader, writer, peer, self.handlers, keepalive, keys)
+        if self.shaper_for is not None:
+            conn.shaper = self.shaper_for(peer.serial, None)
         conns = self._inbound.setdefault(port_id, set())
         conns.add(conn)
         conn.start()
@@ -1355,6 +1394,27 @@ class Link:
         peer = PeerInfo(initiator, serial if isinstance(serial, int) else 0, port_id, local_port, False)
         keys = session_keys(secret, *ids, self.cipher)
         return peer, float(keepalive), None if keys is None else (keys[1], keys[0])
+
+    def apply_faults(self) -> None:
+        """The faults on demand changed: cut the connections of paths now held down, (re)set send shapers."""
+        fault, shaper_for = self.path_fault, self.shaper_for
+        for group in self.groups.values():
+            for path in group.paths.values():
+                conn = path.conn
+                if conn is None:
+                    continue
+                if fault is not None and fault(path.local_port_id, group.remote_serial, path.remote_port_id,
+                                               group.path_group_id):
+                    conn.close(PATH_COMMUNICATION_FAILED, "the path is held down (fault on demand)")
+                else:
+                    conn.shaper = shaper_for(group.remote_serial, group.path_group_id) if shaper_for else None
+        for port_id, conns in self._inbound.items():
+            for conn in list(conns):
+                peer = conn.peer
+                if fault is not None and fault(port_id, peer.serial, peer.remote_port_id, None):
+                    conn.close(PATH_COMMUNICATION_FAILED, "the path is held down (fault on demand)")
+                else:
+                    conn.shaper = shaper_for(peer.serial, None) if shaper_for else None
 
     # -- path groups -------------------------------------------------------------------------------
     def path_group(self, remote_serial: int, path_group_id: int) -> PathGroup | None:

@@ -96,6 +96,7 @@ class UniversalReplicator:
         self.mirrors: dict[str, MirrorRuntime] = {}
         self.full_since: dict[int, float] = {}  # journal id -> since when a write waits for room
         self.room: dict[int, asyncio.Event] = {}  # journal id -> set when entries are freed
+        self.held_full: set[int] = set()  # journals held full by a fault on demand
         engine.link.register_handler("jnl.read", self._h_read)
         engine.link.register_handler("jnl.split", self._h_split)
         journals.users.append(self._journal_user)
@@ -138,6 +139,7 @@ class UniversalReplicator:
             j = self.journals.get(jid)
             vol = self.engine.system.volumes[j.ldev_ids[0]]
             mj = MasterJournal(vol.path, vol.size)
+            mj.held_full = jid in self.held_full
             self.masters[jid] = mj
         return mj
 
@@ -151,6 +153,21 @@ class UniversalReplicator:
                 rt.acked = max(mj.head_seq - 1, mj.floors[group.mu_number])
                 rt.last_own = mj.last_seq
         return rt
+
+    def hold_full(self, jid: int, held: bool) -> None:
+        """Fault on demand (journal-full): the master journal behaves as full (its pairs PFUL now, PFUS once a
+        write waited longer than the overflow watch), or normal again."""
+        if held:
+            self.held_full.add(jid)
+        else:
+            self.held_full.discard(jid)
+        if jid in self.masters:
+            self.masters[jid].held_full = held
+        for g in self.journal_groups(jid):
+            self.master(g).held_full = held
+            self.refresh_group(g)
+        if not held and jid in self.room:
+            self.room[jid].set()
 
     def start_mirror(self, group: CopyGroup) -> None:
         """A mirror starts on this side as the primary (created, or reversed by a swap): no entry journaled
@@ -239,6 +256,8 @@ class UniversalReplicator:
         entries (the others then find room)."""
         self._release(jid)  # (entries that no mirror needs go first)
         holding = [(self.runtime(g).acked, g) for g in self.journal_groups(jid) if self._holds(g)]
+        if not holding and jid in self.held_full:  # held full on demand: no entry to blame, every mirror waits
+            holding = [(0, g) for g in self.journal_groups(jid)]
         if not holding:
             return
         oldest = min(acked for acked, _ in holding)

@@ -87,6 +87,11 @@ def _write_zeros(fd: int, offset: int, length: int) -> None:
         length -= n
 
 
+class InjectedIOError(VolumeIOError, OSError):
+    """An I/O error injected on demand (``ldev-eio``): an OSError (EIO) like a failing disk's, so every path
+    treats it as one (the host gets EIO, a P-VOL write that fails suspends its pair)."""
+
+
 class Volume:
     """The data of one LDEV: a sparse file of ``size`` bytes."""
 
@@ -101,6 +106,7 @@ class Volume:
         # why host I/O (NBD read and write) is refused, e.g. a journal volume; None: allowed
         self.host_io_refused: str | None = None
         self.write_gate: Callable[[Volume], None] | None = None
+        self.io_fault: str | None = None  # an I/O error injected on demand (vspemu.system.faults); None: none
         self.replicator: Replicator | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -118,6 +124,8 @@ class Volume:
 
     @property
     def fd(self) -> int:
+        if self.io_fault is not None:  # fault on demand (ldev-eio): every read and write of the data fails
+            raise InjectedIOError(errno.EIO, f"LDEV {self.ldev_id}: {self.io_fault}")
         fd = self._fd
         if fd is None:
             if self._closed:  # never reopen: the path may belong to a new LDEV with the same id by now
