@@ -18,6 +18,7 @@ from rich.table import Table
 
 from vspemu.cli.demo import demo
 from vspemu.cli.pair import app as pair_app
+from vspemu.cli.verify import verify
 from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER, storage_device_id
 
 app = typer.Typer(help="vspemu: Hitachi VSP storage systems in software, with TrueCopy and Universal "
@@ -25,6 +26,7 @@ app = typer.Typer(help="vspemu: Hitachi VSP storage systems in software, with Tr
 console = Console(width=None if sys.stdout.isatty() else 200)  # full lines when piped or logged
 app.add_typer(pair_app, name="pair")
 app.command()(demo)
+app.command()(verify)
 
 PASSWORD_ENV = "VSPEMU_PASSWORD"
 
