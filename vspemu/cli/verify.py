@@ -45,7 +45,7 @@ EXIT_DIFFERS = 4
 def print_report(r: dict[str, Any]) -> None:
     t = Table(box=box.SIMPLE, title=f"verify {r['copyGroupName']} ({r['hash']}, {r['trackSize'] // 1024} KiB "
                                     f"tracks, {r.get('seconds', 0):.1f} s)")
-    for col in ("pair", "P-VOL", "S-VOL", "status", "tracks", "differing", "bytes", "first tracks", "marked"):
+    for col in ("pair", "P-VOL", "S-VOL", "status", "tracks", "diff", "bytes", "first tracks", "marked"):
         t.add_column(col)
     for p in r["pairs"]:
         first = ",".join(str(x) for x in p["differingTracks"])
