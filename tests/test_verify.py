@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -212,3 +213,27 @@ def test_cli_verify(lab: Lab) -> None:
     print(out.stdout, out.stderr)
     assert out.returncode == 0, out.stderr
     assert "p1" in out.stdout and "0 differing tracks" in out.stdout
+
+
+def test_hash_tracks_sparse_equals_written_zeros(tmp_path: Path) -> None:
+    """A thin volume's holes are not read (SEEK_DATA) but hash as the zeros they read as."""
+    from vspemu.replication.verify import _differing, hash_tracks
+
+    size = 8 * MiB + 4096  # a short last track
+    sparse, full = tmp_path / "sparse", tmp_path / "full"
+    with open(sparse, "wb") as f:
+        f.truncate(size)
+        f.seek(5 * TRACK + 3)
+        f.write(b"x")
+    full.write_bytes(bytes(size))
+    with open(full, "r+b") as f:
+        f.seek(5 * TRACK + 3)
+        f.write(b"y")
+    fa, fb = os.open(sparse, os.O_RDONLY), os.open(full, os.O_RDONLY)
+    try:
+        for algo in ("sha1", "blake2b"):
+            a, b = hash_tracks(fa, size, 0, 33, algo), hash_tracks(fb, size, 0, 33, algo)
+            assert len(a) == 33 * 16 and list(_differing(a, b)) == [5]
+    finally:
+        os.close(fa)
+        os.close(fb)

@@ -32,6 +32,8 @@ only has to tell accidental differences apart. ``blake2b`` (digest_size 16) may 
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import hashlib
 import os
 import time
@@ -93,6 +95,10 @@ def hash_tracks(fd: int, size: int, first: int, count: int, algo: str = DEFAULT_
         n = min(READ_CHUNK, end - t)
         offset = t * TRACK
         length = min(n * TRACK, size - offset)
+        if _is_hole(fd, offset, length):  # a thin volume's unwritten range: zeros, not worth reading
+            out += b"".join(_zero_digest(algo, min(TRACK, length - i * TRACK)) for i in range(n))
+            t += n
+            continue
         got = 0
         while got < length:
             r = os.preadv(fd, [view[got:length]], offset + got)
@@ -104,6 +110,19 @@ def hash_tracks(fd: int, size: int, first: int, count: int, algo: str = DEFAULT_
             out += fn(view[i * TRACK:min((i + 1) * TRACK, length)])
         t += n
     return bytes(out)
+
+
+def _is_hole(fd: int, offset: int, length: int) -> bool:
+    """True when the file holds no data in ``[offset, offset+length)`` (reads as zeros)."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError as e:
+        return e.errno == errno.ENXIO  # no data after offset at all
+
+
+@functools.cache
+def _zero_digest(algo: str, length: int) -> bytes:
+    return ALGOS[algo](memoryview(bytes(length)))
 
 
 def _differing(a: bytes, b: bytes) -> np.ndarray:
