@@ -274,6 +274,9 @@ class Verifier:
         bm = self.engine.bitmap(pair)
         already = sum(1 for t in diff if bm.is_set(t))
         nbytes = sum(min(TRACK, vol.size - t * TRACK) for t in diff)
+        if mark and diff and pair.status not in (PSUS, PSUE, PFUS):  # resynced while the verify ran
+            raise VspError("WRONG_STATE", detail=f"pair {group.name},{pair.name} became {pair.status} during "
+                                                 "the verify: nothing was marked; split it and verify again")
         if mark and diff:
             bm.set_ranges([(t * TRACK, TRACK) for t in diff])
         return {
