@@ -19,6 +19,7 @@ from rich.table import Table
 from vspemu.cli.demo import demo
 from vspemu.cli.fault import app as fault_app
 from vspemu.cli.pair import app as pair_app
+from vspemu.cli.verify import verify
 from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER, storage_device_id
 
 STATUS_PAGE = "/ConfigurationManager/vspemu/status"  # served by each system (vspemu.api.routes.status)
@@ -29,6 +30,7 @@ console = Console(width=None if sys.stdout.isatty() else 200)  # full lines when
 app.add_typer(pair_app, name="pair")
 app.add_typer(fault_app, name="fault")
 app.command()(demo)
+app.command()(verify)
 
 PASSWORD_ENV = "VSPEMU_PASSWORD"
 

@@ -363,3 +363,19 @@ class VspClient:
     def clear_faults(self) -> list[dict[str, Any]]:
         """Clear every fault; returns those cleared."""
         return self.private("DELETE", "faults")["data"]  # type: ignore[no-any-return]
+
+    def verify(self, object_id: str, remote: VspClient, *, mark: bool = False, max_tracks: int = 100,
+               hash: str | None = None, timeout: float = 3600.0) -> dict[str, Any]:
+        """Online verify of a pair (a 5-part remote-mirror-copypair id) or a copy group (4-part id), sent
+        to the system that holds the P-VOLs (vspemu-private): compares P-VOL and S-VOL by per-track digests
+        and returns the report (``differingTrackCount``, ``differingTracks``, ``differingBytes`` in total and
+        per pair). ``mark=True`` (split pairs only) marks the differing tracks for the next resync."""
+        kind = "remote-mirror-copypairs" if object_id.replace("%2C", ",").count(",") == 4 \
+            else "remote-mirror-copygroups"
+        params: dict[str, Any] = {"mark": mark, "maxTracks": max_tracks}
+        if hash is not None:
+            params["hash"] = hash
+        job = self.request("POST", f"vspemu/v1/{kind}/{object_id}/actions/verify/invoke",
+                           json={"parameters": params}, remote=remote, objects=False)
+        self.wait_job(job, timeout)
+        return self.private("GET", f"{kind}/{object_id}/verify")  # type: ignore[no-any-return]

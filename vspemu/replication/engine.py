@@ -18,6 +18,7 @@ Messages (all handlers are idempotent, since the link may resend a request on an
 ``data.write``     write (or zero) a range of an S-VOL: host writes in PAIR and copy chunks
 ``data.flush``     make the S-VOL durable
 ``data.extents``   the ranges of an S-VOL that hold data (an initial copy must zero them too)
+``verify.sums``    per-track digests of an S-VOL (online verify, :mod:`.verify`)
 =================  =====================================================================================
 """
 
@@ -54,6 +55,7 @@ from vspemu.replication.model import (
     Pair,
 )
 from vspemu.replication.ur import UniversalReplicator
+from vspemu.replication.verify import Verifier
 from vspemu.system.journals import Journals
 from vspemu.system.storage import Ldev, StorageSystem
 from vspemu.volumes.volume import Volume, VolumeIOError, WriteRefused
@@ -118,6 +120,7 @@ class Replication:
             link.register_handler(msg, handler)
         system.ldev_guards.append(self._guard_ldev)
         self.ur = UniversalReplicator(self, journals)
+        self.verifier = Verifier(self)  # online verify; serves verify.sums (see .verify)
         for doc in system.store.load("copy_groups").values():
             g = CopyGroup(**doc)
             self.groups[g.name] = g

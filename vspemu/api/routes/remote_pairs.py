@@ -377,3 +377,58 @@ private_router = APIRouter(tags=["vspemu-private"])
 @private_router.get("/replication/stats")
 async def replication_stats(ctx: Ctx, _s: Auth) -> dict[str, Any]:
     return engine_of(ctx).stats()
+
+
+# -- vspemu-private: online verify (see vspemu/replication/verify.py and docs/verify.md) --------------------------
+class VerifyParameters(Body):
+    mark: bool | None = None
+    maxTracks: int | None = Field(default=None, ge=0, le=1000)
+    hash: Literal["sha1", "blake2b"] | None = None
+
+
+class VerifyBody(Body):
+    parameters: VerifyParameters | None = None
+
+
+async def _verify(request: Request, ctx: StorageContext, session: Any, object_id: str, parts: int,
+                  p: VerifyParameters | None) -> JSONResponse:
+    group, name, remote = parse_id(ctx, object_id, parts)
+    if remote:
+        await remote_auth(request, ctx, group.remote_device_id)
+    else:
+        refuse_not_specified(group, "verify")
+    verifier = engine_of(ctx).verifier
+    mark = bool(p and p.mark)
+    verifier.check(group, name, mark)
+    max_list = p.maxTracks if p and p.maxTracks is not None else 100
+    algo = p.hash if p and p.hash else "sha1"
+
+    async def work() -> list[str]:
+        await verifier.run(group, name, mark, max_list, algo)
+        return [_self_url(group, name)]
+
+    return await job_response(request, session, work, key=f"verify:{group.name}")
+
+
+@private_router.api_route("/remote-mirror-copypairs/{pairId}/actions/verify/invoke", methods=["PUT", "POST"])
+async def verify_pair(pairId: str, request: Request, ctx: Ctx, session: Auth,
+                      body: VerifyBody | None = None) -> JSONResponse:
+    return await _verify(request, ctx, session, pairId, 5, body.parameters if body else None)
+
+
+@private_router.api_route("/remote-mirror-copygroups/{groupId}/actions/verify/invoke", methods=["PUT", "POST"])
+async def verify_group(groupId: str, request: Request, ctx: Ctx, session: Auth,
+                       body: VerifyBody | None = None) -> JSONResponse:
+    return await _verify(request, ctx, session, groupId, 4, body.parameters if body else None)
+
+
+@private_router.get("/remote-mirror-copypairs/{pairId}/verify")
+async def verify_pair_report(pairId: str, ctx: Ctx, _s: Auth) -> dict[str, Any]:
+    group, name, _ = parse_id(ctx, pairId, 5)
+    return engine_of(ctx).verifier.report(group.name, name)
+
+
+@private_router.get("/remote-mirror-copygroups/{groupId}/verify")
+async def verify_group_report(groupId: str, ctx: Ctx, _s: Auth) -> dict[str, Any]:
+    group, _, _ = parse_id(ctx, groupId, 4)
+    return engine_of(ctx).verifier.report(group.name, None)
