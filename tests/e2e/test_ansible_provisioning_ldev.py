@@ -45,13 +45,18 @@ def test_storage_pool_lifecycle(plab: AnsibleLab) -> None:
 
 
 def test_sample_provision_ldev_to_host(plab: AnsibleLab) -> None:
-    """The collection's sample provision_ldev_to_host.yml (its LDEV step; the hv_hg step is h-prov-hg's)."""
+    """The collection's sample provision_ldev_to_host.yml: an LDEV in a DP pool, presented to a host group."""
     vols = [plab.pc.create_ldev("1G", ldev_id=i) for i in (401, 402)]
     plab.pc.invoke("POST", "pools", {"poolId": 15, "poolName": "sample_pool", "poolType": "DP", "ldevIds": vols})
     plab.play("provision_ldev_to_host.yml")
     made = plab.pc.get("ldevs", poolId=15, ldevOption="dpVolume")["data"]
     assert [(x["label"], x["dataReductionMode"], x["blockCapacity"]) for x in made] == [
         ("database_volume1", "compression_deduplication", 2097152)]
+    groups = [g for g in plab.pc.get("host-groups", portId="CL1-A")["data"]
+              if g["hostGroupName"] == "hostgroup-server1"]
+    assert len(groups) == 1
+    luns = plab.pc.get("luns", portId="CL1-A", hostGroupNumber=groups[0]["hostGroupNumber"])["data"]
+    assert [x["ldevId"] for x in luns] == [made[0]["ldevId"]]
 
 
 def test_users_and_factory_password(plab: AnsibleLab) -> None:
