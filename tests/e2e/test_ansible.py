@@ -175,6 +175,19 @@ class AnsibleLab:
         return h.hexdigest()
 
 
+def single_system_lab(tmp_path_factory: pytest.TempPathFactory, serial: int) -> Iterator[AnsibleLab]:
+    """One system, for the provisioning plays: the lab's secondary is the same process (a fixture body)."""
+    venv = ansible_venv()
+    base = tmp_path_factory.mktemp("ansible-prov")
+    p = SystemProcess(base / "array", serial).start()
+    pc = p.client()
+    try:
+        yield AnsibleLab(p, p, pc, pc, venv, base / "scratch")
+    finally:
+        pc.close()
+        p.stop()
+
+
 @pytest.fixture(scope="module")
 def alab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AnsibleLab]:
     venv = ansible_venv()

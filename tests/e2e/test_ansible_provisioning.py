@@ -11,24 +11,14 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from test_ansible import AnsibleLab, ansible_venv  # tests/e2e is on sys.path (pytest rootdir-less import)
-
-from vspemu.lab import SystemProcess
+from test_ansible import AnsibleLab, single_system_lab  # tests/e2e is on sys.path (pytest rootdir-less import)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
 def plab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AnsibleLab]:
-    venv = ansible_venv()
-    base = tmp_path_factory.mktemp("ansible-prov")
-    p = SystemProcess(base / "array", 420001).start()
-    pc = p.client()
-    try:
-        yield AnsibleLab(p, p, pc, pc, venv, base / "scratch")
-    finally:
-        pc.close()
-        p.stop()
+    yield from single_system_lab(tmp_path_factory, 420001)
 
 
 def test_hv_hg_lifecycle(plab: AnsibleLab) -> None:

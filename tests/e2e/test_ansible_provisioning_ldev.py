@@ -8,26 +8,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from test_ansible import PASSWORD, AnsibleLab, ansible_venv
+from test_ansible import PASSWORD, AnsibleLab, single_system_lab
 
 from vspemu.client import ApiError, VspClient
-from vspemu.lab import SystemProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
 def plab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AnsibleLab]:
-    """One system is enough for provisioning; the lab's secondary is the same process."""
-    venv = ansible_venv()
-    base = tmp_path_factory.mktemp("ansible-prov")
-    p = SystemProcess(base / "primary", 410011).start()
-    pc = p.client()
-    try:
-        yield AnsibleLab(p, p, pc, pc, venv, base / "scratch")
-    finally:
-        pc.close()
-        p.stop()
+    yield from single_system_lab(tmp_path_factory, 410011)
 
 
 def test_ldev_lifecycle_and_facts(plab: AnsibleLab) -> None:
