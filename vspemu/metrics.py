@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from vspemu.replication.bitmap import TRACK
 from vspemu.replication.model import COPY, PAIR, PFUL, PFUS, PSUE, PSUS, SMPL, SSUS, SSWS
+from vspemu.system.faults import KINDS as FAULT_KINDS
 from vspemu.volumes import nbd as nbd_module
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ class StateCollector(Collector):
         yield from self._journals()
         yield from self._link()
         yield from self._nbd()
+        yield from self._faults()
 
     # -- pairs ----------------------------------------------------------------------------------------------
     def _pairs(self) -> Iterator[Metric]:
@@ -219,6 +221,41 @@ class StateCollector(Collector):
             latency.add_metric([op], buckets, stats.seconds[i])
         errors.add_metric([], stats.errors)
         yield from (ops, nbytes, errors, latency)
+
+
+    # -- faults on demand -----------------------------------------------------------------------------------
+    def _faults(self) -> Iterator[Metric]:
+        active = GaugeMetricFamily("vspemu_faults_active", "Faults on demand in force on this system, by kind",
+                                   labels=["kind"])
+        counts = dict.fromkeys(FAULT_KINDS, 0)
+        for doc in active_faults(self.ctx):
+            counts[doc["kind"]] = counts.get(doc["kind"], 0) + 1
+        for kind, n in counts.items():
+            active.add_metric([kind], n)
+        yield active
+
+
+def active_faults(ctx: StorageContext) -> list[dict[str, Any]]:
+    """The faults in force (the registry's documents; [] on a system without the registry)."""
+    faults = getattr(ctx, "faults", None)
+    return faults.list() if faults is not None else []
+
+
+def fault_target(doc: dict[str, Any]) -> str:
+    """What a fault acts on, in words (the status page's "target" column)."""
+    kind = doc.get("kind")
+    if kind == "path":
+        return f"path {doc.get('localPortId')} -> serial {doc.get('remoteSerialNumber')} {doc.get('remotePortId')}"
+    if kind in ("path-group", "path-delay"):
+        target = f"path group {doc.get('pathGroupId')} to serial {doc.get('remoteSerialNumber')}"
+        if kind == "path-delay":
+            target += f" ({doc.get('latencyMs')} ms, {doc.get('bandwidthMiBps') or 'no'} MiB/s limit)"
+        return target
+    if kind == "journal-full":
+        return f"journal {doc.get('journalId')}"
+    if kind == "ldev-eio":
+        return f"LDEV {doc.get('ldevId')}"
+    return "system"
 
 
 def mirror_lag(rep: Any, group: Any) -> dict[str, Any]:
