@@ -219,3 +219,29 @@ def test_faults_in_force_show_in_metrics_and_status(
     assert sum(find(got, "vspemu_faults_active")) == 0
     assert status_json(p, pc)["faults"] == []
     wait_for(lambda: sum(find(samples(p, pc), "vspemu_remote_path_up", remote=s.storage_device_id)) == 2)
+
+
+def test_remote_path_errors_grow_under_a_path_group_fault(
+        linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient]) -> None:
+    p, s, pc, _sc = linked
+    remote = s.storage_device_id
+
+    def errors(got: Samples, kind: str) -> float:
+        return sum(find(got, "vspemu_remote_path_errors_total", remote=remote, kind=kind))
+
+    got = samples(p, pc)
+    assert len(find(got, "vspemu_remote_path_errors_total", remote=remote, kind="refused")) == 2  # per path
+    assert sum(find(got, "vspemu_remote_path_connects_total", remote=remote)) >= 2
+    before = {kind: errors(got, kind) for kind in ("refused", "disconnected")}
+    connects = sum(find(got, "vspemu_remote_path_connects_total", remote=remote))
+    fault = pc.add_fault("path-group", remoteSerialNumber=s.serial, pathGroupId=0)
+    # both connections are cut, and the reconnect attempts are refused while the fault is in force
+    got = wait_for(lambda: (g := samples(p, pc)) and errors(g, "disconnected") >= before["disconnected"] + 2
+                   and errors(g, "refused") >= before["refused"] + 2 and g)
+    assert sum(find(got, "vspemu_remote_path_up", remote=remote)) == 0
+    pc.clear_fault(fault["faultId"])
+    # the paths reconnect: the connects counter grows, the error counters never go back
+    got = wait_for(lambda: (g := samples(p, pc))
+                   and sum(find(g, "vspemu_remote_path_connects_total", remote=remote)) >= connects + 2 and g)
+    assert errors(got, "refused") >= before["refused"] + 2
+    assert errors(got, "disconnected") >= before["disconnected"] + 2

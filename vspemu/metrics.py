@@ -180,6 +180,14 @@ class StateCollector(Collector):
                                        "connections (kernel tcpi_bytes_received)", labels=labels)
         retrans = CounterMetricFamily("vspemu_link_retransmitted_segments", "TCP segments retransmitted on a "
                                       "remote path's connections", labels=labels)
+        path_labels = ["remote", "local_port", "remote_port", "path_group"]
+        errors = CounterMetricFamily("vspemu_remote_path_errors", "Failures of an outbound remote path: "
+                                     "connect_failed (refused by the OS, unreachable, timed out, protocol error), "
+                                     "refused (handshake refused, port offline, path held down by a fault), "
+                                     "disconnected (an established connection went down)",
+                                     labels=[*path_labels, "kind"])
+        connects = CounterMetricFamily("vspemu_remote_path_connects", "Connections an outbound remote path "
+                                       "established (the first one and every reconnect)", labels=path_labels)
         link = self.ctx.link
         seen: dict[tuple[str, ...], tuple[int, int, int]] = {}
         if link is not None:
@@ -187,6 +195,11 @@ class StateCollector(Collector):
                 for path in list(group.paths.values()):
                     key = (group.remote_device_id, "outbound", path.local_port_id, path.remote_port_id)
                     up.add_metric([*key, str(group.path_group_id), path.status], 1 if path.is_up else 0)
+                    ids = [group.remote_device_id, path.local_port_id, path.remote_port_id, str(group.path_group_id)]
+                    errors.add_metric([*ids, "connect_failed"], path.connect_failures)
+                    errors.add_metric([*ids, "refused"], path.refusals)
+                    errors.add_metric([*ids, "disconnected"], path.disconnects)
+                    connects.add_metric(ids, path.connects)
                     seen[key] = self._link_bytes.update(key, path.conn if path.is_up else None)
             for conns in list(getattr(link, "_inbound", {}).values()):
                 for conn in list(conns):
@@ -200,7 +213,7 @@ class StateCollector(Collector):
             sent.add_metric(list(key), s)
             received.add_metric(list(key), r)
             retrans.add_metric(list(key), t)
-        yield from (up, sent, received, retrans)
+        yield from (up, sent, received, retrans, errors, connects)
 
     # -- NBD ------------------------------------------------------------------------------------------------
     def _nbd(self) -> Iterator[Metric]:
