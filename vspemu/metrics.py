@@ -262,7 +262,8 @@ def fault_target(doc: dict[str, Any]) -> str:
     if kind in ("path-group", "path-delay"):
         target = f"path group {doc.get('pathGroupId')} to serial {doc.get('remoteSerialNumber')}"
         if kind == "path-delay":
-            target += f" ({doc.get('latencyMs')} ms, {doc.get('bandwidthMiBps') or 'no'} MiB/s limit)"
+            bw = doc.get("bandwidthMiBps")
+            target += f" ({doc.get('latencyMs')} ms, {f'{bw:g} MiB/s limit' if bw else 'no bandwidth limit'})"
         return target
     if kind == "journal-full":
         return f"journal {doc.get('journalId')}"
