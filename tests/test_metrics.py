@@ -178,3 +178,70 @@ def test_status_json_needs_a_session(system: SystemProcess, api: VspClient, path
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "script-src 'self'" in page.headers["content-security-policy"]
     assert scrape(system, path="/ConfigurationManager/vspemu/status/..%2Fapp.py").status_code == 404
+
+
+def status_json(sysp: SystemProcess, client: VspClient) -> dict:  # type: ignore[type-arg]
+    r = scrape(sysp, path="/ConfigurationManager/vspemu/v1/status", headers=client.headers())
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def test_faults_in_force_show_in_metrics_and_status(
+        linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient]) -> None:
+    p, s, pc, _sc = linked
+    got = samples(p, pc)
+    assert value(got, "vspemu_faults_active", kind="path-group") == 0
+    assert value(got, "vspemu_faults_active", kind="ldev-eio") == 0
+    assert status_json(p, pc)["faults"] == []
+    ldev = pc.create_ldev("16M")
+    pg = pc.add_fault("path-group", remoteSerialNumber=s.serial, pathGroupId=0)
+    eio = pc.add_fault("ldev-eio", ldevId=ldev)
+    got = samples(p, pc)
+    assert value(got, "vspemu_faults_active", kind="path-group") == 1
+    assert value(got, "vspemu_faults_active", kind="ldev-eio") == 1
+    assert value(got, "vspemu_faults_active", kind="path") == 0
+    faults = {f["faultId"]: f for f in status_json(p, pc)["faults"]}
+    assert set(faults) == {pg["faultId"], eio["faultId"]}
+    assert faults[pg["faultId"]]["kind"] == "path-group"
+    assert faults[pg["faultId"]]["target"] == f"path group 0 to serial {s.serial}"
+    assert faults[pg["faultId"]]["since"] == pg["createdAt"]
+    assert faults[eio["faultId"]]["target"] == f"LDEV {ldev}"
+    # the path group's paths are down while the fault is in force
+    wait_for(lambda: sum(find(samples(p, pc), "vspemu_remote_path_up", remote=s.storage_device_id)) == 0)
+
+    pc.clear_fault(eio["faultId"])
+    got = samples(p, pc)
+    assert value(got, "vspemu_faults_active", kind="ldev-eio") == 0
+    assert value(got, "vspemu_faults_active", kind="path-group") == 1
+    assert [f["faultId"] for f in status_json(p, pc)["faults"]] == [pg["faultId"]]
+    pc.clear_faults()
+    got = samples(p, pc)
+    assert sum(find(got, "vspemu_faults_active")) == 0
+    assert status_json(p, pc)["faults"] == []
+    wait_for(lambda: sum(find(samples(p, pc), "vspemu_remote_path_up", remote=s.storage_device_id)) == 2)
+
+
+def test_remote_path_errors_grow_under_a_path_group_fault(
+        linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient]) -> None:
+    p, s, pc, _sc = linked
+    remote = s.storage_device_id
+
+    def errors(got: Samples, kind: str) -> float:
+        return sum(find(got, "vspemu_remote_path_errors_total", remote=remote, kind=kind))
+
+    got = samples(p, pc)
+    assert len(find(got, "vspemu_remote_path_errors_total", remote=remote, kind="refused")) == 2  # per path
+    assert sum(find(got, "vspemu_remote_path_connects_total", remote=remote)) >= 2
+    before = {kind: errors(got, kind) for kind in ("refused", "disconnected")}
+    connects = sum(find(got, "vspemu_remote_path_connects_total", remote=remote))
+    fault = pc.add_fault("path-group", remoteSerialNumber=s.serial, pathGroupId=0)
+    # both connections are cut, and the reconnect attempts are refused while the fault is in force
+    got = wait_for(lambda: (g := samples(p, pc)) and errors(g, "disconnected") >= before["disconnected"] + 2
+                   and errors(g, "refused") >= before["refused"] + 2 and g)
+    assert sum(find(got, "vspemu_remote_path_up", remote=remote)) == 0
+    pc.clear_fault(fault["faultId"])
+    # the paths reconnect: the connects counter grows, the error counters never go back
+    got = wait_for(lambda: (g := samples(p, pc))
+                   and sum(find(g, "vspemu_remote_path_connects_total", remote=remote)) >= connects + 2 and g)
+    assert errors(got, "refused") >= before["refused"] + 2
+    assert errors(got, "disconnected") >= before["disconnected"] + 2

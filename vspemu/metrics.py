@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from vspemu.replication.bitmap import TRACK
 from vspemu.replication.model import COPY, PAIR, PFUL, PFUS, PSUE, PSUS, SMPL, SSUS, SSWS
+from vspemu.system.faults import KINDS as FAULT_KINDS
 from vspemu.volumes import nbd as nbd_module
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ class StateCollector(Collector):
         yield from self._journals()
         yield from self._link()
         yield from self._nbd()
+        yield from self._faults()
 
     # -- pairs ----------------------------------------------------------------------------------------------
     def _pairs(self) -> Iterator[Metric]:
@@ -178,6 +180,14 @@ class StateCollector(Collector):
                                        "connections (kernel tcpi_bytes_received)", labels=labels)
         retrans = CounterMetricFamily("vspemu_link_retransmitted_segments", "TCP segments retransmitted on a "
                                       "remote path's connections", labels=labels)
+        path_labels = ["remote", "local_port", "remote_port", "path_group"]
+        errors = CounterMetricFamily("vspemu_remote_path_errors", "Failures of an outbound remote path: "
+                                     "connect_failed (refused by the OS, unreachable, timed out, protocol error), "
+                                     "refused (handshake refused, port offline, path held down by a fault), "
+                                     "disconnected (an established connection went down)",
+                                     labels=[*path_labels, "kind"])
+        connects = CounterMetricFamily("vspemu_remote_path_connects", "Connections an outbound remote path "
+                                       "established (the first one and every reconnect)", labels=path_labels)
         link = self.ctx.link
         seen: dict[tuple[str, ...], tuple[int, int, int]] = {}
         if link is not None:
@@ -185,6 +195,11 @@ class StateCollector(Collector):
                 for path in list(group.paths.values()):
                     key = (group.remote_device_id, "outbound", path.local_port_id, path.remote_port_id)
                     up.add_metric([*key, str(group.path_group_id), path.status], 1 if path.is_up else 0)
+                    ids = [group.remote_device_id, path.local_port_id, path.remote_port_id, str(group.path_group_id)]
+                    errors.add_metric([*ids, "connect_failed"], path.connect_failures)
+                    errors.add_metric([*ids, "refused"], path.refusals)
+                    errors.add_metric([*ids, "disconnected"], path.disconnects)
+                    connects.add_metric(ids, path.connects)
                     seen[key] = self._link_bytes.update(key, path.conn if path.is_up else None)
             for conns in list(getattr(link, "_inbound", {}).values()):
                 for conn in list(conns):
@@ -198,7 +213,7 @@ class StateCollector(Collector):
             sent.add_metric(list(key), s)
             received.add_metric(list(key), r)
             retrans.add_metric(list(key), t)
-        yield from (up, sent, received, retrans)
+        yield from (up, sent, received, retrans, errors, connects)
 
     # -- NBD ------------------------------------------------------------------------------------------------
     def _nbd(self) -> Iterator[Metric]:
@@ -219,6 +234,42 @@ class StateCollector(Collector):
             latency.add_metric([op], buckets, stats.seconds[i])
         errors.add_metric([], stats.errors)
         yield from (ops, nbytes, errors, latency)
+
+
+    # -- faults on demand -----------------------------------------------------------------------------------
+    def _faults(self) -> Iterator[Metric]:
+        active = GaugeMetricFamily("vspemu_faults_active", "Faults on demand in force on this system, by kind",
+                                   labels=["kind"])
+        counts = dict.fromkeys(FAULT_KINDS, 0)
+        for doc in active_faults(self.ctx):
+            counts[doc["kind"]] = counts.get(doc["kind"], 0) + 1
+        for kind, n in counts.items():
+            active.add_metric([kind], n)
+        yield active
+
+
+def active_faults(ctx: StorageContext) -> list[dict[str, Any]]:
+    """The faults in force (the registry's documents; [] on a system without the registry)."""
+    faults = getattr(ctx, "faults", None)
+    return faults.list() if faults is not None else []
+
+
+def fault_target(doc: dict[str, Any]) -> str:
+    """What a fault acts on, in words (the status page's "target" column)."""
+    kind = doc.get("kind")
+    if kind == "path":
+        return f"path {doc.get('localPortId')} -> serial {doc.get('remoteSerialNumber')} {doc.get('remotePortId')}"
+    if kind in ("path-group", "path-delay"):
+        target = f"path group {doc.get('pathGroupId')} to serial {doc.get('remoteSerialNumber')}"
+        if kind == "path-delay":
+            bw = doc.get("bandwidthMiBps")
+            target += f" ({doc.get('latencyMs')} ms, {f'{bw:g} MiB/s limit' if bw else 'no bandwidth limit'})"
+        return target
+    if kind == "journal-full":
+        return f"journal {doc.get('journalId')}"
+    if kind == "ldev-eio":
+        return f"LDEV {doc.get('ldevId')}"
+    return "system"
 
 
 def mirror_lag(rep: Any, group: Any) -> dict[str, Any]:

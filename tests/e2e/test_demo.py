@@ -62,7 +62,22 @@ def test_demo_on_a_fresh_lab(tmp_path: Path) -> None:
             out = r.stdout + r.stderr
             assert r.returncode == 0, f"run {run}:\n{out}"
             line = next((x for x in out.splitlines() if x.startswith("final check:")), "")
-            assert "S-VOL data equals P-VOL data" in line and "TC OK" in line, out
+            assert "S-VOL data equals P-VOL data" in line and "TC OK" in line and "DR OK" in line, out
+            # the failover rehearsal, step by step
+            lines = [x for x in out.splitlines() if x.startswith("> DR: ")]
+            expect = ["failover rehearsal", "(fence NEVER): pair1 PAIR/PAIR", "all acknowledged",
+                      "in force: path-group 0", "suspended by error: pair1 PSUE/",
+                      "takeover (forceSplit) on 900000410002: S-VOL SSWS",
+                      "equals the P-VOL's after the writes acknowledged while PAIR: no acknowledged write lost",
+                      "recovery site wrote", "fault cleared: paths ['NML_01', 'NML_01']",
+                      "swap resync: P-VOL", "on 900000410002 -> S-VOL", ": PAIR/PAIR",
+                      "verify (per-track checksums on both sides): 0 differing tracks",
+                      "pair deleted; faults in force on 900000410001: 0"]
+            text = "\n".join(lines)
+            for want in expect:
+                assert want in text, f"run {run}: {want!r} missing:\n{out}"
+            steps = [next(i for i, x in enumerate(lines) if want in x) for want in expect]
+            assert steps == sorted(steps), out
             if run == 1:
                 assert "registered 900000410002 on 900000410001" in out, out
             else:

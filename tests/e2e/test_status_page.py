@@ -123,7 +123,14 @@ def test_status_page_follows_a_pair(linked: tuple[SystemProcess, SystemProcess, 
 
     # what a data value cannot do: become markup (the page only ever sets textContent)
     assert page.evaluate("document.querySelectorAll('#groups script, #groups img').length") == 0
+    # the faults in force: a harmless one (1 ms latency) is listed while set, for the screenshot too
+    delay = pc.add_fault("path-delay", remoteSerialNumber=s.serial, pathGroupId=0, latencyMs=1)
+    fault_row = page.locator(f'#faults tr[data-fault="{delay["faultId"]}"]')
+    playwright_api.expect(fault_row.locator("td.kind")).to_have_text("path-delay", timeout=30_000)
+    playwright_api.expect(fault_row.locator("td.target")).to_contain_text(f"path group 0 to serial {s.serial}")
     page.screenshot(path=str(SCREENSHOT), full_page=True)
+    pc.clear_fault(delay["faultId"])
+    playwright_api.expect(page.locator("#faults tbody")).to_have_text("no faults in force", timeout=30_000)
 
     # log out: the session is deleted on the system and the form is back
     page.click("#logout")

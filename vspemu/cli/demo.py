@@ -4,9 +4,13 @@ Steps: log in to both systems; register the secondary on the primary (if not yet
 directions (if missing); fresh volumes (+ LUNs) with random data written to the P-VOL over NBD; journals for
 UR; then a TrueCopy pair: create (progress bar), get, split, write, resync, split for the check, compare the
 S-VOL and P-VOL data (sha256 over NBD), delete; then the same with Universal Replicator. A UR failure is
-reported and does not fail the demo. Every run uses new LDEVs and copy-group names, so it can run again on
-the same lab. Exit 0 when every data check that ran matched (TC at least), 1 otherwise, 2 when the lab
-could not be prepared.
+reported and does not fail the demo. Then a failover rehearsal with faults on demand (:func:`rehearsal`):
+a TC pair in PAIR with a host writing, the primary's path group to the secondary cut (a ``path-group``
+fault), the pair goes PSUE, the secondary takes over (SSWS) and holds every write acknowledged while PAIR,
+the fault is cleared, a swap resync makes the old secondary the primary, and ``verify`` proves 0 differing
+tracks. Every run uses new LDEVs and copy-group names, so it can run again on the same lab. Exit 0 when
+every data check that ran matched (TC and the rehearsal at least), 1 otherwise, 2 when the lab could not be
+prepared.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER
 
 MiB = 1 << 20
 CHECK_LINE = "final check"
+DR = "DR"  # the failover rehearsal's key in the results
+STATUS_PAGE = "/ConfigurationManager/vspemu/status"
 
 
 def _nbd(addr: str) -> tuple[str, int]:
@@ -151,6 +157,123 @@ def run_pair(a: Arrays, rep: str, size: str, nbd_p: tuple[str, int], nbd_s: tupl
     return digests
 
 
+def _wait(what: str, check: Any, timeout: float = 60.0) -> Any:
+    """Poll ``check`` until it returns something true; RuntimeError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rehearsal: {what} not reached after {timeout:g} s")
+        time.sleep(0.2)
+
+
+def _serial(c: VspClient) -> int:
+    return int(c.get("storages")["data"][0]["serialNumber"])
+
+
+def _path_group_id(local: VspClient, remote_serial: int) -> str:
+    for g in local.get("remotepath-groups")["data"]:
+        if int(g["remoteSerialNumber"]) == remote_serial and int(g["pathGroupId"]) == 0:
+            return str(g["remotepathGroupId"])
+    raise RuntimeError(f"rehearsal: no path group 0 to serial {remote_serial} on {local.storage_device_id}")
+
+
+def rehearsal(a: Arrays, size: str, nbd_p: tuple[str, int], nbd_s: tuple[str, int], tag: str) -> bool:
+    """A failover rehearsal with faults on demand; True when the S-VOL held every write acknowledged while
+    the pair was PAIR and the verify after the swap resync found 0 differing tracks. The fault is always
+    cleared (and the pair deleted) before returning."""
+    p, s = a.p, a.s
+    pv = p.create_ldev(size, label="demo-DR-P")
+    p.add_lun(pv)
+    sv = s.create_ldev(size, label="demo-DR-S")
+    s.add_lun(sv)
+    nbytes = int(p.get(f"ldevs/{pv}")["blockCapacity"]) * 512
+    _fill(nbd_p, pv, nbytes)
+    group, name = f"demo_dr_{tag}", "pair1"
+    _step(f"DR: failover rehearsal: P-VOL {pv} on {p.storage_device_id}, S-VOL {sv} on {s.storage_device_id}; "
+          f"watch it on {p.base_url}{STATUS_PAGE} and {s.base_url}{STATUS_PAGE}")
+    job = p.invoke("POST", "remote-mirror-copypairs",
+                   {"copyGroupName": group, "copyPairName": name, "replicationType": "TC",
+                    "remoteStorageDeviceId": s.storage_device_id, "pvolLdevId": pv, "svolLdevId": sv,
+                    "isNewGroupCreation": True, "fenceLevel": "NEVER", "copyPace": 15}, remote=s, nowait=True)
+    pair_id = VspClient.resource_id(job)
+    if wait_for_pair(a, group, name, timeout=600) != 0:
+        raise RuntimeError("DR: the initial copy did not reach PAIR")
+    _step(f"DR: pair {pair_id} (fence NEVER): {statuses_line(a.pairs(group, name))}")
+    # the host writes while PAIR: TrueCopy acknowledges a write only once the S-VOL holds it
+    with NbdClient(nbd_p[0], nbd_p[1], str(pv)) as c:
+        for i in range(16):
+            c.write((i * nbytes) // 16 + 4096, os.urandom(64 * 1024))
+        c.flush()
+    acked = _sha256(nbd_p, pv, nbytes)
+    _step(f"DR: host wrote 16 x 64 KiB while PAIR, all acknowledged; P-VOL sha256 {acked[:16]}...")
+    fault: dict[str, Any] | None = None
+    s_serial = _serial(s)
+    swapped = False
+    try:
+        fault = p.add_fault("path-group", remoteSerialNumber=s_serial, pathGroupId=0)
+        gid = _path_group_id(p, s_serial)
+        _wait("paths down", lambda: all(st != "NML_01" for st in p.path_statuses(gid)))
+        _step(f"DR: fault {fault['faultId']} in force: path-group 0 from {p.storage_device_id} to serial "
+              f"{s_serial} cut; paths {p.path_statuses(gid)}")
+        # the host goes on writing: with fence NEVER the write is accepted and the pair suspends by error
+        with NbdClient(nbd_p[0], nbd_p[1], str(pv)) as c:
+            c.write(0, os.urandom(64 * 1024))
+            c.flush()
+        pairs = _wait("PSUE", lambda: (x := a.pairs(group, name)) and x[0]["pvolStatus"] == "PSUE" and x)
+        _step(f"DR: host write after the cut accepted (fence NEVER), the pair suspended by error: "
+              f"{statuses_line(pairs)}")
+        # horctakeover on the secondary alone (SVOL takeover): the S-VOL becomes writable (SSWS)
+        s_dg = a.group(group, side="s")["localDeviceGroupName"]
+        ns = f"NotSpecified,{group},{s_dg},NotSpecified,{name}"
+        s.invoke("POST", f"remote-mirror-copypairs/{ns}/actions/takeover/invoke",
+                 {"parameters": {"mode": "forceSplit"}})
+        svol = s.get(f"remote-mirror-copypairs/{ns}")["svolStatus"]
+        _step(f"DR: takeover (forceSplit) on {s.storage_device_id}: S-VOL {svol}")
+        if svol != "SSWS":
+            raise RuntimeError(f"DR: the S-VOL is {svol} after the takeover, not SSWS")
+        held = _sha256(nbd_s, sv, nbytes)
+        same = held == acked
+        _step(f"DR: S-VOL sha256 {held[:16]}... {'equals' if same else 'DIFFERS from'} the P-VOL's after "
+              f"the writes acknowledged while PAIR: {'no acknowledged write lost' if same else 'WRITES LOST'}")
+        with NbdClient(nbd_s[0], nbd_s[1], str(sv)) as c:  # the application runs at the recovery site
+            c.write(nbytes // 2, os.urandom(64 * 1024))
+            c.flush()
+        _step("DR: the recovery site wrote 64 KiB to the S-VOL (SSWS)")
+        p.clear_fault(fault["faultId"])
+        fault = None
+        _wait("paths up", lambda: all(st == "NML_01" for st in p.path_statuses(gid)))
+        _step(f"DR: fault cleared: paths {p.path_statuses(gid)}")
+        # swap resync from the secondary: it becomes the primary and copies its differences back
+        sid = a.group(group, side="s")["remoteMirrorCopyGroupId"] + f",{name}"
+        s.invoke("PUT", f"remote-mirror-copypairs/{sid}/actions/resync/invoke",
+                 {"parameters": {"replicationType": "TC", "doSwapSvol": True}}, remote=p)
+        swapped = True
+        info = _wait("PAIR after the swap resync",
+                     lambda: (x := s.get(f"remote-mirror-copypairs/{sid}", remote=p))
+                     and (x["pvolStatus"], x["svolStatus"]) == ("PAIR", "PAIR") and x, timeout=600)
+        _step(f"DR: swap resync: P-VOL {info['pvolLdevId']} on {info['pvolStorageDeviceId']} -> S-VOL "
+              f"{info['svolLdevId']} on {info['svolStorageDeviceId']}: {info['pvolStatus']}/{info['svolStatus']}")
+        report = s.verify(sid, remote=p)
+        differing = int(report["differingTrackCount"])
+        _step(f"DR: verify (per-track checksums on both sides): {differing} differing tracks")
+        return same and differing == 0
+    finally:
+        if fault is not None:
+            p.clear_fault(fault["faultId"])
+        if swapped:
+            sid = a.group(group, side="s")["remoteMirrorCopyGroupId"] + f",{name}"
+            s.invoke("DELETE", f"remote-mirror-copypairs/{sid}", remote=p)
+        else:
+            try:
+                p.invoke("DELETE", f"remote-mirror-copypairs/{pair_id}", remote=s)
+            except ApiError as e:
+                console.print(f"[yellow]DR: the rehearsal pair was not deleted:[/yellow] {e.message_id} {e.message}")
+        _step(f"DR: pair deleted; faults in force on {p.storage_device_id}: {len(p.faults())}")
+
+
 def demo(
     primary: Annotated[str, typer.Option("--primary", help="REST URL of the primary.")] = PRIMARY_URL,
     secondary: Annotated[str, typer.Option("--secondary", help="REST URL of the secondary.")] = SECONDARY_URL,
@@ -160,6 +283,8 @@ def demo(
     password: Annotated[str, typer.Option("--password", "-p")] = DEFAULT_PASSWORD,
     size: Annotated[str, typer.Option(help="Size of each volume.")] = "64M",
     skip_ur: Annotated[bool, typer.Option("--skip-ur", help="TrueCopy only.")] = False,
+    skip_rehearsal: Annotated[bool, typer.Option("--skip-rehearsal",
+                                                 help="No failover rehearsal (faults on demand).")] = False,
     insecure: Insecure = False,
     ca_cert: CaCert = None,
 ) -> None:
@@ -190,15 +315,24 @@ def demo(
                 continue
             results[rep] = "OK" if pd == sd else "MISMATCH"
             console.print(f"{rep}: P-VOL sha256 {pd}\n{rep}: S-VOL sha256 {sd}", soft_wrap=True)
+        if not skip_rehearsal and results.get("TC") == "OK":
+            try:
+                results[DR] = "OK" if rehearsal(a, size, nbd_p, nbd_s, tag) else "MISMATCH"
+            except (ApiError, httpx.HTTPError, TimeoutError, RuntimeError, PairCommandError) as e:
+                what = f"{e.message_id} {e.message}" if isinstance(e, ApiError) else str(e)
+                console.print(f"[red]DR rehearsal failed:[/red] {what}", soft_wrap=True)
+                results[DR] = "FAILED"
     finally:
         a.close()
     line = ", ".join(f"{rep} {res}" for rep, res in results.items())
     tc_ok = results.get("TC") == "OK"
-    ok = tc_ok and all(v in ("OK", "FAILED") for k, v in results.items() if k != "TC")
+    ok = tc_ok and results.get(DR, "OK") == "OK" and all(v in ("OK", "FAILED") for v in results.values())
     style = "green" if ok else "red"
     console.print(f"[{style}]{CHECK_LINE}: S-VOL data {'equals' if ok else 'DIFFERS from'} P-VOL data "
                   f"(sha256 over NBD): {line}[/{style}]", soft_wrap=True)
     if results.get("UR") == "FAILED":
         console.print("[yellow]Universal Replicator failed (reported above); TrueCopy is checked.[/yellow]")
+    if results.get(DR) in ("FAILED", "MISMATCH"):
+        console.print("[red]the failover rehearsal did not prove the copy (reported above).[/red]")
     if not ok:
         raise typer.Exit(1)

@@ -995,6 +995,12 @@ class RemotePath:
         self.attempted = asyncio.Event()  # set after the first connection attempt concluded
         self.changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # counters for /metrics (vspemu_remote_path_errors_total, ..._connects_total): bumped by the
+        # supervisor only, never on the data path
+        self.connect_failures = 0  # attempts that failed: refused, unreachable, timed out, protocol error
+        self.refusals = 0  # attempts refused before or in the handshake (ERR_04/06/10, offline port, fault)
+        self.disconnects = 0  # established connections that went down
+        self.connects = 0  # connections established (the first and every reconnect)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -1029,18 +1035,23 @@ class RemotePath:
             try:
                 conn = await self._connect()
             except HandshakeRefused as e:
+                self.refusals += 1
                 self._set(e.status, str(e))
             except TimeoutError:
+                self.connect_failures += 1
                 self._set(PATH_TIMEOUT, "connection attempt timed out")
             except (OSError, asyncio.IncompleteReadError, ProtocolError) as e:
+                self.connect_failures += 1
                 self._set(PATH_INIT_FAILED, f"{type(e).__name__}: {e}")
             else:
                 self.conn = conn
+                self.connects += 1
                 self._set(PATH_NORMAL, "connected")
                 self.attempted.set()
                 backoff = 0.1
                 await conn.closed.wait()
                 self.conn = None
+                self.disconnects += 1
                 self._set(conn.close_status, conn.close_reason)
             self.attempted.set()
             await asyncio.sleep(backoff * (0.75 + secrets.randbelow(50) / 100))

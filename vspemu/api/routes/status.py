@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vspemu.api.common import Auth, Ctx, authenticate, basic_credentials, ctx_of
 from vspemu.context import StorageContext
 from vspemu.errors import VspError
-from vspemu.metrics import Metrics, mirror_lag, pair_progress
+from vspemu.metrics import Metrics, active_faults, fault_target, mirror_lag, pair_progress
 
 STATUS_PAGE = "/ConfigurationManager/vspemu/status"
 PRIVATE = "/ConfigurationManager/vspemu/v1"
@@ -84,7 +84,7 @@ async def status_file(name: str) -> Response:
 
 @router.get(f"{PRIVATE}/status")
 async def status(ctx: Ctx, _s: Auth) -> dict[str, Any]:
-    """What the status page shows: this system's copy groups and pairs, journals, remote paths."""
+    """What the status page shows: this system's copy groups and pairs, journals, remote paths, faults."""
     return snapshot(ctx)
 
 
@@ -92,7 +92,7 @@ def snapshot(ctx: StorageContext) -> dict[str, Any]:
     system = ctx.system
     out: dict[str, Any] = {"storageDeviceId": system.storage_device_id, "serial": system.serial,
                            "model": getattr(system, "model", ""), "time": time.time(),
-                           "copyGroups": [], "journals": [], "pathGroups": []}
+                           "copyGroups": [], "journals": [], "pathGroups": [], "faults": []}
     rep = ctx.replication
     if rep is not None:
         for group in sorted(list(rep.groups.values()), key=lambda g: g.name):
@@ -126,6 +126,9 @@ def snapshot(ctx: StorageContext) -> dict[str, Any]:
         for pg in sorted(list(ctx.link.groups.values()), key=lambda g: (g.remote_device_id, g.path_group_id)):
             out["pathGroups"].append({"remoteStorageDeviceId": pg.remote_device_id, "pathGroupId": pg.path_group_id,
                                       "status": pg.status, "paths": pg.view()})
+    for doc in active_faults(ctx):
+        out["faults"].append({"faultId": doc.get("faultId"), "kind": doc.get("kind"), "target": fault_target(doc),
+                              "since": doc.get("createdAt")})
     return out
 
 

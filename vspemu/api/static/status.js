@@ -124,12 +124,30 @@ function renderPaths(data) {
   }
 }
 
+function renderFaults(data) {
+  const body = document.querySelector("#faults tbody");
+  body.replaceChildren();
+  const faults = data.faults || [];
+  if (!faults.length) {
+    const td = el("td", "no faults in force", "muted");
+    td.colSpan = 4;
+    body.appendChild(row([td]));
+  }
+  for (const f of faults) {
+    const tr = row([el("td", f.faultId), el("td", f.kind, "kind st st-err"), el("td", f.target, "target"),
+                    el("td", f.since, "since")]);
+    tr.dataset.fault = String(f.faultId);
+    body.appendChild(tr);
+  }
+}
+
 function render(data) {
   document.getElementById("system").textContent = data.storageDeviceId + " (serial " + data.serial + ")";
   document.title = "vspemu " + data.serial + " status";
   renderGroups(data);
   renderJournals(data);
   renderPaths(data);
+  renderFaults(data);
   const state = document.getElementById("state");
   state.textContent = "live \u00b7 updated " + new Date(data.time * 1000).toLocaleTimeString();
   document.body.dataset.updated = String(data.time);
