@@ -122,6 +122,16 @@ def refuse_not_specified(group: CopyGroup, op: str, swap_on_s_side: bool = False
                          "device group in the object ID (not NotSpecified) and send Remote-Authorization.")
 
 
+async def authorize_change(request: Request, ctx: StorageContext, group: CopyGroup, remote: bool, op: str,
+                           swap_on_s_side: bool = False) -> None:
+    """An operation that changes the pair on both sides: Remote-Authorization for a full id, and a
+    ``NotSpecified`` id only where the array allows it (:func:`refuse_not_specified`)."""
+    if remote:
+        await remote_auth(request, ctx, group.remote_device_id)
+    else:
+        refuse_not_specified(group, op, swap_on_s_side)
+
+
 async def remote_auth(request: Request, ctx: StorageContext, remote_device_id: str) -> None:
     header = request.headers.get("remote-authorization", "").strip()
     scheme, _, token = header.partition(" ")
@@ -243,10 +253,7 @@ async def _split(request: Request, ctx: StorageContext, session: Any, object_id:
                  p: SplitParameters) -> JSONResponse:
     group, name, remote = parse_id(ctx, object_id, parts)
     _check_type(group, p.replicationType)
-    if remote:
-        await remote_auth(request, ctx, group.remote_device_id)
-    else:
-        refuse_not_specified(group, "split", swap_on_s_side=p.svolOperationMode == "SSWS")
+    await authorize_change(request, ctx, group, remote, "split", swap_on_s_side=p.svolOperationMode == "SSWS")
     eng = engine_of(ctx)
     eng.precheck("split", group.name, name, ssws=p.svolOperationMode == "SSWS")
 
@@ -265,10 +272,7 @@ async def _resync(request: Request, ctx: StorageContext, session: Any, object_id
     if name is not None and group.replication_type == "TC" and p.isConsistencyGroup is not None:
         raise VspError("WRONG_STATE", detail="registering pairs in a consistency group during a resync is done "
                                              "only in units of copy groups; resync the copy group instead")
-    if remote:
-        await remote_auth(request, ctx, group.remote_device_id)
-    else:
-        refuse_not_specified(group, "resync", swap_on_s_side=bool(p.doSwapSvol))
+    await authorize_change(request, ctx, group, remote, "resync", swap_on_s_side=bool(p.doSwapSvol))
     eng = engine_of(ctx)
     eng.precheck("resync", group.name, name, swap=bool(p.doSwapSvol))
     nowait = wants_nowait(request)
@@ -345,10 +349,7 @@ async def takeover_group(groupId: str, request: Request, ctx: Ctx, session: Auth
 # -- delete ------------------------------------------------------------------------------------------------------
 async def _delete(request: Request, ctx: StorageContext, session: Any, object_id: str, parts: int) -> JSONResponse:
     group, name, remote = parse_id(ctx, object_id, parts)
-    if remote:
-        await remote_auth(request, ctx, group.remote_device_id)
-    else:
-        refuse_not_specified(group, "delete")
+    await authorize_change(request, ctx, group, remote, "delete")
     eng = engine_of(ctx)
     if name is not None:
         eng.get_pair(group.name, name)
@@ -393,10 +394,7 @@ class VerifyBody(Body):
 async def _verify(request: Request, ctx: StorageContext, session: Any, object_id: str, parts: int,
                   p: VerifyParameters | None) -> JSONResponse:
     group, name, remote = parse_id(ctx, object_id, parts)
-    if remote:
-        await remote_auth(request, ctx, group.remote_device_id)
-    else:
-        refuse_not_specified(group, "verify")
+    await authorize_change(request, ctx, group, remote, "verify")
     verifier = engine_of(ctx).verifier
     mark = bool(p and p.mark)
     verifier.check(group, name, mark)
