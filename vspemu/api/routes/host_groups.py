@@ -20,6 +20,7 @@ from vspemu.system.hostgroups import (
     ChapUser,
     HostIscsi,
     HostWwn,
+    check_name,
 )
 from vspemu.system.storage import HostGroup
 
@@ -247,7 +248,6 @@ async def add_host_wwn(request: Request, body: HostWwnCreate, ctx: Ctx, session:
 async def patch_host_wwn(hostWwnId: str, request: Request, body: NicknamePatch, ctx: Ctx,
                          session: Auth) -> JSONResponse:
     w = _wwn_of(ctx, hostWwnId)
-    from vspemu.system.hostgroups import check_name
     check_name("wwnNickname", body.wwnNickname, allow_empty=True)
 
     def patch() -> list[str]:
@@ -303,7 +303,6 @@ async def add_host_iscsi(request: Request, body: HostIscsiCreate, ctx: Ctx, sess
 async def patch_host_iscsi(hostIscsiId: str, request: Request, body: IscsiNicknamePatch, ctx: Ctx,
                            session: Auth) -> JSONResponse:
     i = _iscsi_of(ctx, hostIscsiId)
-    from vspemu.system.hostgroups import check_name
     check_name("iscsiNickname", body.iscsiNickname, allow_empty=True)
 
     def patch() -> list[str]:
