@@ -41,7 +41,7 @@ VOLUME = "32M"
 USER, PASSWORD = "maintenance", "raid-maintenance"
 
 
-def _python312() -> str | None:
+def python312() -> str | None:
     """A Python 3.12 that really runs (a pyenv shim on PATH may exist without a 3.12 selected)."""
     pyenv = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python3.12")))
     for cand in [*pyenv, shutil.which("python3.12")]:
@@ -69,7 +69,7 @@ def ansible_venv() -> Path:
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not ready():
-            py = _python312()
+            py = python312()
             spec = "ansible==14.5.0" if py else "ansible>=12,<13"
             base = py or sys.executable
             if VENV.exists():

@@ -9,9 +9,7 @@ and nothing of vspemu is mocked. Locally the test skips when the venv cannot be 
 from __future__ import annotations
 
 import fcntl
-import glob
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_ansible import python312, unavailable  # tests/e2e is on sys.path
 
 from vspemu.client import VspClient
 from vspemu.lab import SystemProcess
@@ -39,19 +38,6 @@ CINDER_NODE = {"ip": "10.0.0.4", "host": "cinder1", "wwpns": ["100000109b0c0c01"
                "initiator": "iqn.1994-05.com.redhat:cinder1", "multipath": False}
 
 
-def unavailable(reason: str) -> None:
-    (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
-
-
-def _python312() -> str | None:
-    pyenv = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python3.12")))
-    for cand in [*pyenv, shutil.which("python3.12")]:
-        check = [cand, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"] if cand else []
-        if cand and os.access(cand, os.X_OK) and subprocess.run(check, capture_output=True).returncode == 0:
-            return cand
-    return None
-
-
 def cinder_venv() -> Path:
     python = VENV / "bin" / "python"
 
@@ -64,7 +50,7 @@ def cinder_venv() -> Path:
     with open(ROOT / ".venv-cinder.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not ready():
-            base = _python312() or sys.executable
+            base = python312() or sys.executable
             if VENV.exists():
                 shutil.rmtree(VENV)
             for cmd in ([base, "-m", "venv", str(VENV)], [str(VENV / "bin" / "pip"), "install", "-q", CINDER]):
