@@ -119,3 +119,38 @@ def test_refused_host_io(tmp_path: Path) -> None:
     asyncio.run(vol.write(0, b"host"))
     assert vol.read(0, 7) == b"hostnal"
     vol.close()
+
+
+def test_change_observers_see_every_change_first_and_can_refuse_it(tmp_path: Path) -> None:
+    """The hook local copies (snapshots, ShadowImage) build on: told before the bytes change, on every path."""
+    import asyncio
+
+    from vspemu.replication.datapath import write_copy_chunk
+
+    vol = Volume.create(1, tmp_path / "v.img", 4 << 20)
+    seen: list[tuple[int, int, bytes]] = []
+
+    class Recorder:
+        refuse = False
+
+        def before_change(self, volume: Volume, offset: int, length: int) -> None:
+            seen.append((offset, length, volume.read(offset, 4)))  # the old bytes are still there
+            if self.refuse:
+                raise V.VolumeIOError("refused")
+
+    rec = Recorder()
+    vol.add_observer(rec)
+    vol.add_observer(rec)  # once only
+    vol.write_local(0, b"AAAA")
+    asyncio.run(vol.write(4096, b"BBBB"))
+    vol.discard_local(0, 4096)
+    asyncio.run(write_copy_chunk(vol, 1 << 20, bytes(1 << 20)))  # the copy engine's direct write
+    assert seen == [(0, 4, b"\0" * 4), (4096, 4, b"\0" * 4), (0, 4096, b"AAAA"), (1 << 20, 1 << 20, b"\0" * 4)]
+    rec.refuse = True
+    with pytest.raises(V.VolumeIOError):
+        vol.write_local(4096, b"CCCC")
+    assert vol.read(4096, 4) == b"BBBB"
+    vol.remove_observer(rec)
+    vol.write_local(4096, b"DDDD")
+    assert len(seen) == 5 and vol.read(4096, 4) == b"DDDD"
+    vol.close()

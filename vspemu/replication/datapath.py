@@ -532,7 +532,7 @@ def _pwrite_direct(volume: Volume, offset: int, data: bytes | memoryview) -> Non
                 _direct_refused.add(path)
             finally:
                 os.close(fd)
-    volume.write_local(offset, data)
+    volume.write_local(offset, data, observed=True)
 
 
 async def write_copy_chunk(volume: Volume, offset: int, data: bytes | memoryview) -> None:
@@ -545,6 +545,8 @@ async def write_copy_chunk(volume: Volume, offset: int, data: bytes | memoryview
     if not _direct_ok(data, offset) or str(volume.path) in _direct_refused:
         volume.write_local(offset, data)
         return
+    if volume.observers:  # told here, on the loop thread: the direct write runs in a worker thread
+        volume.before_change(offset, memoryview(data).nbytes)
     if _direct_pool is None:
         _direct_pool = ThreadPoolExecutor(4, thread_name_prefix="vspemu-direct-io")
     await asyncio.get_running_loop().run_in_executor(_direct_pool, _pwrite_direct, volume, offset, data)

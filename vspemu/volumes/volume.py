@@ -11,6 +11,13 @@ Every host write passes one gate and one hook (see docs/architecture.md):
 With no gate and no replicator (an unpaired volume) a write is a plain ``os.pwrite`` (in pieces of at most
 :data:`WRITE_PIECE`).
 
+Local copies (Thin Image snapshots, ShadowImage pairs) see every change of a volume's bytes *before* it is
+made: :meth:`Volume.add_observer` registers a :class:`ChangeObserver`, and every path that changes the file
+(host writes, writes arriving from a remote P-VOL, UR restore, the copy engine's direct writes, discard and
+format) calls :meth:`Volume.before_change` first, on the event loop thread. An observer preserves what it
+needs (copy-on-write of the old track, a differential mark) synchronously and must have made that durable
+enough before returning; with no observer the cost is one empty-tuple test.
+
 Host access is revocable: a host connection (NBD) registers a drop callback with
 :meth:`Volume.attach_host`; :meth:`Volume.drop_hosts` (the LDEV lost its last LU path), :meth:`Volume.close`
 and :meth:`Volume.remove` call them, and :attr:`Volume.host_io_refused` (a journal volume) makes the host
@@ -87,6 +94,13 @@ def _write_zeros(fd: int, offset: int, length: int) -> None:
         length -= n
 
 
+class ChangeObserver(Protocol):
+    """Told before bytes of a volume change (see the module docstring); may raise to refuse the change
+    (the write then fails as an I/O error and nothing was changed)."""
+
+    def before_change(self, volume: Volume, offset: int, length: int) -> None: ...
+
+
 class InjectedIOError(VolumeIOError, OSError):
     """An I/O error injected on demand (``ldev-eio``): an OSError (EIO) like a failing disk's, so every path
     treats it as one (the host gets EIO, a P-VOL write that fails suspends its pair)."""
@@ -108,6 +122,7 @@ class Volume:
         self.write_gate: Callable[[Volume], None] | None = None
         self.io_fault: str | None = None  # an I/O error injected on demand (vspemu.system.faults); None: none
         self.replicator: Replicator | None = None
+        self.observers: tuple[ChangeObserver, ...] = ()  # local copies of this volume (see before_change)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @classmethod
@@ -188,6 +203,19 @@ class Volume:
             pass
         _fsync_dir(self.path.parent)
 
+    # -- change observers (local copies) -----------------------------------------------------------
+    def add_observer(self, observer: ChangeObserver) -> None:
+        if observer not in self.observers:
+            self.observers = (*self.observers, observer)
+
+    def remove_observer(self, observer: ChangeObserver) -> None:
+        self.observers = tuple(o for o in self.observers if o is not observer)
+
+    def before_change(self, offset: int, length: int) -> None:
+        """Tell the observers that ``length`` bytes at ``offset`` are about to change."""
+        for observer in self.observers:
+            observer.before_change(self, offset, length)
+
     # -- host I/O -----------------------------------------------------------------------------------
     def check_range(self, offset: int, length: int) -> bool:
         return 0 <= offset and 0 <= length and offset + length <= self.size
@@ -232,9 +260,12 @@ class Volume:
         else:
             await rep.discard(self, offset, length, zero, fua)
 
-    def write_local(self, offset: int, data: bytes | memoryview) -> None:
+    def write_local(self, offset: int, data: bytes | memoryview, observed: bool = False) -> None:
+        """Write the bytes here (no gate, no replicator); ``observed``: the observers were already told."""
         fd = self.fd
         total = len(data)
+        if self.observers and not observed:
+            self.before_change(offset, total)
         n = os.pwrite(fd, data, offset) if total <= WRITE_PIECE else 0
         if n == total:
             return
@@ -243,7 +274,10 @@ class Volume:
             n += os.pwrite(fd, view[n:n + WRITE_PIECE], offset + n)
 
     def discard_local(self, offset: int, length: int) -> None:
-        punch_hole(self.fd, offset, length)
+        fd = self.fd
+        if self.observers:
+            self.before_change(offset, length)
+        punch_hole(fd, offset, length)
 
     def flush_sync(self) -> None:
         os.fdatasync(self.fd)
