@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 
 @types.coroutine
 def resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
     """Go on awaiting ``coro``, which was stepped by hand and yielded ``yielded``."""
+    step: Callable[[Any], Any]  # coro.throw or coro.send
     while True:
         try:
             sent = yield yielded

@@ -190,6 +190,7 @@ class StateCollector(Collector):
                                        "established (the first one and every reconnect)", labels=path_labels)
         link = self.ctx.link
         seen: dict[tuple[str, ...], tuple[int, int, int]] = {}
+        key: tuple[str, ...]
         if link is not None:
             for group in list(link.groups.values()):
                 for path in list(group.paths.values()):

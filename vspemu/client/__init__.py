@@ -179,7 +179,8 @@ class VspClient:
             raise ApiError(r.status_code, r.json() if r.content else None, r.text)
         data = r.json()
         self.token, self.session_id = data["token"], data["sessionId"]
-        return data["token"]
+        token: str = data["token"]
+        return token
 
     def logout(self) -> None:
         """DELETE this client's session."""
@@ -213,8 +214,8 @@ class VspClient:
     def invoke(self, method: str, path: str, body: Any = None, *, remote: VspClient | None = None,
                nowait: bool = False, wait: bool = True, timeout: float = 600.0) -> dict[str, Any]:
         """Send a state-changing request, then wait for its job (unless ``wait=False``)."""
-        job = self.request(method, path, json=body, remote=remote, nowait=nowait)
-        return self.wait_job(job, timeout) if wait else job  # type: ignore[no-any-return]
+        job: dict[str, Any] = self.request(method, path, json=body, remote=remote, nowait=nowait)
+        return self.wait_job(job, timeout) if wait else job
 
     @staticmethod
     def resource_id(job: dict[str, Any]) -> str:

@@ -325,9 +325,10 @@ class MasterJournal:
         own = True
         floor = self.floors[mu]
         while at + ENTRY.size <= len(buf) and seq < self.next_seq and (not count or got < max_bytes):
-            fields = _fields(buf, at, seq)
-            if fields is None or fields[0] & WRAP:
+            entry = _fields(buf, at, seq)
+            if entry is None or entry[0] & WRAP:
                 break
+            fields = entry
             mine = for_mirror(seq, _mirrors(fields[0]), mu, floor)
             if not count:
                 own = mine

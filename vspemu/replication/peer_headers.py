@@ -66,7 +66,8 @@ class CreateHeader(_Strict):
 
 
 def _refuse(what: str, e: ValidationError) -> VspError:
-    first = e.errors()[0] if e.errors() else {}
+    errors = e.errors()
+    first: dict[str, Any] = dict(errors[0]) if errors else {}
     where = ".".join(str(x) for x in first.get("loc", ())) or what
     return invalid(where, repr(first.get("input"))[:80], f"The peer sent a bad {what} header: {first.get('msg')}")
 

@@ -19,6 +19,7 @@ The hooks are attributes that are None (or False) while no fault is set: ``Link.
 
 from __future__ import annotations
 
+import builtins
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -161,7 +162,7 @@ class Faults:
         self.apply()
         return doc
 
-    def clear(self) -> list[dict[str, Any]]:
+    def clear(self) -> builtins.list[dict[str, Any]]:
         docs = self.list()
         with self.system.store.transaction():
             for doc in docs:
@@ -171,7 +172,7 @@ class Faults:
         return docs
 
     # -- applying ------------------------------------------------------------------------------------
-    def _of(self, kind: str) -> list[dict[str, Any]]:
+    def _of(self, kind: str) -> builtins.list[dict[str, Any]]:
         return [f for f in self.faults.values() if f["kind"] == kind]
 
     def path_down(self, local_port: str, remote_serial: int, remote_port: str, group_id: int | None) -> bool:

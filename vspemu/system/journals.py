@@ -12,6 +12,7 @@ string when the journal, or one of its mirrors, is in use); a used journal canno
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -109,7 +110,7 @@ class Journals:
     def list(self) -> list[Journal]:
         return [self.journals[k] for k in sorted(self.journals)]
 
-    def ldevs_of(self, journal_id: int) -> list[int]:
+    def ldevs_of(self, journal_id: int) -> builtins.list[int]:
         j = self.journals.get(journal_id)
         return list(j.ldev_ids) if j else []
 
@@ -149,7 +150,7 @@ class Journals:
             raise VspError("JOURNAL_VOLUME_INVALID", ldev=ldev_id, reason="it is a pair volume")
         return ldev
 
-    def _check_volumes(self, ldev_ids: list[int]) -> list[Ldev]:
+    def _check_volumes(self, ldev_ids: builtins.list[int]) -> builtins.list[Ldev]:
         if len(set(ldev_ids)) != len(ldev_ids):
             raise invalid("ldevIds", ldev_ids, "An LDEV is specified more than once.")
         return [self.check_volume(i) for i in ldev_ids]
@@ -159,7 +160,7 @@ class Journals:
         self.system.store.put("journals", j.journal_id, j.doc())
         self.journals[j.journal_id] = j
 
-    def check_create(self, journal_id: int, ldev_ids: list[int]) -> None:
+    def check_create(self, journal_id: int, ldev_ids: builtins.list[int]) -> None:
         self.check_id(journal_id)
         if journal_id in self.journals:
             raise VspError("JOURNAL_ID_IN_USE", journal=journal_id)
@@ -167,7 +168,7 @@ class Journals:
             raise invalid("ldevIds", ldev_ids, f"Specify 1 to {MAX_JOURNAL_VOLUMES} LDEVs.")
         self._check_volumes(ldev_ids)
 
-    def create(self, journal_id: int, ldev_ids: list[int], mp_blade_id: int | None = None) -> Journal:
+    def create(self, journal_id: int, ldev_ids: builtins.list[int], mp_blade_id: int | None = None) -> Journal:
         self.check_create(journal_id, ldev_ids)
         ldevs = self._check_volumes(ldev_ids)
         j = Journal(journal_id, list(ldev_ids), mp_blade_id=journal_id % 4 if mp_blade_id is None else mp_blade_id)
@@ -177,7 +178,7 @@ class Journals:
                 self.system.set_ldev_attribute(ldev, JNL, True)
         return j
 
-    def expand(self, journal_id: int, ldev_ids: list[int]) -> Journal:
+    def expand(self, journal_id: int, ldev_ids: builtins.list[int]) -> Journal:
         j = self.get(journal_id)
         if len(j.ldev_ids) + len(ldev_ids) > MAX_JOURNAL_VOLUMES:
             raise VspError("JOURNAL_VOLUMES_MAX", journal=journal_id, maximum=MAX_JOURNAL_VOLUMES)
@@ -189,7 +190,7 @@ class Journals:
                 self.system.set_ldev_attribute(ldev, JNL, True)
         return j
 
-    def shrink(self, journal_id: int, ldev_ids: list[int]) -> Journal:
+    def shrink(self, journal_id: int, ldev_ids: builtins.list[int]) -> Journal:
         j = self.get(journal_id)
         for i in ldev_ids:
             if i not in j.ldev_ids:
@@ -294,7 +295,7 @@ class Journals:
         for refresh in self.refreshers:
             refresh()
 
-    def basic_views(self, j: Journal) -> list[dict[str, Any]]:
+    def basic_views(self, j: Journal) -> builtins.list[dict[str, Any]]:
         """One entry per mirror in use; a journal without pairs shows one SMPL entry (mu 0)."""
         self.refresh()
         used = [m for m in j.mirrors if m.journal_status != "SMPL"]

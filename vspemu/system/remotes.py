@@ -225,7 +225,8 @@ class RemoteApi:
         if not isinstance(body, dict) or not isinstance(body.get("nonce"), str):
             raise VspError("REMOTE_UNREACHABLE", cause="The remote REST server answered an unexpected body.",
                            detail="vspemu link-peers nonces")
-        return body["nonce"]
+        nonce: str = body["nonce"]  # (checked a str just above)
+        return nonce
 
     async def put_peer(self, doc: dict[str, Any]) -> dict[str, Any]:
         return self._check(await self._request("POST", f"{PRIVATE_ROOT}/link-peers", doc),  # type: ignore
@@ -234,8 +235,10 @@ class RemoteApi:
     async def forget_peer(self, device_id: str, mutual: bool, check_only: bool, nonce: str,
                           proof: str) -> dict[str, Any]:
         body = {"isMutualDeletion": mutual, "checkOnly": check_only, "nonce": nonce, "proof": proof}
-        return self._check(await self._request("POST", f"{PRIVATE_ROOT}/link-peers/{device_id}/forget", body),
-                           "vspemu link-peers forget")  # type: ignore
+        answer: dict[str, Any] = self._check(
+            await self._request("POST", f"{PRIVATE_ROOT}/link-peers/{device_id}/forget", body),
+            "vspemu link-peers forget")
+        return answer
 
     async def confirm(self, target: str, nonce: str) -> str:
         """Ask a registering system (no session there) to confirm its registration with us: its proof."""

@@ -503,7 +503,7 @@ class _Connection(asyncio.BufferedProtocol):
         if buf is not None:
             self._server._pool.put(buf)
         self._account()
-        self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+        self._tasks.discard(asyncio.current_task())
         self._after_completion()
 
     def _after_completion(self) -> None:
@@ -757,7 +757,7 @@ class NbdServer:
         self.limits = limits or NbdLimits()
         self._lookup = lookup
         self._list_exports = list_exports
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._per_client: dict[str, int] = {}
         self._pool = BufferPool(min(POOL_LIMIT, self.limits.buffer_budget // 4))
