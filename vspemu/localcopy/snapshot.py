@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 TRACK = 256 << 10  # bytes saved per first change of a track (the array's Thin Image granularity)
 MAX_MU = 1023  # mirror units 0-1023: up to 1,024 snapshots per P-VOL, as on the array
 KIND = "snapshots"  # the configuration store's kind
+# muNumber chosen when none is given: from 3 up (0-2 are the mirror units ShadowImage uses on the array, and the
+# Ansible collection takes mirror unit 0 for "not given"), 0-2 last
+AUTO_MU_ORDER = (*range(3, MAX_MU + 1), 0, 1, 2)
 
 PAIR, PSUS, COPY, RCPY, PSUE = "PAIR", "PSUS", "COPY", "RCPY", "PSUE"
 SPLIT, RESYNC, RESTORE, RESTORED, DELETE, ASSIGN, UNASSIGN, CLONE, CLONED, FAIL = (
@@ -391,7 +394,7 @@ class Snapshots:
                                             " (cascaded snapshots are not modelled)")
         used = {s.mu for s in self.snaps.values() if s.pvol == pvol}
         if mu is None:
-            mu = next((i for i in range(MAX_MU + 1) if i not in used), None)
+            mu = next((i for i in AUTO_MU_ORDER if i not in used), None)
             if mu is None:
                 raise VspError("LDEV_ID_EXHAUSTED", resource="muNumber")
         elif not 0 <= mu <= MAX_MU:
