@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -291,3 +292,36 @@ def test_kill_9_under_write_load_keeps_the_snapshot_and_every_acked_write(system
         got = now[slot * 4096:(slot + 1) * 4096]
         assert got == data or got == inflight.get(slot), f"acknowledged write to block {slot} lost"
     assert now != before
+
+
+def test_snapshot_of_a_ur_svol_after_a_flush_split(linked: tuple[SystemProcess, SystemProcess, VspClient,
+                                                                 VspClient]) -> None:
+    p, s, pc, sc = linked
+    size = 8 * MiB
+    for c in (pc, sc):
+        c.create_journal(1, [c.create_ldev("128M")])
+    pv, sv = volume(pc, "8M"), volume(sc, "8M")
+    fill(p, pv, size, 50)
+    pc.invoke("POST", "remote-mirror-copypairs", {
+        "copyGroupName": "urg", "copyPairName": "u0", "replicationType": "UR",
+        "remoteStorageDeviceId": s.storage_device_id, "pvolLdevId": pv, "svolLdevId": sv,
+        "isNewGroupCreation": True, "fenceLevel": "ASYNC", "muNumber": 1, "pvolJournalId": 1, "svolJournalId": 1},
+        remote=sc)
+    gid = f"{s.storage_device_id},urg,urgP_,urgS_"
+    scribble(p, pv, size, 51)
+    pc.invoke("PUT", f"remote-mirror-copygroups/{gid}/actions/split/invoke",
+              {"parameters": {"replicationType": "UR"}}, remote=sc)  # the split flushes the journal first
+    d0 = digest(p, pv, size)
+    assert digest(s, sv, size) == d0
+    snap_sv = volume(sc, "8M")
+    _, mu = snap(sc, sv, "urtest", svolLdevId=snap_sv, autoSplit=True)
+    pc.invoke("PUT", f"remote-mirror-copygroups/{gid}/actions/resync/invoke",
+              {"parameters": {"replicationType": "UR"}}, remote=sc)
+    scribble(p, pv, size, 52)  # journal restore on the S-VOL goes through the copy-on-write too
+    d1 = digest(p, pv, size)
+    deadline = time.monotonic() + 60
+    while digest(s, sv, size) != d1:
+        assert time.monotonic() < deadline, "the UR S-VOL did not catch up"
+        time.sleep(0.2)
+    assert digest(s, snap_sv, size) == d0
+    refused(lambda: sc.invoke("POST", f"snapshots/{sv},{mu}/actions/restore/invoke"))  # S-VOL in PAIR
