@@ -325,3 +325,28 @@ def test_snapshot_of_a_ur_svol_after_a_flush_split(linked: tuple[SystemProcess, 
         time.sleep(0.2)
     assert digest(s, snap_sv, size) == d0
     refused(lambda: sc.invoke("POST", f"snapshots/{sv},{mu}/actions/restore/invoke"))  # S-VOL in PAIR
+
+
+def test_clone_copies_the_image_and_leaves_an_ordinary_volume(system: SystemProcess, api: VspClient) -> None:
+    size = 4 * MiB
+    pvol, a, b = volume(api, "4M"), volume(api, "4M"), volume(api, "4M")
+    fill(system, pvol, size, 60)
+    d0 = digest(system, pvol, size)
+    # Cinder's clone: isClone + clonesAutomation, then it waits until the pair is gone
+    snap(api, pvol, "clone1", svolLdevId=a, isClone=True, clonesAutomation=True, copySpeed="faster")
+    deadline = time.monotonic() + 60
+    while api.get("snapshots", svolLdevId=a)["data"]:
+        assert time.monotonic() < deadline, "the clone did not finish"
+        time.sleep(0.1)
+    # the clone action on a split snapshot, while the P-VOL changes
+    _, mu = snap(api, pvol, "clone2", svolLdevId=b, autoSplit=True, isClone=True)
+    scribble(system, pvol, size, 61)
+    api.invoke("POST", f"snapshots/{pvol},{mu}/actions/clone/invoke")
+    assert api.get("snapshots")["data"] == []
+    assert digest(system, a, size) == d0
+    assert digest(system, b, size) == d0
+    with nbd(system, b) as n:  # an ordinary volume now: writable, and it keeps what it holds
+        n.write(0, b"\x77" * 4096)
+        assert n.read(0, 4096) == b"\x77" * 4096
+    api.delete_lun(f"CL1-A,0,{api.get(f'ldevs/{b}')['ports'][0]['lun']}")
+    api.delete_ldev(b)
