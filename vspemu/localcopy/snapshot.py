@@ -68,7 +68,7 @@ TRANSITIONS: dict[tuple[str, str], str | Refusal] = {
     (PSUS, RESTORE): RCPY, (PAIR, RESTORE): _NOT_SPLIT, (PSUE, RESTORE): Refusal("the snapshot data is lost (PSUE)"),
     (COPY, RESTORE): _BUSY, (RCPY, RESTORE): _BUSY,
     (RCPY, RESTORED): PAIR,
-    (PAIR, DELETE): "", (PSUS, DELETE): "", (PSUE, DELETE): "", (COPY, DELETE): "",
+    (PAIR, DELETE): "", (PSUS, DELETE): "", (PSUE, DELETE): "", (COPY, DELETE): _BUSY,
     (RCPY, DELETE): Refusal("the snapshot is being restored"),
     (PAIR, ASSIGN): PAIR, (PSUS, ASSIGN): PSUS, (PSUE, ASSIGN): PSUE, (COPY, ASSIGN): _BUSY, (RCPY, ASSIGN): _BUSY,
     (PAIR, UNASSIGN): PAIR, (PSUS, UNASSIGN): PSUS, (PSUE, UNASSIGN): PSUE, (COPY, UNASSIGN): _BUSY,
