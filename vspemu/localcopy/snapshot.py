@@ -19,7 +19,7 @@ new bytes can never be on disk while the old ones are not; a split is committed 
 after a split reads the track, appends it and waits for one ``fdatasync`` of the area (one per host write, for
 all the tracks that write touches); later writes to the same track cost one dictionary look-up.
 
-Statuses and what each operation does to them are the table :data:`TRANSITIONS`.
+Statuses and what each operation does to them are a table: :mod:`vspemu.localcopy.snapshot_states`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,24 @@ from typing import Any
 
 from vspemu.errors import VspError, invalid, not_found
 from vspemu.localcopy.cow import COW, OWN, WRITTEN, Area
+from vspemu.localcopy.snapshot_states import (
+    ASSIGN,
+    CLONE,
+    CLONED,
+    COPY,
+    DELETE,
+    FAIL,
+    PAIR,
+    PSUE,
+    PSUS,
+    RCPY,
+    RESTORE,
+    RESTORED,
+    RESYNC,
+    SPLIT,
+    UNASSIGN,
+    next_status,
+)
 from vspemu.system.storage import JOURNAL_ATTRIBUTE, Ldev, StorageSystem
 from vspemu.volumes.volume import Volume, VolumeIOError, WriteRefused, punch_hole
 
@@ -46,47 +64,6 @@ KIND = "snapshots"  # the configuration store's kind
 # muNumber chosen when none is given: from 3 up (0-2 are the mirror units ShadowImage uses on the array, and the
 # Ansible collection takes mirror unit 0 for "not given"), 0-2 last
 AUTO_MU_ORDER = (*range(3, MAX_MU + 1), 0, 1, 2)
-
-PAIR, PSUS, COPY, RCPY, PSUE = "PAIR", "PSUS", "COPY", "RCPY", "PSUE"
-SPLIT, RESYNC, RESTORE, RESTORED, DELETE, ASSIGN, UNASSIGN, CLONE, CLONED, FAIL = (
-    "split", "resync", "restore", "restored", "delete", "assign-volume", "unassign-volume", "clone", "cloned",
-    "fail")
-
-
-@dataclass(frozen=True)
-class Refusal:
-    detail: str
-
-
-_NOT_SPLIT = Refusal("the snapshot is not split (PSUS)")
-_BUSY = Refusal("the snapshot is being copied")
-# (status, operation) -> the new status, or why the array refuses; a pair missing from the table is refused
-TRANSITIONS: dict[tuple[str, str], str | Refusal] = {
-    (PAIR, SPLIT): PSUS, (PSUS, SPLIT): Refusal("the snapshot is already split"), (PSUE, SPLIT): _NOT_SPLIT,
-    (COPY, SPLIT): _BUSY, (RCPY, SPLIT): _BUSY,
-    (PAIR, RESYNC): PAIR, (PSUS, RESYNC): PAIR, (PSUE, RESYNC): PAIR, (COPY, RESYNC): _BUSY, (RCPY, RESYNC): _BUSY,
-    (PSUS, RESTORE): RCPY, (PAIR, RESTORE): _NOT_SPLIT, (PSUE, RESTORE): Refusal("the snapshot data is lost (PSUE)"),
-    (COPY, RESTORE): _BUSY, (RCPY, RESTORE): _BUSY,
-    (RCPY, RESTORED): PAIR,
-    (PAIR, DELETE): "", (PSUS, DELETE): "", (PSUE, DELETE): "", (COPY, DELETE): _BUSY,
-    (RCPY, DELETE): Refusal("the snapshot is being restored"),
-    (PAIR, ASSIGN): PAIR, (PSUS, ASSIGN): PSUS, (PSUE, ASSIGN): PSUE, (COPY, ASSIGN): _BUSY, (RCPY, ASSIGN): _BUSY,
-    (PAIR, UNASSIGN): PAIR, (PSUS, UNASSIGN): PSUS, (PSUE, UNASSIGN): PSUE, (COPY, UNASSIGN): _BUSY,
-    (RCPY, UNASSIGN): _BUSY,
-    (PSUS, CLONE): COPY, (PAIR, CLONE): _NOT_SPLIT, (PSUE, CLONE): _NOT_SPLIT, (COPY, CLONE): _BUSY,
-    (RCPY, CLONE): _BUSY,
-    (COPY, CLONED): "",
-    (PSUS, FAIL): PSUE, (RCPY, FAIL): PSUE, (COPY, FAIL): PSUE, (PSUE, FAIL): PSUE,
-}
-
-
-def next_status(status: str, op: str) -> str:
-    """The status after ``op`` ("" for gone), or WRONG_STATE as the array refuses it."""
-    to = TRANSITIONS.get((status, op), Refusal(f"{op} is not possible in status {status}"))
-    if isinstance(to, Refusal):
-        raise VspError("WRONG_STATE", detail=f"{to.detail} (status {status}, operation {op})")
-    return to
-
 
 @dataclass
 class Snapshot:
