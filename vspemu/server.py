@@ -16,6 +16,7 @@ from vspemu.api.app import create_app
 from vspemu.certs import ensure_certificate
 from vspemu.context import StorageContext
 from vspemu.jobs import Jobs
+from vspemu.localcopy.snapshot import Snapshots
 from vspemu.replication.engine import Replication
 from vspemu.replication.link import Link
 from vspemu.system.faults import Faults
@@ -83,6 +84,7 @@ def build_context(cfg: ServerConfig) -> StorageContext:
     ctx.remotes = Remotes(system, link, cfg.rest_host, cfg.rest_port, cfg.min_remote_io_timeout)
     ctx.replication = Replication(system, link, ctx.remotes, cfg.data_dir, ctx.journals)
     ctx.faults = Faults(system, link, ctx.replication, ctx.journals)
+    ctx.snapshots = Snapshots(system, cfg.data_dir)
     return ctx
 
 

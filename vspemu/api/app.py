@@ -21,6 +21,7 @@ from vspemu.api.routes import (
     remotepath_groups,
     services,
     sessions,
+    snapshots,
     status,
     storages,
     users,
@@ -31,6 +32,7 @@ OBJECT_ROUTERS: list[APIRouter] = [sessions.router, jobs.router, ldevs.router, p
                                    host_groups.router,
                                    remote_storages.router, remotepath_groups.router, journals.router,
                                    remote_pairs.router, storages.facts_router, users.router]
+OBJECT_ROUTERS.append(snapshots.router)  # Thin Image (issue 17)
 
 
 def create_app(ctx: StorageContext) -> FastAPI:

@@ -181,6 +181,8 @@ class StorageSystem:
         self.pool_capacity = pool_capacity or shutil.disk_usage(data_dir).total
         # hooks other subsystems set: who may map/delete/expand an LDEV (pairs, journals)
         self.ldev_guards: list[Callable[[Ldev, str], None]] = [self._pool_volume_guard]
+        # what else a pool holds (Thin Image snapshot data): pool id (None: all pools) -> bytes
+        self.pool_usage: list[Callable[[int | None], int]] = []
 
         self.pools: dict[int, Pool] = {0: Pool(0, DEFAULT_POOL_NAME)}
         for doc in self.store.load("pools").values():
@@ -349,7 +351,8 @@ class StorageSystem:
         """What the pool's DP volumes really hold (the blocks their sparse files allocate); all pools if None."""
         ldevs = [x for x in self.ldevs.values() if not self.is_pool_volume(x)
                  and (pool_id is None or x.pool_id == pool_id)]
-        return sum(self.volumes[x.ldev_id].allocated_bytes() for x in ldevs)
+        return (sum(self.volumes[x.ldev_id].allocated_bytes() for x in ldevs)
+                + sum(usage(pool_id) for usage in self.pool_usage))
 
     def _check_pool_volumes(self, ldev_ids: list[int]) -> list[Ldev]:
         if not ldev_ids:

@@ -162,6 +162,9 @@ _CLIENT_FLAGS, _OPTIONS, _TRANSMISSION, _DONE = range(4)
 
 
 def _pread(volume: Volume, view: memoryview, offset: int) -> None:
+    if volume.read_redirect is not None:  # a snapshot S-VOL: its image, not its file
+        volume.read_redirect(offset, view)
+        return
     fd, got, length = volume.fd, 0, len(view)
     while got < length:
         n = os.preadv(fd, [view[got:] if got else view], offset + got)
@@ -410,7 +413,8 @@ class _Connection(asyncio.BufferedProtocol):
         assert transport is not None
         header = _REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
         sent = 0  # of header + data, sent straight to the socket
-        if length >= SENDFILE_MIN and self._sock is not None and not transport.get_write_buffer_size():
+        if (length >= SENDFILE_MIN and self._sock is not None and not transport.get_write_buffer_size()
+                and volume.read_redirect is None):
             # Nothing is queued in the transport, so we may write to the socket ourselves: the data goes from
             # the page cache to the socket without a copy through our memory.
             try:

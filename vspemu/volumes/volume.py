@@ -123,6 +123,8 @@ class Volume:
         self.io_fault: str | None = None  # an I/O error injected on demand (vspemu.system.faults); None: none
         self.replicator: Replicator | None = None
         self.observers: tuple[ChangeObserver, ...] = ()  # local copies of this volume (see before_change)
+        # host reads come from here instead of the file (a Thin Image S-VOL shows its snapshot's image)
+        self.read_redirect: Callable[[int, memoryview], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @classmethod
@@ -221,6 +223,11 @@ class Volume:
         return 0 <= offset and 0 <= length and offset + length <= self.size
 
     def read(self, offset: int, length: int) -> bytes:
+        redirect = self.read_redirect
+        if redirect is not None:
+            buf = bytearray(length)
+            redirect(offset, memoryview(buf))
+            return bytes(buf)
         return os.pread(self.fd, length, offset)
 
     def check_writable(self) -> None:

@@ -1,0 +1,129 @@
+"""The saved tracks of one Thin Image snapshot: one append-only file in the pool.
+
+A snapshot's *area* is a log of records, each a 32-byte header and (for data records) one track of bytes:
+
+* ``COW``: the P-VOL's old bytes of a track, saved before the P-VOL changed it for the first time after the
+  split (shared by the older snapshots, see :mod:`vspemu.localcopy.snapshot`);
+* ``OWN``: bytes a host wrote through the snapshot's S-VOL, kept after the S-VOL was unassigned;
+* ``WRITTEN``: no data; the track of the assigned S-VOL (assignment ``epoch``) holds host-written bytes in
+  the S-VOL's own file.
+
+The header carries a CRC-32 of header and data. Records are only appended and made durable (``fdatasync``)
+before the change they protect is made, so after a crash only the last record can be torn: loading stops at
+the first record that does not check and cuts the file there.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+MAGIC = b"VTIS"
+COW, OWN, WRITTEN = 1, 2, 3
+_HDR = struct.Struct(">4sB3xQIII")  # magic, kind, track, epoch, length, crc
+HEADER = 32
+_PAD = bytes(HEADER - _HDR.size)
+
+
+class Area:
+    """An open snapshot area: where each saved track's bytes are in the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.cow: dict[int, int] = {}  # track -> file offset of its bytes
+        self.own: dict[int, int] = {}
+        self.written: dict[int, set[int]] = {}  # epoch -> tracks held by that assignment's S-VOL
+        self.end = 0
+        self.dirty = False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._load()
+
+    def _load(self) -> None:
+        size = os.fstat(self.fd).st_size
+        pos = 0
+        while pos + HEADER <= size:
+            head = os.pread(self.fd, HEADER, pos)
+            magic, kind, track, epoch, length, crc = _HDR.unpack_from(head)
+            if magic != MAGIC or kind not in (COW, OWN, WRITTEN) or pos + HEADER + length > size:
+                break
+            body = os.pread(self.fd, length, pos + HEADER) if length else b""
+            if zlib.crc32(body, zlib.crc32(head[:_HDR.size - 4])) != crc:
+                break
+            self._index(kind, track, epoch, pos + HEADER)
+            pos += HEADER + length
+        if pos != size:  # a torn last record (its change never reached the P-VOL): cut it off
+            os.ftruncate(self.fd, pos)
+            os.fsync(self.fd)
+        self.end = pos
+
+    def _index(self, kind: int, track: int, epoch: int, at: int) -> None:
+        if kind == COW:
+            self.cow[track] = at
+        elif kind == OWN:
+            self.own[track] = at
+        else:
+            self.written.setdefault(epoch, set()).add(track)
+
+    def append(self, kind: int, track: int, data: bytes | memoryview = b"", epoch: int = 0) -> None:
+        """Append a record (not yet durable: call :meth:`sync`); a failed write leaves the area as it was."""
+        head = _HDR.pack(MAGIC, kind, track, epoch, len(data), 0)[:_HDR.size - 4]
+        crc = zlib.crc32(data, zlib.crc32(head))
+        record = head + struct.pack(">I", crc) + _PAD
+        at = self.end
+        try:
+            os.pwrite(self.fd, record, at)
+            n = 0
+            view = memoryview(data)
+            while n < len(view):
+                n += os.pwrite(self.fd, view[n:], at + HEADER + n)
+        except BaseException:
+            self.rollback(at)
+            raise
+        self.end = at + HEADER + len(data)
+        self.dirty = True
+        self._index(kind, track, epoch, at + HEADER)
+
+    def rollback(self, end: int) -> None:
+        """Forget the records from ``end`` on (they were never made durable)."""
+        for table in (self.cow, self.own):
+            for t in [t for t, at in table.items() if at >= end]:
+                del table[t]
+        try:
+            os.ftruncate(self.fd, end)
+        except OSError:
+            pass
+        self.end = end
+
+    def sync(self) -> None:
+        if self.dirty:
+            os.fdatasync(self.fd)
+            self.dirty = False
+
+    def read(self, at: int, length: int) -> bytes:
+        return os.pread(self.fd, length, at)
+
+    def read_into(self, at: int, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            n = os.preadv(self.fd, [view[got:]], at + got)
+            if n == 0:
+                raise OSError(f"{self.path}: short read")
+            got += n
+
+    def allocated_bytes(self) -> int:
+        try:
+            return os.fstat(self.fd).st_blocks * 512
+        except OSError:
+            return 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def remove(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
