@@ -19,6 +19,7 @@ from vspemu.api.routes import (
     remote_pairs,
     remote_storages,
     remotepath_groups,
+    resource_groups,
     services,
     sessions,
     status,
@@ -31,6 +32,7 @@ OBJECT_ROUTERS: list[APIRouter] = [sessions.router, jobs.router, ldevs.router, p
                                    host_groups.router,
                                    remote_storages.router, remotepath_groups.router, journals.router,
                                    remote_pairs.router, storages.facts_router, users.router]
+OBJECT_ROUTERS.append(resource_groups.router)  # issue 18: resource groups, virtual storages (GAD configuration)
 
 
 def create_app(ctx: StorageContext) -> FastAPI:

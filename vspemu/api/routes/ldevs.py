@@ -158,12 +158,12 @@ def view(ctx: StorageContext, ldev: Ldev) -> dict[str, Any]:
         "numOfUsedBlock": min(used_blocks, ldev.block_capacity),
         "isFullAllocationEnabled": ldev.is_full_allocation_enabled,
         "isCompressionAccelerationEnabled": ldev.is_compression_acceleration_enabled,
-        "resourceGroupId": 0,
         "dataReductionStatus": "DISABLED" if ldev.data_reduction_mode == "disabled" else "ENABLED",
         "dataReductionMode": ldev.data_reduction_mode,
         "dataReductionProcessMode": ldev.data_reduction_process_mode,
         "isAluaEnabled": ldev.is_alua_enabled,
         "naaId": f"60060e80{system.serial:08x}{0:08x}{ldev.ldev_id:08x}",
+        **system.resources.ldev_fields(ldev),  # resourceGroupId, virtualLdevId, virtual storage (GAD)
     }
 
 
@@ -231,7 +231,7 @@ async def list_ldevs(
             continue
         if journal_ldevs is not None and ldev_id not in journal_ldevs:
             continue
-        if resourceGroupId not in (None, 0):
+        if resourceGroupId is not None and system.resources.group_of_ldev(ldev_id) != resourceGroupId:
             continue
         if ldevOption == "dpVolume" and system.is_pool_volume(ldev):
             continue
@@ -363,3 +363,39 @@ async def expand_ldev(ldevId: int, request: Request, body: ExpandBody, ctx: Ctx,
         return [f"ldevs/{ldevId}"]
 
     return await job_response(request, session, sync_work(expand), key=f"ldev:{ldevId}")
+
+
+class VirtualLdevParameters(Body):
+    virtualLdevId: int = Field(ge=0, le=65535)
+
+
+class VirtualLdevBody(Body):
+    parameters: VirtualLdevParameters
+
+
+@router.api_route("/ldevs/{ldevId}/actions/assign-virtual-ldevid/invoke", methods=["POST", "PUT"])
+async def assign_virtual_ldevid(ldevId: int, request: Request, body: VirtualLdevBody, ctx: Ctx,
+                                session: Auth) -> JSONResponse:
+    """The LDEV's virtual id (65535: the GAD reserve); it must have none (unassign first). See resources.py."""
+    vid = body.parameters.virtualLdevId
+    ctx.system.resources.check_assign(ldevId, vid)
+
+    def assign() -> list[str]:
+        ctx.system.resources.assign_virtual_ldev_id(ldevId, vid)
+        return [f"ldevs/{ldevId}"]
+
+    return await job_response(request, session, sync_work(assign), key=f"ldev:{ldevId}")
+
+
+@router.api_route("/ldevs/{ldevId}/actions/unassign-virtual-ldevid/invoke", methods=["POST", "PUT"])
+async def unassign_virtual_ldevid(ldevId: int, request: Request, body: VirtualLdevBody, ctx: Ctx,
+                                  session: Auth) -> JSONResponse:
+    """Take the LDEV's virtual id away (it becomes 65534); ``virtualLdevId`` must be its current one."""
+    vid = body.parameters.virtualLdevId
+    ctx.system.resources.check_unassign(ldevId, vid)
+
+    def unassign() -> list[str]:
+        ctx.system.resources.unassign_virtual_ldev_id(ldevId, vid)
+        return [f"ldevs/{ldevId}"]
+
+    return await job_response(request, session, sync_work(unassign), key=f"ldev:{ldevId}")
