@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from vspemu.api.common import Auth, Body, Ctx, data, job_response, sync_work
+from vspemu.api.routes.quorum_disks import external_view
 from vspemu.context import StorageContext
 from vspemu.errors import VspError, invalid
 from vspemu.system.capacity import BLOCK, format_byte_capacity, parse_byte_capacity
@@ -244,7 +245,9 @@ async def get_ldev(ldevId: int, ctx: Ctx, _s: Auth, detailInfoType: str | None =
     if not 0 <= ldevId <= MAX_LDEV_ID:
         raise VspError("INVALID_OBJECT_ID", object_id=ldevId)
     ldev = ctx.system.ldevs.get(ldevId)
-    return undefined_view(ldevId) if ldev is None else with_details(view(ctx, ldev), ldev, detailInfoType)
+    if ldev is None:
+        return external_view(ctx, ldevId) or undefined_view(ldevId)  # an external volume (quorum_disks.py)
+    return with_details(view(ctx, ldev), ldev, detailInfoType)
 
 
 @router.api_route("/ldevs/{ldevId}", methods=["PATCH", "PUT"])
