@@ -55,6 +55,8 @@ def test_group_with_ldevs_ports_host_groups(system: SystemProcess, api: VspClien
     assert view["ldevIds"] == [ldev, 300] and view["portIds"] == ["CL2-B"] and view["hostGroupIds"] == [hg]
     assert api.get(f"ldevs/{ldev}")["resourceGroupId"] == rg
     assert api.get(f"ldevs/{other}")["resourceGroupId"] == 0
+    assert api.get(f"host-groups/{hg}")["resourceGroupId"] == rg  # hv_gad picks the S-VOL's group by it
+    assert api.get("host-groups/CL1-A,0")["resourceGroupId"] == 0
     meta = api.get("resource-groups/0")
     assert ldev not in meta["ldevIds"] and other in meta["ldevIds"] and "CL2-B" not in meta["portIds"]
     assert [x["ldevId"] for x in api.get("ldevs", resourceGroupId=rg)["data"]] == [ldev]
