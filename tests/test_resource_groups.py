@@ -37,7 +37,7 @@ def test_meta_resource_always_exists(api: VspClient) -> None:
     assert meta["lockStatus"] == "Unlocked"
     assert "CL1-A" in meta["portIds"] and "CL1-A,0" in meta["hostGroupIds"]
     vsms = api.get("virtual-storages")["data"]
-    assert len(vsms) == 1 and vsms[0]["virtualStorageId"] == 0
+    assert len(vsms) == 1
     assert vsms[0]["virtualSerialNumber"] == str(api.get("storages")["data"][0]["serialNumber"])
     assert vsms[0]["resourceGroupIds"] == [0]
     refused(lambda: api.invoke("DELETE", "resource-groups/0"), 412)
@@ -110,12 +110,13 @@ def test_virtual_storage_and_virtual_ldev_ids(make_system: MakeSystem) -> None:
         assert vsm["virtualStorageDeviceId"] == pc.storage_device_id
         assert vsm["virtualStorageTypeId"] == "R9"
         rg = next(g for g in sc.get("resource-groups")["data"] if g["resourceGroupName"] == "gad-vsm")
-        assert vsm["resourceGroupIds"] == [rg["resourceGroupId"]] and rg["virtualStorageId"] == vsm["virtualStorageId"]
+        assert vsm["resourceGroupIds"] == [rg["resourceGroupId"]] and rg["virtualStorageId"] == 1
+        assert sc.get("virtual-storages/1") == vsm == sc.get(f"virtual-storages/{pc.storage_device_id}")
         assert job["affectedResources"]
         # a second group in the same VSM, by virtualStorageDeviceId as the collection sends it
         rg2 = int(sc.resource_id(sc.invoke("POST", "resource-groups", {
             "resourceGroupName": "gad-vsm-2", "virtualStorageDeviceId": vsm["virtualStorageDeviceId"]})))
-        assert sc.get(f"resource-groups/{rg2}")["virtualStorageId"] == vsm["virtualStorageId"]
+        assert sc.get(f"resource-groups/{rg2}")["virtualStorageId"] == 1
         sc.invoke("DELETE", f"resource-groups/{rg2}")
 
         # the S-VOL: unassign its own id, move it into the VSM, reserve for GAD, then give it the P-VOL's id

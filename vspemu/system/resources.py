@@ -31,6 +31,7 @@ MAX_VIRTUAL_STORAGE_ID = 7  # VSP 5000: up to 8 virtual storage machines includi
 UNASSIGNED_VLDEV = 65534  # FF:FE: no virtual LDEV id
 GAD_RESERVED_VLDEV = 65535  # FF:FF: reserved for a GAD S-VOL
 MAX_VIRTUAL_LDEV_ID = 65279
+FREE_VLDEV = (UNASSIGNED_VLDEV, GAD_RESERVED_VLDEV)  # an LDEV moves into / out of a VSM only with these
 NAME_MAX = 32
 
 # the virtualModel values the array reports (and the collection's VSPStorageModelsManager sends)
@@ -237,7 +238,7 @@ class Resources:
             if owner != 0:
                 raise VspError("IN_USE", detail=f"ldev {i} belongs to resource group {owner}")
             ldev = self.system.ldevs.get(i)  # into a virtual storage machine: only without a virtual id
-            if ldev is not None and rg.virtual_storage_id != 0 and self.virtual_id(ldev) != UNASSIGNED_VLDEV:
+            if ldev is not None and rg.virtual_storage_id != 0 and self.virtual_id(ldev) not in FREE_VLDEV:
                 raise VspError("WRONG_STATE", detail=f"ldev {i} has virtual LDEV id {self.virtual_id(ldev)}; "
                                                      "unassign it first")
         for p in port_ids:
@@ -275,7 +276,7 @@ class Resources:
                 raise invalid(name, items, "Specify each resource once.")
         for i in ldev_ids:
             ldev = self.system.ldevs.get(i)
-            if ldev is not None and rg.virtual_storage_id != 0 and self.virtual_id(ldev) != UNASSIGNED_VLDEV:
+            if ldev is not None and rg.virtual_storage_id != 0 and self.virtual_id(ldev) not in FREE_VLDEV:
                 raise VspError("WRONG_STATE", detail=f"ldev {i} has virtual LDEV id {self.virtual_id(ldev)} in "
                                                      f"virtual storage {rg.virtual_storage_id}; unassign it first")
         return rg
@@ -343,7 +344,7 @@ class Resources:
 
     def assign_virtual_ldev_id(self, ldev_id: int, virtual_ldev_id: int) -> Ldev:
         ldev = self.check_assign(ldev_id, virtual_ldev_id)
-        ldev.virtual_ldev_id = None if virtual_ldev_id == ldev_id else virtual_ldev_id
+        ldev.virtual_ldev_id = virtual_ldev_id
         self.system.save_ldev(ldev)
         return ldev
 
@@ -367,9 +368,9 @@ class Resources:
         """What the LDEV GET adds: its resource group, its virtual id and virtual storage if not its own."""
         group_id = self.group_of_ldev(ldev.ldev_id)
         out: dict[str, Any] = {"resourceGroupId": group_id}
-        if ldev.virtual_ldev_id is not None and ldev.virtual_ldev_id != ldev.ldev_id:
-            out["virtualLdevId"] = ldev.virtual_ldev_id
         vsm = self.virtual_storage_of_ldev(ldev.ldev_id)
+        if ldev.virtual_ldev_id is not None and (ldev.virtual_ldev_id != ldev.ldev_id or vsm.virtual_storage_id):
+            out["virtualLdevId"] = ldev.virtual_ldev_id
         if vsm.virtual_storage_id != 0:
             out["virtualStorageDeviceId"] = vsm.device_id
             out["virtualSerialNumber"] = str(vsm.serial)

@@ -79,9 +79,9 @@ def group_view(ctx: StorageContext, rg: ResourceGroup, detail: str | None = None
 
 
 def vsm_view(ctx: StorageContext, vsm: VirtualStorage) -> dict[str, Any]:
+    """Exactly the fields the collection's VirtualStorageMachineInfo takes (it refuses any other): the
+    virtual storage id of a VSM is in its resource groups' ``virtualStorageId``."""
     return {
-        "virtualStorageId": vsm.virtual_storage_id,
-        "storageDeviceId": ctx.system.storage_device_id,
         "virtualStorageDeviceId": vsm.device_id,
         "virtualSerialNumber": str(vsm.serial),
         "virtualModel": vsm.model,
@@ -198,10 +198,14 @@ async def list_virtual_storages(ctx: Ctx, _s: Auth) -> dict[str, Any]:
 
 
 @router.get("/virtual-storages/{virtualStorageId}")
-async def get_virtual_storage(virtualStorageId: int, ctx: Ctx, _s: Auth) -> dict[str, Any]:
-    if not 0 <= virtualStorageId <= 1023:
+async def get_virtual_storage(virtualStorageId: str, ctx: Ctx, _s: Auth) -> dict[str, Any]:
+    """By virtual storage id (0-7) or by virtual storage device id (12 digits)."""
+    res = ctx.system.resources
+    if not virtualStorageId.isascii() or not virtualStorageId.isdigit() or len(virtualStorageId) > 12:
         raise VspError("INVALID_OBJECT_ID", object_id=virtualStorageId)
-    return vsm_view(ctx, ctx.system.resources.get_virtual_storage(virtualStorageId))
+    if len(virtualStorageId) == 12:
+        return vsm_view(ctx, res.virtual_storage_by_device_id(virtualStorageId))
+    return vsm_view(ctx, res.get_virtual_storage(int(virtualStorageId)))
 
 
 @router.post("/virtual-storages")
