@@ -184,3 +184,19 @@ def test_gad_pairs_refused_with_a_clear_message(api: VspClient) -> None:
     # a quorum disk id on a TC pair is refused too
     tc = {**body, "replicationType": "TC"}
     refused(lambda: api.invoke("POST", "remote-mirror-copypairs", tc), 400, "KART40039-E")
+
+
+@pytest.mark.timeout(180)
+def test_a_group_of_every_ldev_id(api: VspClient) -> None:
+    """A group may reserve the whole LDEV id range; adding, listing and removing it stays linear (an index,
+    sets), not quadratic in the number of ids."""
+    ldev = api.create_ldev("16M")
+    rg = int(api.resource_id(api.invoke("POST", "resource-groups", {"resourceGroupName": "all-ids"})))
+    api.invoke("POST", f"resource-groups/{rg}/actions/add-resource/invoke",
+               {"parameters": {"startLdevId": 0, "endLdevId": 65279}})
+    assert len(api.get(f"resource-groups/{rg}")["ldevIds"]) == 65280
+    assert api.get(f"ldevs/{ldev}")["resourceGroupId"] == rg
+    assert len(api.get("ldevs", count=16384)["data"]) == 16384
+    api.invoke("POST", f"resource-groups/{rg}/actions/remove-resource/invoke",
+               {"parameters": {"ldevIds": list(range(65280))}})
+    assert api.get(f"resource-groups/{rg}")["ldevIds"] == [] and api.get("resource-groups/0")["ldevIds"] == [ldev]

@@ -97,6 +97,11 @@ class Resources:
         for doc in self.store.load("resource_groups").values():
             rg = ResourceGroup(**doc)
             self.groups[rg.resource_group_id] = rg
+        self._ldev_owner: dict[int, int] = {}  # LDEV id -> its group (other than 0): an index, not persisted
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self._ldev_owner = {i: rg.resource_group_id for rg in self.groups.values() for i in rg.ldev_ids}
 
     # -- virtual storage machines ----------------------------------------------------------------
     def physical(self) -> VirtualStorage:
@@ -160,7 +165,7 @@ class Resources:
 
     def meta_resource(self) -> ResourceGroup:
         """Group 0: every defined LDEV, port and host group that no other group holds."""
-        held_ldevs = {i for rg in self.groups.values() for i in rg.ldev_ids}
+        held_ldevs = self._ldev_owner
         held_ports = {p for rg in self.groups.values() for p in rg.port_ids}
         held_hgs = {h for rg in self.groups.values() for h in rg.host_group_ids}
         system = self.system
@@ -198,7 +203,7 @@ class Resources:
         self.store.put("resource_groups", rg.resource_group_id, asdict(rg))
 
     def group_of_ldev(self, ldev_id: int) -> int:
-        return next((rg.resource_group_id for rg in self.groups.values() if ldev_id in rg.ldev_ids), 0)
+        return self._ldev_owner.get(ldev_id, 0)
 
     def group_of_port(self, port_id: str) -> int:
         return next((rg.resource_group_id for rg in self.groups.values() if port_id in rg.port_ids), 0)
@@ -258,6 +263,7 @@ class Resources:
         rg.port_ids = [*rg.port_ids, *port_ids]
         rg.host_group_ids = [*rg.host_group_ids, *host_group_ids]
         self._save(rg)
+        self._reindex()
         return rg
 
     def check_remove(self, group_id: int, ldev_ids: list[int], port_ids: list[str],
@@ -267,8 +273,9 @@ class Resources:
             raise VspError("WRONG_STATE", detail="resources leave meta_resource by being added to another group")
         if not (ldev_ids or port_ids or host_group_ids):
             raise VspError("MISSING_PARAMETER", attribute="ldevIds, portIds or hostGroupIds")
-        for name, items, held in (("ldevIds", ldev_ids, rg.ldev_ids), ("portIds", port_ids, rg.port_ids),
-                                  ("hostGroupIds", host_group_ids, rg.host_group_ids)):
+        for name, items, held_list in (("ldevIds", ldev_ids, rg.ldev_ids), ("portIds", port_ids, rg.port_ids),
+                                       ("hostGroupIds", host_group_ids, rg.host_group_ids)):
+            held = set(held_list)
             for item in items:
                 if item not in held:
                     raise VspError("NOT_FOUND", object_id=f"{name} {item} in resource group {group_id}")
@@ -284,10 +291,12 @@ class Resources:
     def remove_resources(self, group_id: int, ldev_ids: list[int], port_ids: list[str],
                          host_group_ids: list[str]) -> ResourceGroup:
         rg = self.check_remove(group_id, ldev_ids, port_ids, host_group_ids)
-        rg.ldev_ids = [i for i in rg.ldev_ids if i not in ldev_ids]
+        gone = set(ldev_ids)
+        rg.ldev_ids = [i for i in rg.ldev_ids if i not in gone]
         rg.port_ids = [p for p in rg.port_ids if p not in port_ids]
         rg.host_group_ids = [h for h in rg.host_group_ids if h not in host_group_ids]
         self._save(rg)
+        self._reindex()
         return rg
 
     def check_delete(self, group_id: int) -> ResourceGroup:

@@ -144,7 +144,8 @@ def _resources(ctx: StorageContext, p: ResourceParameters) -> tuple[list[int], l
     if p.startLdevId is not None and p.endLdevId is not None:
         if p.endLdevId < p.startLdevId:
             raise invalid("endLdevId", p.endLdevId, "Specify a value not below startLdevId.")
-        ldev_ids += [i for i in range(p.startLdevId, p.endLdevId + 1) if i not in ldev_ids]
+        given = set(ldev_ids)
+        ldev_ids += [i for i in range(p.startLdevId, p.endLdevId + 1) if i not in given]
     return ldev_ids, list(p.portIds or []), list(p.hostGroupIds or [])
 
 
