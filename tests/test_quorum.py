@@ -22,9 +22,8 @@ EXT = 500  # the local LDEV id of the external volume on a and b
 
 
 def add_external(c: VspClient, q: SystemProcess, ldev: int, local: int = EXT) -> dict[str, Any]:
-    return c.private("POST", "external-volumes", {  # type: ignore[no-any-return]
-        "ldevId": local, "externalSerialNumber": q.serial, "externalLdevId": ldev,
-        "nbdHost": "127.0.0.1", "nbdPort": q.nbd_port})
+    with q.client() as qc:
+        return c.add_external_volume(local, qc, ldev, "127.0.0.1", q.nbd_port)
 
 
 def add_quorum(c: VspClient, partner: SystemProcess, qid: int = 0, ldev: int | None = EXT) -> dict[str, Any]:
@@ -53,7 +52,7 @@ def test_quorum_disk_on_a_third_system(make_system: MakeSystem) -> None:
         with pytest.raises(ApiError, match="KART40045-E"):  # the id is taken (a failed job, as for any LDEV)
             ac.create_ldev("16M", ldev_id=EXT)
 
-        add_quorum(ac, b)
+        assert ac.create_quorum_disk(0, bc, EXT)["status"] == "NORMAL"  # the SDK's helper
         add_quorum(bc, a)
         for c, partner in ((ac, b), (bc, a)):
             disks = c.get("quorum-disks")["data"]
