@@ -51,6 +51,10 @@ def test_quorum_disk_on_a_third_system(make_system: MakeSystem) -> None:
         assert view["attributes"] == ["ELUN"] and view["externalSerialNumber"] == str(q.serial)
         with pytest.raises(ApiError, match="KART40045-E"):  # the id is taken (a failed job, as for any LDEV)
             ac.create_ldev("16M", ldev_id=EXT)
+        assert [x["ldevId"] for x in ac.get("ldevs", ldevOption="externalVolume")["data"]] == [EXT]
+        assert ac.get("ldevs", headLdevId=EXT, count=1)["data"][0]["attributes"] == ["ELUN"]
+        assert EXT not in [x["ldevId"] for x in ac.get("ldevs", ldevOption="undefined", headLdevId=EXT - 1,
+                                                        count=3)["data"]]
 
         assert ac.create_quorum_disk(0, bc, EXT)["status"] == "NORMAL"  # the SDK's helper
         add_quorum(bc, a)

@@ -220,7 +220,11 @@ async def list_ldevs(
             break
         ldev = system.ldevs.get(ldev_id)
         if ldev is None:
-            if ldevOption == "undefined" or (ldevOption is None and not filtered):
+            ext = external_view(ctx, ldev_id)  # an external volume (quorum_disks.py), or None
+            if ext is not None:
+                if ldevOption in (None, "externalVolume") and not filtered:
+                    out.append(ext)
+            elif ldevOption == "undefined" or (ldevOption is None and not filtered):
                 out.append(undefined_view(ldev_id))
             continue
         if ldevOption == "undefined" or ldevOption in ("externalVolume", "mappedNvmSubsystem"):
