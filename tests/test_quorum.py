@@ -81,6 +81,14 @@ def test_quorum_disk_on_a_third_system(make_system: MakeSystem) -> None:
         q.start()
         assert status(ac) == "NORMAL" and status(bc) == "NORMAL"
 
+        # the quorum system hangs (SIGSTOP): the exchange times out, blocked; resumed: normal
+        q.pause()
+        try:
+            assert status(ac) == "BLOCKED"
+        finally:
+            q.resume()
+        assert status(ac) == "NORMAL"
+
         # its LU path goes (the export disappears): blocked; mapped again: normal
         qc.close()
         qc = q.client()
