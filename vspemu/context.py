@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from vspemu.replication.engine import Replication
     from vspemu.replication.link import Link
     from vspemu.system.faults import Faults
+    from vspemu.system.quorum import QuorumDisks
     from vspemu.system.remotes import Remotes
 
 
@@ -34,6 +35,7 @@ class StorageContext:
     replication: Replication | None = None  # pairs and copy groups (set by the server)
     faults: Faults | None = None  # faults on demand (set by the server)
     snapshots: Snapshots | None = None  # Thin Image snapshots (set by the server)
+    quorum: QuorumDisks | None = None  # external volumes and quorum disks for GAD (set by the server)
 
     def __post_init__(self) -> None:
         self.journals = Journals(self.system)

@@ -20,6 +20,7 @@ from vspemu.localcopy.snapshot import Snapshots
 from vspemu.replication.engine import Replication
 from vspemu.replication.link import Link
 from vspemu.system.faults import Faults
+from vspemu.system.quorum import QuorumDisks
 from vspemu.system.remotes import MIN_TIMEOUT_FOR_REMOTE_IO, Remotes
 from vspemu.system.sessions import Sessions
 from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER, REPLICATION_PORTS, StorageSystem
@@ -85,6 +86,8 @@ def build_context(cfg: ServerConfig) -> StorageContext:
     ctx.replication = Replication(system, link, ctx.remotes, cfg.data_dir, ctx.journals)
     ctx.faults = Faults(system, link, ctx.replication, ctx.journals)
     ctx.snapshots = Snapshots(system, cfg.data_dir)
+    remotes = ctx.remotes
+    ctx.quorum = QuorumDisks(system, lambda serial: (p.storage_type_id if (p := remotes.by_serial(serial)) else None))
     return ctx
 
 
@@ -140,6 +143,8 @@ async def serve(cfg: ServerConfig) -> None:
     ctx.replication.start()
     assert ctx.faults is not None
     ctx.faults.apply()  # the faults in force before the restart are in force again
+    assert ctx.quorum is not None
+    ctx.quorum.start()  # quorum disks: heartbeat to the quorum volumes (vspemu.system.quorum)
     log.info("storage %s (serial %s) REST https://%s:%s NBD %s link %s", ctx.system.storage_device_id,
              ctx.system.serial, cfg.rest_host, cfg.rest_port,
              f"nbd://{cfg.nbd_host}:{cfg.nbd_port}" if nbd else "off",
@@ -147,6 +152,7 @@ async def serve(cfg: ServerConfig) -> None:
     try:
         await server.serve()
     finally:
+        await ctx.quorum.close()
         await ctx.replication.close()
         await ctx.link.close()
         if nbd is not None:

@@ -16,9 +16,11 @@ from vspemu.api.routes import (
     ldevs,
     pools,
     ports,
+    quorum_disks,
     remote_pairs,
     remote_storages,
     remotepath_groups,
+    resource_groups,
     services,
     sessions,
     snapshots,
@@ -33,6 +35,8 @@ OBJECT_ROUTERS: list[APIRouter] = [sessions.router, jobs.router, ldevs.router, p
                                    remote_storages.router, remotepath_groups.router, journals.router,
                                    remote_pairs.router, storages.facts_router, users.router]
 OBJECT_ROUTERS.append(snapshots.router)  # Thin Image (issue 17)
+OBJECT_ROUTERS.append(resource_groups.router)  # issue 18: resource groups, virtual storages (GAD configuration)
+OBJECT_ROUTERS.append(quorum_disks.router)  # issue 18: quorum disks (GAD configuration)
 
 
 def create_app(ctx: StorageContext) -> FastAPI:
@@ -61,5 +65,6 @@ def create_app(ctx: StorageContext) -> FastAPI:
     app.include_router(remote_storages.private_router, prefix="/ConfigurationManager/vspemu/v1")
     app.include_router(remote_pairs.private_router, prefix="/ConfigurationManager/vspemu/v1")
     app.include_router(faults.router, prefix="/ConfigurationManager/vspemu/v1")
+    app.include_router(quorum_disks.private_router, prefix="/ConfigurationManager/vspemu/v1")  # external volumes
     status.install(app, ctx)  # /metrics, the status page and its JSON (docs/observability.md)
     return app

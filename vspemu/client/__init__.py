@@ -380,3 +380,24 @@ class VspClient:
                            json={"parameters": params}, remote=remote, objects=False)
         self.wait_job(job, timeout)
         return self.private("GET", f"{kind}/{object_id}/verify")  # type: ignore[no-any-return]
+
+    # -- GAD configuration (issue 18): external volumes (vspemu-private) and quorum disks ------------------
+    def add_external_volume(self, ldev_id: int, external: VspClient, external_ldev_id: int, nbd_host: str,
+                            nbd_port: int) -> dict[str, Any]:
+        """Map an LDEV of ``external`` (it needs an LU path there; reached over NBD at nbd_host:nbd_port) to
+        the local LDEV id ``ldev_id`` (vspemu-private: the array builds external volumes otherwise)."""
+        serial = int(external.get("storages")["data"][0]["serialNumber"])
+        return self.private("POST", "external-volumes", {  # type: ignore[no-any-return]
+            "ldevId": ldev_id, "externalSerialNumber": serial, "externalLdevId": external_ldev_id,
+            "nbdHost": nbd_host, "nbdPort": nbd_port})
+
+    def create_quorum_disk(self, quorum_disk_id: int, partner: VspClient, ldev_id: int | None) -> dict[str, Any]:
+        """POST quorum-disks naming ``partner`` (a registered remote storage) as the other system of the GAD
+        pairs; ``ldev_id`` is an external volume, or None for a quorum-less disk. Returns the quorum disk."""
+        storage = partner.get("storages")["data"][0]
+        device = str(storage["storageDeviceId"])
+        type_id = {"900000": "R9", "800000": "R8"}.get(device[:6], "M8")
+        self.invoke("POST", "quorum-disks", {"quorumDiskId": quorum_disk_id, "remoteSerialNumber":
+                                             str(storage["serialNumber"]), "remoteStorageTypeId": type_id,
+                                             "ldevId": ldev_id})
+        return self.get(f"quorum-disks/{quorum_disk_id}")  # type: ignore[no-any-return]

@@ -19,6 +19,7 @@ from vspemu.errors import VspError, invalid, not_found
 from vspemu.system.capacity import BLOCK, format_byte_capacity
 from vspemu.system.hostgroups import HostGroups, default_group_name
 from vspemu.system.pools import DEFAULT_POOL_NAME, MAX_POOL_ID, POOL_ATTRIBUTE, Pool
+from vspemu.system.resources import Resources
 from vspemu.system.store import Store
 from vspemu.system.users import (
     ADMIN_GROUP,
@@ -113,6 +114,7 @@ class Ldev:
     is_compression_acceleration_enabled: bool = False
     data_reduction_process_mode: str = "inline"
     qos: dict[str, int] = field(default_factory=dict)  # set-qos parameters, as the array reports them
+    virtual_ldev_id: int | None = None  # None: its own id; 65534 unassigned, 65535 GAD reserve (resources.py)
 
     @property
     def size(self) -> int:
@@ -183,6 +185,8 @@ class StorageSystem:
         self.ldev_guards: list[Callable[[Ldev, str], None]] = [self._pool_volume_guard]
         # what else a pool holds (Thin Image snapshot data): pool id (None: all pools) -> bytes
         self.pool_usage: list[Callable[[int | None], int]] = []
+        # LDEV ids other subsystems hold outside self.ldevs (external volumes, vspemu.system.quorum)
+        self.ldev_id_claims: list[Callable[[int], bool]] = []
 
         self.pools: dict[int, Pool] = {0: Pool(0, DEFAULT_POOL_NAME)}
         for doc in self.store.load("pools").values():
@@ -223,6 +227,7 @@ class StorageSystem:
         for doc in self.store.load("luns").values():
             lun = Lun(**doc)
             self.luns[lun.lun_id] = lun
+        self.resources = Resources(self)  # resource groups, virtual storage machines (GAD configuration)
 
     def _wwn(self, index: int) -> str:
         return f"50060e80{self.serial:06x}{index:02x}"[:16]
@@ -464,7 +469,7 @@ class StorageSystem:
 
     def free_ldev_id(self, start: int = 0, end: int = MAX_LDEV_ID) -> int:
         for i in range(start, end + 1):
-            if i not in self.ldevs:
+            if i not in self.ldevs and not self.ldev_id_claimed(i):
                 return i
         raise VspError("LDEV_ID_EXHAUSTED", resource="ldevId")
 
@@ -475,7 +480,7 @@ class StorageSystem:
             ldev_id = self.free_ldev_id()
         elif not 0 <= ldev_id <= MAX_LDEV_ID:
             raise invalid("ldevId", ldev_id, f"Specify a value from 0 to {MAX_LDEV_ID}.")
-        elif ldev_id in self.ldevs:
+        elif ldev_id in self.ldevs or self.ldev_id_claimed(ldev_id):
             raise VspError("ALREADY_EXISTS", object_id=f"ldev {ldev_id}")
         check_ldev_size(size)
         ldev = Ldev(ldev_id, pool_id, size // BLOCK, label, data_reduction_mode)
@@ -494,6 +499,9 @@ class StorageSystem:
         self.ldevs[ldev_id] = ldev
         self.volumes[ldev_id] = vol
         return ldev
+
+    def ldev_id_claimed(self, ldev_id: int) -> bool:
+        return any(claim(ldev_id) for claim in self.ldev_id_claims)
 
     def guard_ldev(self, ldev: Ldev, action: str) -> None:
         """Ask the subsystems whether an LDEV may be deleted / mapped / expanded now."""

@@ -88,7 +88,7 @@ def host_group_view(ctx: StorageContext, hg: HostGroup) -> dict[str, Any]:
         "hostGroupName": hg.name,
         "hostMode": hg.host_mode,
         "hostModeOptions": list(hg.host_mode_options),
-        "resourceGroupId": 0,
+        "resourceGroupId": ctx.system.resources.group_of_host_group(f"{hg.port_id},{hg.number}"),
         "isDefined": True,
     }
     if hg.iscsi_name is not None:

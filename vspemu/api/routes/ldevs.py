@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from vspemu.api.common import Auth, Body, Ctx, data, job_response, sync_work
+from vspemu.api.routes.quorum_disks import external_view
 from vspemu.context import StorageContext
 from vspemu.errors import VspError, invalid
 from vspemu.system.capacity import BLOCK, format_byte_capacity, parse_byte_capacity
@@ -158,12 +159,12 @@ def view(ctx: StorageContext, ldev: Ldev) -> dict[str, Any]:
         "numOfUsedBlock": min(used_blocks, ldev.block_capacity),
         "isFullAllocationEnabled": ldev.is_full_allocation_enabled,
         "isCompressionAccelerationEnabled": ldev.is_compression_acceleration_enabled,
-        "resourceGroupId": 0,
         "dataReductionStatus": "DISABLED" if ldev.data_reduction_mode == "disabled" else "ENABLED",
         "dataReductionMode": ldev.data_reduction_mode,
         "dataReductionProcessMode": ldev.data_reduction_process_mode,
         "isAluaEnabled": ldev.is_alua_enabled,
         "naaId": f"60060e80{system.serial:08x}{0:08x}{ldev.ldev_id:08x}",
+        **system.resources.ldev_fields(ldev),  # resourceGroupId, virtualLdevId, virtual storage (GAD)
     }
 
 
@@ -219,7 +220,11 @@ async def list_ldevs(
             break
         ldev = system.ldevs.get(ldev_id)
         if ldev is None:
-            if ldevOption == "undefined" or (ldevOption is None and not filtered):
+            ext = external_view(ctx, ldev_id)  # an external volume (quorum_disks.py), or None
+            if ext is not None:
+                if ldevOption in (None, "externalVolume") and not filtered:
+                    out.append(ext)
+            elif ldevOption == "undefined" or (ldevOption is None and not filtered):
                 out.append(undefined_view(ldev_id))
             continue
         if ldevOption == "undefined" or ldevOption in ("externalVolume", "mappedNvmSubsystem"):
@@ -231,7 +236,7 @@ async def list_ldevs(
             continue
         if journal_ldevs is not None and ldev_id not in journal_ldevs:
             continue
-        if resourceGroupId not in (None, 0):
+        if resourceGroupId is not None and system.resources.group_of_ldev(ldev_id) != resourceGroupId:
             continue
         if ldevOption == "dpVolume" and system.is_pool_volume(ldev):
             continue
@@ -244,7 +249,9 @@ async def get_ldev(ldevId: int, ctx: Ctx, _s: Auth, detailInfoType: str | None =
     if not 0 <= ldevId <= MAX_LDEV_ID:
         raise VspError("INVALID_OBJECT_ID", object_id=ldevId)
     ldev = ctx.system.ldevs.get(ldevId)
-    return undefined_view(ldevId) if ldev is None else with_details(view(ctx, ldev), ldev, detailInfoType)
+    if ldev is None:
+        return external_view(ctx, ldevId) or undefined_view(ldevId)  # an external volume (quorum_disks.py)
+    return with_details(view(ctx, ldev), ldev, detailInfoType)
 
 
 @router.api_route("/ldevs/{ldevId}", methods=["PATCH", "PUT"])
@@ -363,3 +370,39 @@ async def expand_ldev(ldevId: int, request: Request, body: ExpandBody, ctx: Ctx,
         return [f"ldevs/{ldevId}"]
 
     return await job_response(request, session, sync_work(expand), key=f"ldev:{ldevId}")
+
+
+class VirtualLdevParameters(Body):
+    virtualLdevId: int = Field(ge=0, le=65535)
+
+
+class VirtualLdevBody(Body):
+    parameters: VirtualLdevParameters
+
+
+@router.api_route("/ldevs/{ldevId}/actions/assign-virtual-ldevid/invoke", methods=["POST", "PUT"])
+async def assign_virtual_ldevid(ldevId: int, request: Request, body: VirtualLdevBody, ctx: Ctx,
+                                session: Auth) -> JSONResponse:
+    """The LDEV's virtual id (65535: the GAD reserve); it must have none (unassign first). See resources.py."""
+    vid = body.parameters.virtualLdevId
+    ctx.system.resources.check_assign(ldevId, vid)
+
+    def assign() -> list[str]:
+        ctx.system.resources.assign_virtual_ldev_id(ldevId, vid)
+        return [f"ldevs/{ldevId}"]
+
+    return await job_response(request, session, sync_work(assign), key=f"ldev:{ldevId}")
+
+
+@router.api_route("/ldevs/{ldevId}/actions/unassign-virtual-ldevid/invoke", methods=["POST", "PUT"])
+async def unassign_virtual_ldevid(ldevId: int, request: Request, body: VirtualLdevBody, ctx: Ctx,
+                                  session: Auth) -> JSONResponse:
+    """Take the LDEV's virtual id away (it becomes 65534); ``virtualLdevId`` must be its current one."""
+    vid = body.parameters.virtualLdevId
+    ctx.system.resources.check_unassign(ldevId, vid)
+
+    def unassign() -> list[str]:
+        ctx.system.resources.unassign_virtual_ldev_id(ldevId, vid)
+        return [f"ldevs/{ldevId}"]
+
+    return await job_response(request, session, sync_work(unassign), key=f"ldev:{ldevId}")

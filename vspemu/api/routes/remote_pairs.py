@@ -36,7 +36,7 @@ NOWAIT = "job-mode-wait-configuration-change"
 class PairCreate(Body):
     copyGroupName: str = Field(min_length=1, max_length=29)
     copyPairName: str = Field(min_length=1, max_length=31)
-    replicationType: Literal["TC", "UR"]
+    replicationType: Literal["TC", "UR", "GAD"]  # GAD: refused with a clear message (refuse_gad)
     remoteStorageDeviceId: str = Field(min_length=12, max_length=12)
     pvolLdevId: int = Field(ge=0, le=MAX_LDEV_ID)
     svolLdevId: int = Field(ge=0, le=MAX_LDEV_ID)
@@ -54,10 +54,11 @@ class PairCreate(Body):
     doInitialCopy: bool | None = None
     isDataReductionForceCopy: bool | None = None
     doDeltaResyncSuspend: bool | None = None
+    quorumDiskId: int | None = Field(default=None, ge=0, le=31)  # GAD only
 
 
 class SplitParameters(Body):
-    replicationType: Literal["TC", "UR"]
+    replicationType: Literal["TC", "UR", "GAD"]
     svolAccessMode: Literal["r", "rw"] | None = None
     svolOperationMode: Literal["SSWS"] | None = None
     doPvolWriteProtect: bool | None = None
@@ -65,7 +66,7 @@ class SplitParameters(Body):
 
 
 class ResyncParameters(Body):
-    replicationType: Literal["TC", "UR"]
+    replicationType: Literal["TC", "UR", "GAD"]
     doSwapSvol: bool | None = None
     copyPace: int | None = Field(default=None, ge=1, le=15)
     fenceLevel: Literal["NEVER", "DATA", "STATUS"] | None = None
@@ -151,6 +152,10 @@ def pair_url(group: CopyGroup, pair: Pair) -> str:
 # -- create -----------------------------------------------------------------------------------------------
 @router.post("/remote-mirror-copypairs")
 async def create_pair(request: Request, body: PairCreate, ctx: Ctx, session: Auth) -> JSONResponse:
+    refuse_gad(body.replicationType)
+    if body.quorumDiskId is not None:
+        raise VspError("INVALID_VALUE", attribute="quorumDiskId", value=body.quorumDiskId,
+                       cause="A quorum disk is for GAD pairs only.")
     eng = engine_of(ctx)
     check_name("copyGroupName", body.copyGroupName, 29)  # "," or "/" would make two pair keys collide
     check_name("copyPairName", body.copyPairName)
@@ -302,7 +307,18 @@ async def _takeover(request: Request, ctx: StorageContext, session: Any, object_
     return await job_response(request, session, work)
 
 
+def refuse_gad(replication_type: str) -> None:
+    """GAD (global-active device) pairs: the configuration exists (quorum disks, resource groups, virtual LDEV
+    ids: docs/gad.md), the pair engine does not yet."""
+    if replication_type == "GAD":
+        raise VspError("API_NOT_SUPPORTED", detail="GAD (global-active device) pairs are not available yet in "
+                                                   "vspemu; TrueCopy (TC) and Universal Replicator (UR) pairs are. "
+                                                   "Quorum disks, resource groups and virtual LDEV ids are "
+                                                   "(docs/gad.md)")
+
+
 def _check_type(group: CopyGroup, replication_type: str) -> None:
+    refuse_gad(replication_type)
     if group.replication_type != replication_type:
         raise VspError("INVALID_VALUE", attribute="replicationType", value=replication_type,
                        cause=f"copy group {group.name} is a {group.replication_type} group")
