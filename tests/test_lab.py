@@ -99,7 +99,7 @@ def test_three_system_chain_lab(lab_dir: Path) -> None:
     assert "Link 410001 <-> 410002" in r.stdout and "Link 410002 <-> 410003" in r.stdout
     assert "Link 410001 <-> 410003" not in r.stdout
     export = next(x for x in r.stdout.splitlines() if "export VSPEMU_CA_CERT=" in x)
-    assert export.split("=", 1)[1].split(os.pathsep) == [s["cert"] for s in systems]
+    assert export.split("=", 1)[1].split(os.pathsep) == [s["cert"] for s in systems] + [state["console"]["cert"]]
     assert [s["registeredWith"] for s in systems] == [[410002], [410001, 410003], [410002]]
 
     clients = [VspClient(s["restUrl"], verify=s["cert"]) for s in systems]
@@ -153,7 +153,7 @@ def test_three_system_chain_lab(lab_dir: Path) -> None:
     # status: every system running and answering, its path groups listed
     st = vspemu("status", "--data-dir", str(lab_dir))
     assert st.returncode == 0, st.stdout + st.stderr
-    assert st.stdout.count("running") == 3 and st.stdout.count("answers") == 3
+    assert st.stdout.count("running") == 4 and st.stdout.count("answers") == 3  # 3 systems and the console
     assert "410001,R9,0 (NML_01/NML_01), 410003,R9,0 (NML_01/NML_01)" in st.stdout
 
     # a second `up` on a running lab is refused and changes nothing
@@ -164,6 +164,7 @@ def test_three_system_chain_lab(lab_dir: Path) -> None:
     # down: every process gone, the state file too; status says so
     d = vspemu("down", "--data-dir", str(lab_dir))
     assert d.returncode == 0, d.stdout + d.stderr
+    assert "stopped console" in d.stdout and not process_alive(state["console"]["pid"])
     for s in systems:
         assert f"stopped storage {s['serial']}" in d.stdout
         assert not process_alive(s["pid"])
@@ -191,6 +192,7 @@ def test_foreground_up_stops_on_down(lab_dir: Path, tmp_path: Path) -> None:
         assert up.wait(30) == 0
         assert "lab stopped" in (tmp_path / "up.log").read_text()
         assert not any(process_alive(s["pid"]) for s in state["systems"])
+        assert not process_alive(state["console"]["pid"])
     finally:
         if up.poll() is None:
             up.kill()

@@ -399,3 +399,34 @@ def stop_lab(data_dir: Path, timeout: float = 20.0) -> list[str]:
     except FileNotFoundError:
         pass
     return [name for name, _ in targets]
+
+
+def start_console(data_dir: Path, host: str, port: int, timeout: float = 30.0) -> tuple[subprocess.Popen[bytes],
+                                                                                          dict[str, Any]]:
+    """Start the lab console (``python -m vspemu.console``: one status page for every system of the lab in
+    ``data_dir``, whose ``lab.json`` must be written) and wait until it answers; returns the process and what
+    ``lab.json`` records of it."""
+    data_dir = data_dir.resolve()
+    log = open(data_dir / "console.log", "ab")  # noqa: SIM115 - handed to the child process
+    proc = subprocess.Popen([sys.executable, "-m", "vspemu.console", "--data-dir", str(data_dir), "--host", host,
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    log.close()
+    url = f"https://{host}:{port}/lab"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the lab console exited ({proc.returncode}); see {data_dir / 'console.log'}:\n"
+                               + (data_dir / "console.log").read_text()[-3000:])
+        try:
+            if httpx.get(url, verify=False, timeout=1.0).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise TimeoutError(f"the lab console did not answer on {url}")
+        time.sleep(0.1)
+    return proc, {"url": url, "port": port, "pid": proc.pid,
+                  "cert": str(data_dir / "console" / "tls" / "server.crt")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vspemu.lab import TOPOLOGIES, Lab, process_alive, read_lab_state, stop_lab, topology_links
+from vspemu.lab import (
+    TOPOLOGIES,
+    Lab,
+    free_port,
+    process_alive,
+    read_lab_state,
+    start_console,
+    stop_lab,
+    topology_links,
+)
 from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER
 
 STATUS_PAGE = "/ConfigurationManager/vspemu/status"  # served by each system (vspemu.api.routes.status)
@@ -69,14 +79,16 @@ def print_summary(state: dict[str, Any], account: str) -> None:
                       f"both ways ({paths}); remotepathGroupId "
                       + ", ".join(f"{gid} on {dev}" for dev, gid in link["remotepathGroupIds"].items()),
                       soft_wrap=True)
-    certs = os.pathsep.join(s["cert"] for s in state["systems"])
+    certs = os.pathsep.join([s["cert"] for s in state["systems"]]
+                            + ([state["console"]["cert"]] if state.get("console") else []))
     console.print(f"Clients verify TLS: export VSPEMU_CA_CERT={certs}", soft_wrap=True)
     for s in state["systems"]:  # the live status pages (log in with the account above)
         console.print(f"Status page ({s['serial']}): {s['restUrl']}{STATUS_PAGE}   metrics: {s['restUrl']}/metrics",
                       soft_wrap=True)
     lab_console = state.get("console")
     if lab_console:
-        console.print(f"Lab status page (every system): {lab_console['url']}", soft_wrap=True)
+        console.print(f"Lab status page (every system on one page; log in with the account above): "
+                      f"{lab_console['url']}", soft_wrap=True)
 
 
 def up(
@@ -92,6 +104,10 @@ def up(
     password_file: PasswordFile = None,
     free_ports: Annotated[bool, typer.Option(help="Free ports chosen at random instead of the fixed layout "
                                                   "(see lab.json or the summary).")] = False,
+    console_page: Annotated[bool, typer.Option("--console/--no-console", help="Serve the lab status page (every "
+                                               "system on one page) on --console-port.")] = True,
+    console_port: Annotated[int, typer.Option(help="HTTPS port of the lab status page (with --free-ports: a free "
+                                                   "one).")] = 8440,
     detach: Annotated[bool, typer.Option(help="Return once the lab is up and leave it running (stop it with "
                                               "`vspemu down`).")] = False,
 ) -> None:
@@ -118,6 +134,7 @@ def up(
     signal.signal(signal.SIGINT, stop)
     failed = False
     done = False
+    console_proc: subprocess.Popen[bytes] | None = None
     try:
         try:
             lab.start()
@@ -127,6 +144,16 @@ def up(
             return
         lab_console = None
         state_path = lab.write_state(None if detach else os.getpid(), lab_console)
+        if console_page:
+            for attempt in range(3 if free_ports else 1):  # a free port may be taken before the console binds it
+                try:
+                    console_proc, lab_console = start_console(lab.data_dir, host,
+                                                              free_port() if free_ports else console_port)
+                    break
+                except RuntimeError:
+                    if attempt == (2 if free_ports else 0):
+                        raise
+            state_path = lab.write_state(None if detach else os.getpid(), lab_console)
         print_summary(lab.state(None, lab_console), _account(password_file))
         console.print(f"Lab state: {state_path}")
         if detach:
@@ -135,6 +162,10 @@ def up(
             return
         console.print(f"Press Ctrl-C (or run `vspemu down --data-dir {data_dir}`) to stop every system.")
         while not failed:
+            if console_proc is not None and console_proc.poll() is not None:
+                console.print(f"[red]the lab console exited with code {console_proc.returncode}; see "
+                              f"{lab.data_dir / 'console.log'}[/red]")
+                failed = True
             for s in lab.systems:
                 if s.proc is not None and s.proc.poll() is not None:
                     console.print(f"[red]storage {s.serial} exited with code {s.proc.returncode}; see "
@@ -147,7 +178,15 @@ def up(
         if not done:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if console_proc is not None and console_proc.poll() is None:
+                console_proc.terminate()
             lab.stop()
+            if console_proc is not None:
+                try:
+                    console_proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    console_proc.kill()
+                    console_proc.wait()
             try:
                 (lab.data_dir / "lab.json").unlink()
             except FileNotFoundError:
