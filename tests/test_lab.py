@@ -181,7 +181,7 @@ def test_foreground_up_stops_on_down(lab_dir: Path, tmp_path: Path) -> None:
     log.close()
     try:
         deadline = time.monotonic() + 90
-        while (state := read_lab_state(lab_dir)) is None:
+        while (state := read_lab_state(lab_dir)) is None or not state.get("console"):  # the console is last
             assert up.poll() is None, (tmp_path / "up.log").read_text()
             assert time.monotonic() < deadline
             time.sleep(0.2)
