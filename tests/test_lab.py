@@ -6,8 +6,10 @@ Universal Replicator pair from 2 to 3 reach PAIR with the data; ``vspemu down`` 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from vspemu.client import VspClient
@@ -23,6 +26,10 @@ from vspemu.lab import process_alive, read_lab_state, stop_lab, topology_links, 
 
 MiB = 1 << 20
 SIZE = 32 * MiB
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode(errors="surrogateescape")).decode()
 
 
 def vspemu(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -149,6 +156,31 @@ def test_three_system_chain_lab(lab_dir: Path) -> None:
     finally:
         for c in clients:
             c.close()
+
+    # the lab console: malformed or hostile requests are refused (401/404/405), never a 5xx; it keeps serving
+    url = state["console"]["url"]
+    with httpx.Client(verify=ssl.create_default_context(cafile=state["console"]["cert"]), timeout=30) as http:
+        for headers in ({}, {"Authorization": "Basic !!!"}, {"Authorization": "Basic " + b64("nocolon")},
+                        {"Authorization": "Basic " + b64(":nouser")}, {"Authorization": "Session x"},
+                        {"Authorization": "Basic " + "A" * 5000}, {"Authorization": "Basic " + b64("\udcff:x")}):
+            assert http.post(f"{url}/api/session", headers=headers).status_code == 401
+        assert http.post(f"{url}/api/session", headers={"Authorization": "Basic " + b64("maintenance:wrong")}
+                         ).status_code == 401
+        for path in ("/api/status", "/api/session"):
+            for headers in ({}, {"Authorization": "Session " + "0" * 48}, {"Authorization": "Session"}):
+                assert http.request("GET" if path.endswith("status") else "DELETE", url + path,
+                                    headers=headers).status_code == 401
+        for path in ("/static/app.py", "/static/..%2f..%2flab.json", "/static/", "/nope"):
+            assert http.get(url + path).status_code == 404
+        assert http.put(f"{url}/api/status").status_code == 405
+        r = http.post(f"{url}/api/session", auth=("maintenance", "raid-maintenance"))
+        assert r.status_code == 200
+        token = r.json()["token"]
+        got = http.get(f"{url}/api/status", headers={"Authorization": f"Session {token}"}).json()
+        assert [x["serial"] for x in got["systems"]] == [410001, 410002, 410003]
+        assert all(x["ok"] for x in got["systems"])
+        assert http.delete(f"{url}/api/session", headers={"Authorization": f"Session {token}"}).status_code == 200
+        assert http.get(f"{url}/api/status", headers={"Authorization": f"Session {token}"}).status_code == 401
 
     # status: every system running and answering, its path groups listed
     st = vspemu("status", "--data-dir", str(lab_dir))
