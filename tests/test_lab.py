@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -188,6 +189,20 @@ def test_three_system_chain_lab(lab_dir: Path) -> None:
     assert st.stdout.count("running") == 4 and st.stdout.count("answers") == 3  # 3 systems and the console
     assert "410001,R9,0 (NML_01/NML_01), 410003,R9,0 (NML_01/NML_01)" in st.stdout
 
+    # a system that dies: `status` says so (exit code 1), the console shows it down and the others still up
+    os.kill(systems[2]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while process_alive(systems[2]["pid"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    st = vspemu("status", "--data-dir", str(lab_dir))
+    assert st.returncode == 1 and st.stdout.count("answers") == 2 and "not running" in st.stdout, st.stdout
+    with httpx.Client(verify=ssl.create_default_context(cafile=state["console"]["cert"]), timeout=30) as http:
+        token = http.post(f"{url}/api/session", auth=("maintenance", "raid-maintenance")).json()["token"]
+        got = http.get(f"{url}/api/status", headers={"Authorization": f"Session {token}"}).json()
+        assert [x["ok"] for x in got["systems"]] == [True, True, False]
+        assert "cannot reach" in got["systems"][2]["error"] and got["systems"][2]["status"] is None
+
     # a second `up` on a running lab is refused and changes nothing
     again = vspemu("up", "--systems", "3", "--free-ports", "--detach", "--data-dir", str(lab_dir))
     assert again.returncode == 1 and "already running" in again.stdout
@@ -197,9 +212,9 @@ def test_three_system_chain_lab(lab_dir: Path) -> None:
     d = vspemu("down", "--data-dir", str(lab_dir))
     assert d.returncode == 0, d.stdout + d.stderr
     assert "stopped console" in d.stdout and not process_alive(state["console"]["pid"])
-    for s in systems:
+    for s in systems[:2]:  # (the third was killed above)
         assert f"stopped storage {s['serial']}" in d.stdout
-        assert not process_alive(s["pid"])
+    assert not any(process_alive(s["pid"]) for s in systems)
     assert read_lab_state(lab_dir) is None
     assert vspemu("status", "--data-dir", str(lab_dir)).returncode == 1
 
@@ -229,3 +244,27 @@ def test_foreground_up_stops_on_down(lab_dir: Path, tmp_path: Path) -> None:
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+@pytest.mark.e2e
+def test_eight_system_mesh_lab(lab_dir: Path) -> None:
+    """The largest lab: 8 systems, every two registered with each other (28 links, 56 path groups, all NML_01)."""
+    r = vspemu("up", "--systems", "8", "--topology", "mesh", "--free-ports", "--detach", "--data-dir", str(lab_dir),
+               timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    state = read_lab_state(lab_dir)
+    assert state is not None and len(state["systems"]) == 8 and len(state["links"]) == 28
+    serials = [s["serial"] for s in state["systems"]]
+    assert serials == list(range(410001, 410009))
+    for s in state["systems"]:
+        others = sorted(set(serials) - {s["serial"]})
+        assert s["registeredWith"] == others
+        with VspClient(s["restUrl"], verify=s["cert"]) as c:
+            groups = c.get("remotepath-groups")["data"]
+            assert sorted(int(g["remoteSerialNumber"]) for g in groups) == others
+            assert {p["pathStatus"] for g in groups for p in g["remotePaths"]} == {"NML_01"}
+    st = vspemu("status", "--data-dir", str(lab_dir))
+    assert st.returncode == 0 and st.stdout.count("answers") == 8, st.stdout
+    d = vspemu("down", "--data-dir", str(lab_dir))
+    assert d.returncode == 0 and d.stdout.count("stopped storage") == 8, d.stdout
+    assert not any(process_alive(s["pid"]) for s in state["systems"])
