@@ -268,3 +268,39 @@ def test_eight_system_mesh_lab(lab_dir: Path) -> None:
     d = vspemu("down", "--data-dir", str(lab_dir))
     assert d.returncode == 0 and d.stdout.count("stopped storage") == 8, d.stdout
     assert not any(process_alive(s["pid"]) for s in state["systems"])
+
+
+def test_lab_restarts_on_its_data_directory(lab_dir: Path) -> None:
+    """`vspemu down` then `vspemu up` on the same data directory: the same ports (even with --free-ports: the
+    registrations hold the addresses), the registrations and path groups kept (not made twice), a TrueCopy pair
+    PAIR again."""
+    r = vspemu("up", "--free-ports", "--detach", "--no-console", "--data-dir", str(lab_dir))
+    assert r.returncode == 0, r.stdout + r.stderr
+    first = read_lab_state(lab_dir)
+    assert first is not None and first["console"] is None
+    (s1, s2) = first["systems"]
+    with VspClient(s1["restUrl"], verify=s1["cert"]) as c1, VspClient(s2["restUrl"], verify=s2["cert"]) as c2:
+        pv, sv = volumes(c1, 1)[0], volumes(c2, 1)[0]
+        c1.invoke("POST", "remote-mirror-copypairs", {
+            "copyGroupName": "again", "copyPairName": "p", "replicationType": "TC",
+            "remoteStorageDeviceId": c2.storage_device_id, "pvolLdevId": pv, "svolLdevId": sv,
+            "isNewGroupCreation": True, "fenceLevel": "NEVER", "copyPace": 15}, remote=c2)
+        gid = f"{c2.storage_device_id},again,againP_,againS_"
+        wait_pairs(c1, c2, gid, {("PAIR", "PAIR")})
+    assert vspemu("down", "--data-dir", str(lab_dir)).returncode == 0
+    assert read_lab_state(lab_dir) is None
+    r = vspemu("up", "--free-ports", "--detach", "--no-console", "--data-dir", str(lab_dir))
+    assert r.returncode == 0, r.stdout + r.stderr
+    second = read_lab_state(lab_dir)
+    assert second is not None
+    for a, b in zip(first["systems"], second["systems"], strict=True):
+        assert (a["restPort"], a["nbdPort"], a["linkPorts"]) == (b["restPort"], b["nbdPort"], b["linkPorts"])
+        assert a["pid"] != b["pid"]
+    with VspClient(s1["restUrl"], verify=s1["cert"]) as c1, VspClient(s2["restUrl"], verify=s2["cert"]) as c2:
+        for c, other in ((c1, 410002), (c2, 410001)):
+            assert [int(x["serialNumber"]) for x in c.get("remote-storages")["data"]
+                    if x.get("dkcType") == "Remote"] == [other]
+            groups = c.get("remotepath-groups")["data"]
+            assert len(groups) == 1 and len(groups[0]["remotePaths"]) == 2
+            c.wait_path_status(groups[0]["remotepathGroupId"], "NML_01", 30)
+        wait_pairs(c1, c2, gid, {("PAIR", "PAIR")})

@@ -192,6 +192,7 @@ def set_link_ports(client: VspClient, enabled: bool, ports: tuple[str, ...] = ("
 
 TOPOLOGIES = ("pair", "chain", "star", "mesh", "none")
 LAB_STATE = "lab.json"  # in the lab's data directory: what ``vspemu down`` and ``vspemu status`` read
+LAB_STOPPED = "lab.stopped.json"  # the state of the lab last stopped there: its ports are reused by the next up
 LAB_PATH_GROUP = 0
 LAB_PATHS = (("CL3-A", "CL3-A"), ("CL4-A", "CL4-A"))  # (local port, remote port) of every path group made
 
@@ -261,10 +262,21 @@ class Lab:
         self.password = password
         self.path_groups: dict[tuple[int, int], dict[str, str]] = {}
         self.systems: list[SystemProcess] = []
+        # a lab restarted on its data directory keeps its ports: the registrations hold them
+        before: dict[int, dict[str, Any]] = {}
+        old = read_lab_state(data_dir, LAB_STOPPED) if free_ports else None
+        for s in (old or {}).get("systems", []):
+            if isinstance(s, dict) and s.get("dataDir") == str(data_dir / str(s.get("serial"))):
+                before[s["serial"]] = {"rest_port": int(s["restPort"]), "nbd_port": int(s["nbdPort"]),
+                                       "link_ports": [int(x) for x in s["linkPorts"].values()]}
+                _taken.update([before[s["serial"]]["rest_port"], before[s["serial"]]["nbd_port"],
+                               *before[s["serial"]]["link_ports"]])  # never handed to another system
         for i in range(n):
             serial = serial_base + i
-            if free_ports:
-                ports: dict[str, Any] = {}
+            if free_ports and serial in before:
+                ports: dict[str, Any] = before[serial]
+            elif free_ports:
+                ports = {}
             else:
                 base = link_port_base + 100 * i
                 ports = {"rest_port": rest_port + i, "nbd_port": nbd_port + i,
@@ -337,12 +349,12 @@ def write_lab_state(data_dir: Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def read_lab_state(data_dir: Path) -> dict[str, Any] | None:
+def read_lab_state(data_dir: Path, name: str = LAB_STATE) -> dict[str, Any] | None:
     """The lab's ``lab.json``, or None when no lab was started there (or it was stopped)."""
     import json
 
     try:
-        state = json.loads((data_dir / LAB_STATE).read_text())
+        state = json.loads((data_dir / name).read_text())
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None
@@ -394,11 +406,17 @@ def stop_lab(data_dir: Path, timeout: float = 20.0) -> list[str]:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    retire_lab_state(data_dir)
+    return [name for name, _ in targets]
+
+
+def retire_lab_state(data_dir: Path) -> None:
+    """``lab.json`` becomes ``lab.stopped.json``: no lab runs there, and the next ``up --free-ports`` there takes
+    the same ports again."""
     try:
-        (data_dir / LAB_STATE).unlink()
+        os.replace(data_dir / LAB_STATE, data_dir / LAB_STOPPED)
     except FileNotFoundError:
         pass
-    return [name for name, _ in targets]
 
 
 def start_console(data_dir: Path, host: str, port: int, timeout: float = 30.0) -> tuple[subprocess.Popen[bytes],

@@ -27,6 +27,7 @@ from vspemu.lab import (
     free_port,
     process_alive,
     read_lab_state,
+    retire_lab_state,
     start_console,
     stop_lab,
     topology_links,
@@ -187,10 +188,7 @@ def up(
                 except subprocess.TimeoutExpired:
                     console_proc.kill()
                     console_proc.wait()
-            try:
-                (lab.data_dir / "lab.json").unlink()
-            except FileNotFoundError:
-                pass
+            retire_lab_state(lab.data_dir)
             console.print("lab stopped")
     if failed or any(s.proc is not None and s.proc.returncode not in (0, -signal.SIGTERM) for s in lab.systems):
         raise typer.Exit(1)
