@@ -304,3 +304,18 @@ def test_lab_restarts_on_its_data_directory(lab_dir: Path) -> None:
             assert len(groups) == 1 and len(groups[0]["remotePaths"]) == 2
             c.wait_path_status(groups[0]["remotepathGroupId"], "NML_01", 30)
         wait_pairs(c1, c2, gid, {("PAIR", "PAIR")})
+
+
+def test_a_system_that_cannot_start_fails_the_lab(lab_dir: Path) -> None:
+    """The second system's data directory cannot be made (a file is in the way): `up` exits 1 and leaves nothing
+    running."""
+    lab_dir.mkdir(parents=True)
+    (lab_dir / "410002").write_text("in the way")
+    r = vspemu("up", "--free-ports", "--detach", "--data-dir", str(lab_dir))
+    assert r.returncode == 1 and "did not come up" in r.stdout, r.stdout + r.stderr
+    assert read_lab_state(lab_dir) is None
+    stopped = read_lab_state(lab_dir, "lab.stopped.json")
+    assert stopped is None or not any(process_alive(s["pid"]) for s in stopped["systems"])
+    assert not [line for line in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+                .splitlines() if str(lab_dir) in line and "serve" in line]
+    assert vspemu("up", "--model", "VSP Z99", "--free-ports", "--detach", "--data-dir", str(lab_dir)).returncode == 2

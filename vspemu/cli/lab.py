@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vspemu.client import ApiError
 from vspemu.lab import (
     TOPOLOGIES,
     Lab,
@@ -125,8 +126,11 @@ def up(
         console.print(f"[red]a lab is already running in {data_dir} (`vspemu status --data-dir {data_dir}`; "
                       f"`vspemu down --data-dir {data_dir}` stops it)[/red]")
         raise typer.Exit(1)
-    lab = Lab(data_dir, systems, topology, model=model, host=host, free_ports=free_ports,
-              password=_password(password_file))
+    try:
+        lab = Lab(data_dir, systems, topology, model=model, host=host, free_ports=free_ports,
+                  password=_password(password_file))
+    except ValueError as e:  # an unknown model
+        raise typer.BadParameter(str(e)) from None
 
     def stop(*_: object) -> None:
         raise KeyboardInterrupt  # also interrupts the start-up (waits, registrations)
@@ -139,22 +143,21 @@ def up(
     try:
         try:
             lab.start()
-        except (RuntimeError, TimeoutError, httpx.HTTPError) as e:
-            console.print(f"[red]the lab did not come up: {e}[/red]")
-            failed = True
-            return
-        lab_console = None
-        state_path = lab.write_state(None if detach else os.getpid(), lab_console)
-        if console_page:
-            for attempt in range(3 if free_ports else 1):  # a free port may be taken before the console binds it
-                try:
-                    console_proc, lab_console = start_console(lab.data_dir, host,
-                                                              free_port() if free_ports else console_port)
-                    break
-                except RuntimeError:
-                    if attempt == (2 if free_ports else 0):
-                        raise
+            lab_console = None
             state_path = lab.write_state(None if detach else os.getpid(), lab_console)
+            if console_page:
+                for attempt in range(3 if free_ports else 1):  # a free port may be taken before the console binds
+                    try:
+                        console_proc, lab_console = start_console(lab.data_dir, host,
+                                                                  free_port() if free_ports else console_port)
+                        break
+                    except RuntimeError:
+                        if attempt == (2 if free_ports else 0):
+                            raise
+                state_path = lab.write_state(None if detach else os.getpid(), lab_console)
+        except (RuntimeError, TimeoutError, OSError, httpx.HTTPError, ApiError) as e:
+            console.print(f"[red]the lab did not come up: {e}[/red]")
+            raise typer.Exit(1) from None  # (after the finally below has stopped what started)
         print_summary(lab.state(None, lab_console), _account(password_file))
         console.print(f"Lab state: {state_path}")
         if detach:
