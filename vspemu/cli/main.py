@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from vspemu.cli.demo import demo
 from vspemu.cli.fault import app as fault_app
+from vspemu.cli.lab import down, status, up
 from vspemu.cli.pair import app as pair_app
 from vspemu.cli.verify import verify
-from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER, storage_device_id
+from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER
 
 STATUS_PAGE = "/ConfigurationManager/vspemu/status"  # served by each system (vspemu.api.routes.status)
 
@@ -31,14 +27,11 @@ app.add_typer(pair_app, name="pair")
 app.add_typer(fault_app, name="fault")
 app.command()(demo)
 app.command()(verify)
+app.command()(up)
+app.command()(down)
+app.command()(status)
 
 PASSWORD_ENV = "VSPEMU_PASSWORD"
-
-LAB = [  # (role, serial, REST port, NBD port, first replication-link port)
-    ("primary", 410001, 8443, 10809, 17001),
-    ("secondary", 410002, 8444, 10810, 17101),
-]
-
 
 @app.command()
 def serve(
@@ -127,90 +120,6 @@ def _account_password(password: str | None, password_file: Path | None) -> str:
     if password_file.stat().st_mode & 0o077:
         logging.getLogger("vspemu").warning("the password file %s is readable by other users", password_file)
     return lines[0]
-
-
-def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.1)
-    return False
-
-
-@app.command()
-def up(
-    data_dir: Annotated[Path, typer.Option(help="Data directory of the lab.")] = Path("vspemu-data"),
-    model: Annotated[str, typer.Option(help="Model of both systems.")] = "VSP 5500H",
-    host: Annotated[str, typer.Option(help="Address every service listens on.")] = "127.0.0.1",
-    password_file: Annotated[Path | None, typer.Option(
-        help="The password of both systems' account, from this file (else $VSPEMU_PASSWORD, else the "
-             "default). Given to the systems in their environment, never on their command line.")] = None,
-) -> None:
-    """Run the two-system lab (primary 410001 on :8443, secondary 410002 on :8444) until Ctrl-C.
-
-    Replication ports: primary 17001-17004, secondary 17101-17104."""
-    procs: list[subprocess.Popen[bytes]] = []
-    table = Table(title="vspemu lab")
-    for col in ("role", "storageDeviceId", "REST", "host I/O (NBD)", "replication ports", "account", "data"):
-        table.add_column(col)
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    env = dict(os.environ)
-    if password_file is not None:
-        env[PASSWORD_ENV] = _account_password(None, password_file)
-    account = f"{DEFAULT_USER} / " + (DEFAULT_PASSWORD if PASSWORD_ENV not in env else
-                                      f"(the password of {password_file or '$' + PASSWORD_ENV})")
-    try:
-        for role, serial, rest_port, nbd_port, link_base in LAB:
-            d = data_dir / str(serial)
-            cmd = [sys.executable, "-m", "vspemu", "serve", "--serial", str(serial), "--data-dir", str(d),
-                   "--rest-port", str(rest_port), "--rest-host", host, "--nbd-port", str(nbd_port),
-                   "--nbd-host", host, "--model", model, "--log-level", "warning",
-                   "--link-port-base", str(link_base)]
-            procs.append(subprocess.Popen(cmd, start_new_session=True, env=env))
-            if not _wait_port(host, rest_port, procs[-1]):
-                console.print(f"[red]the {role} system did not start (port {rest_port} in use?)[/red]")
-                raise typer.Exit(1)
-            table.add_row(role, storage_device_id(model, serial), f"https://{host}:{rest_port}",
-                          f"nbd://{host}:{nbd_port}/<ldevId>",
-                          f"CL3-A/CL4-A/CL3-B/CL4-B = {link_base}-{link_base + 3}",
-                          account, str(d))
-        console.print(table)
-        certs = os.pathsep.join(str((data_dir / str(serial) / "tls" / "server.crt").resolve()) for _, serial, *_ in LAB)
-        console.print(f"Clients verify TLS: export VSPEMU_CA_CERT={certs}", soft_wrap=True)
-        for role, _serial, rest_port, *_ in LAB:  # the live status pages (log in with the account above)
-            console.print(f"Status page ({role}): https://{host}:{rest_port}{STATUS_PAGE}   "
-                          f"metrics: https://{host}:{rest_port}/metrics", soft_wrap=True)
-        console.print("Press Ctrl-C to stop both systems.")
-        while not stopping:
-            for p in procs:
-                if p.poll() is not None:
-                    console.print(f"[red]a storage system exited with code {p.returncode}[/red]")
-                    stopping = True
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        console.print("lab stopped")
-    if any(p.returncode not in (0, -signal.SIGTERM) for p in procs):
-        raise typer.Exit(1)
 
 
 def main() -> None:
