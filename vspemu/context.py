@@ -11,6 +11,7 @@ from vspemu.system.sessions import Sessions
 from vspemu.system.storage import StorageSystem
 
 if TYPE_CHECKING:
+    from vspemu.localcopy.shadowimage import ShadowImages
     from vspemu.replication.engine import Replication
     from vspemu.replication.link import Link
     from vspemu.system.faults import Faults
@@ -32,6 +33,7 @@ class StorageContext:
     remotes: Remotes | None = None
     replication: Replication | None = None  # pairs and copy groups (set by the server)
     faults: Faults | None = None  # faults on demand (set by the server)
+    shadow_images: ShadowImages | None = None  # ShadowImage pairs (set by the server)
 
     def __post_init__(self) -> None:
         self.journals = Journals(self.system)

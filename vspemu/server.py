@@ -16,6 +16,7 @@ from vspemu.api.app import create_app
 from vspemu.certs import ensure_certificate
 from vspemu.context import StorageContext
 from vspemu.jobs import Jobs
+from vspemu.localcopy.shadowimage import ShadowImages
 from vspemu.replication.engine import Replication
 from vspemu.replication.link import Link
 from vspemu.system.faults import Faults
@@ -83,6 +84,7 @@ def build_context(cfg: ServerConfig) -> StorageContext:
     ctx.remotes = Remotes(system, link, cfg.rest_host, cfg.rest_port, cfg.min_remote_io_timeout)
     ctx.replication = Replication(system, link, ctx.remotes, cfg.data_dir, ctx.journals)
     ctx.faults = Faults(system, link, ctx.replication, ctx.journals)
+    ctx.shadow_images = ShadowImages(system, cfg.data_dir, ctx.replication)
     return ctx
 
 
@@ -138,6 +140,8 @@ async def serve(cfg: ServerConfig) -> None:
     ctx.replication.start()
     assert ctx.faults is not None
     ctx.faults.apply()  # the faults in force before the restart are in force again
+    if ctx.shadow_images is not None:
+        ctx.shadow_images.start()  # ShadowImage copies under way before a restart go on
     log.info("storage %s (serial %s) REST https://%s:%s NBD %s link %s", ctx.system.storage_device_id,
              ctx.system.serial, cfg.rest_host, cfg.rest_port,
              f"nbd://{cfg.nbd_host}:{cfg.nbd_port}" if nbd else "off",
@@ -145,6 +149,8 @@ async def serve(cfg: ServerConfig) -> None:
     try:
         await server.serve()
     finally:
+        if ctx.shadow_images is not None:
+            await ctx.shadow_images.close()
         await ctx.replication.close()
         await ctx.link.close()
         if nbd is not None:

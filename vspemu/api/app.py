@@ -14,6 +14,7 @@ from vspemu.api.routes import (
     jobs,
     journals,
     ldevs,
+    local_clone,
     pools,
     ports,
     remote_pairs,
@@ -31,6 +32,7 @@ OBJECT_ROUTERS: list[APIRouter] = [sessions.router, jobs.router, ldevs.router, p
                                    host_groups.router,
                                    remote_storages.router, remotepath_groups.router, journals.router,
                                    remote_pairs.router, storages.facts_router, users.router]
+OBJECT_ROUTERS.append(local_clone.router)  # ShadowImage (issue 17)
 
 
 def create_app(ctx: StorageContext) -> FastAPI:
@@ -59,5 +61,6 @@ def create_app(ctx: StorageContext) -> FastAPI:
     app.include_router(remote_storages.private_router, prefix="/ConfigurationManager/vspemu/v1")
     app.include_router(remote_pairs.private_router, prefix="/ConfigurationManager/vspemu/v1")
     app.include_router(faults.router, prefix="/ConfigurationManager/vspemu/v1")
+    app.include_router(local_clone.private_router, prefix="/ConfigurationManager/vspemu/v1")
     status.install(app, ctx)  # /metrics, the status page and its JSON (docs/observability.md)
     return app

@@ -1,0 +1,1 @@
+"""Local copies inside one storage system: Thin Image snapshots and ShadowImage pairs."""
