@@ -38,10 +38,10 @@ class Si:
         return f"{group},{group}P_,{group}S_,{name}"
 
     def create(self, pvol: int, svol: int, name: str = "p1", group: str = CG, new: bool = True,
-               **extra: Any) -> dict[str, Any]:
+               nowait: bool = False, **extra: Any) -> dict[str, Any]:
         body = {"copyGroupName": group, "copyPairName": name, "replicationType": "SI", "pvolLdevId": pvol,
                 "svolLdevId": svol, "isNewGroupCreation": new, "copyPace": 15, **extra}
-        return self.c.invoke("POST", "local-clone-copypairs", body)  # type: ignore[no-any-return]
+        return self.c.invoke("POST", "local-clone-copypairs", body, nowait=nowait)  # type: ignore[no-any-return]
 
     def act(self, op: str, name: str = "p1", group: str = CG, **params: Any) -> dict[str, Any]:
         return self.c.invoke("POST", f"local-clone-copypairs/{self.pair_id(name, group)}/actions/{op}/invoke",
@@ -219,7 +219,7 @@ def test_split_while_the_pvol_is_written(si: Si) -> None:
         fill_random(c, 96 * MiB, start=32 * MiB)
     blocks = 32 * MiB // BLOCK
     with Writer(si, pv, blocks) as w:
-        si.create(pv, sv, copyPace=1)
+        si.create(pv, sv, copyPace=1, nowait=True)
         time.sleep(0.05)
         before = dict(w.acked)
         si.act("split")  # answered when the S-VOL holds the whole image
@@ -350,7 +350,7 @@ def test_kill_during_copy_and_during_split_catch_up(si: Si) -> None:
     pv, sv = si.volume("128M"), si.volume("128M")
     with si.nbd(pv) as c:
         fill_random(c, 128 * MiB)
-    si.create(pv, sv, copyPace=1)
+    si.create(pv, sv, copyPace=1, nowait=True)
     si.sysp.kill()
     si.sysp.restart()
     c2 = si.sysp.client()

@@ -81,6 +81,9 @@ class SiRuntime:
         self.redirty: set[int] = set()  # of those, tracks the P-VOL changed meanwhile
         self.pend_unsynced = False  # pending bits cleared in memory, not yet on disk
         self.drained = asyncio.Event()  # set when no pending tracks are left
+        self.settled = asyncio.Event()  # set when no copy (COPY, RCPY) is under way
+        if pair.status not in (COPY, RCPY):
+            self.settled.set()
         self.deleted = False
         self.cow_tracks = 0  # pending tracks copied before a change to them (copy-on-write), since the start
         self.tracks_copied = 0  # tracks the copier copied since the last create / split / resync / restore
@@ -257,6 +260,8 @@ class ShadowImages:
     def _detach(self, rt: SiRuntime) -> None:
         rt.deleted = True
         rt.poke()
+        rt.settled.set()
+        rt.drained.set()
         if rt.task is not None:
             rt.task.cancel()
         rt.pvol.remove_observer(rt.p_obs)
@@ -395,6 +400,7 @@ class ShadowImages:
         except BaseException:
             self._detach(rt)
             raise
+        rt.settled.clear()
         self._start_copier(rt)
         rt.poke()
         return pair
@@ -437,6 +443,13 @@ class ShadowImages:
             while rt is not None and not rt.deleted and pair.status == PSUS and rt.pend is not None:
                 await rt.drained.wait()
 
+    async def wait_copied(self, pairs: list[SiPair]) -> None:
+        """Wait until no copy of these pairs is under way (PAIR, PSUE, or deleted)."""
+        for pair in pairs:
+            rt = self.runtime.get(pair.pair_id)
+            if rt is not None:
+                await rt.settled.wait()
+
     # -- resync / restore ----------------------------------------------------------------------------
     def resync(self, pairs: list[SiPair], copy_pace: int | None = None, quick: bool = False) -> None:
         """P-VOL -> S-VOL: copy the tracks either side changed since the split (all of them after PSUE)."""
@@ -450,6 +463,8 @@ class ShadowImages:
             self._drop_pending(rt)
             rt.tracks_copied = 0
             pair.status = PAIR if quick else COPY
+            if not quick:
+                rt.settled.clear()
             pair.total_tracks = rt.p.count()
             if copy_pace is not None:
                 pair.copy_pace = copy_pace
@@ -482,6 +497,7 @@ class ShadowImages:
             self._drop_pending(rt)
             rt.tracks_copied = 0
             pair.status = RCPY
+            rt.settled.clear()
             pair.total_tracks = rt.p.count()
             if copy_pace is not None:
                 pair.copy_pace = copy_pace
@@ -527,6 +543,7 @@ class ShadowImages:
                 self._drop_pending(rt)
                 rt.pair.status = PSUE
                 self._save([rt.pair])
+                rt.settled.set()
                 did = False
             if did:
                 pace = rt.pair.copy_pace  # 15: as fast as it goes; lower: a pause after every 4 MiB
@@ -543,6 +560,7 @@ class ShadowImages:
                 if pair.status == COPY:
                     pair.status = PAIR
                     self._save([pair])
+                    rt.settled.set()
                     if pair.auto_split:
                         self.split([pair])
                         return True
@@ -562,6 +580,7 @@ class ShadowImages:
             if not batch:
                 pair.status = PAIR
                 self._save([pair])
+                rt.settled.set()
                 return False
             token = _RESTORING.set(rt)
             try:

@@ -4,7 +4,8 @@ Ids as on the array: a group ``{copyGroupName},{pvolDeviceGroupName},{svolDevice
 group id and ``,{copyPairName}`` (commas may come raw or as ``%2C``). Every change is a job; a request the
 array would refuse is refused before the job is made (and changes nothing). Split, resync and restore accept
 PUT and POST. A split's job completes when the S-VOL holds the whole split image (PSUS); a create, resync or
-restore completes when the copy has started (COPY / RCPY): clients poll the pair's status for PAIR.
+restore job when the copy is done (PAIR), or, with ``Job-Mode-Wait-Configuration-Change: NoWait``, as soon as
+the copy has started (COPY / RCPY): the client then polls the pair's status for PAIR.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class ActionParameters(Body):
 
 class ActionBody(Body):
     parameters: ActionParameters | None = None
+
+
+def wants_nowait(request: Request) -> bool:
+    return request.headers.get("job-mode-wait-configuration-change", "").strip().lower() == "nowait"
 
 
 def si_of(ctx: StorageContext) -> ShadowImages:
@@ -118,8 +123,12 @@ async def create_pair(request: Request, body: PairCreate, ctx: Ctx, session: Aut
 
     check()
 
+    nowait = wants_nowait(request)
+
     async def work() -> list[str]:
         pair = si.create(check(), ctg, bool(body.autoSplit))
+        if not nowait:
+            await si.wait_copied([pair])
         return [_pair_url(pair)]
 
     return await job_response(request, session, work, key="local-clone")
@@ -173,6 +182,8 @@ async def _act(request: Request, ctx: StorageContext, session: Any, op: str, pai
     else:
         si.check(pairs, op)
 
+    nowait = wants_nowait(request)
+
     async def work() -> list[str]:
         live = [si.get(x.pair_id) for x in pairs]
         if op == "split":
@@ -180,8 +191,12 @@ async def _act(request: Request, ctx: StorageContext, session: Any, op: str, pai
             await si.wait_drained(live)
         elif op == "resync":
             si.resync(live, pace, quick)
+            if not nowait:
+                await si.wait_copied(live)
         elif op == "restore":
             si.restore(live, pace)
+            if not nowait:
+                await si.wait_copied(live)
         else:
             si.delete(live)
         return [url]
