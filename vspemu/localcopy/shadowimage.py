@@ -54,12 +54,14 @@ from vspemu.volumes.volume import Volume, WriteRefused
 log = logging.getLogger(__name__)
 
 KIND = "si_pairs"
-BATCH = 16  # tracks (4 MiB) copied per step of the copier
+BATCH = 16  # tracks (4 MiB) copied per step of the copier (without yielding to host I/O)
+SETTLE_TRACKS = 256  # the S-VOL is made durable, and the copied tracks' bits cleared, every 64 MiB
+_ZERO_TRACK = bytes(TRACK)
 _RESTORING: contextvars.ContextVar[SiRuntime | None] = contextvars.ContextVar("si_restoring", default=None)
 
 
 def _is_zero(data: bytes) -> bool:
-    return not data.strip(b"\0")
+    return data == _ZERO_TRACK if len(data) == TRACK else data.count(0) == len(data)
 
 
 class SiRuntime:
@@ -554,9 +556,15 @@ class ShadowImages:
     async def _step(self, rt: SiRuntime) -> bool:
         """One batch of the pair's copy; False when there was nothing to do."""
         pair = rt.pair
+        if rt.inflight and pair.status not in (COPY, PAIR, PSUS):
+            await self._settle(rt)
         if pair.status in (COPY, PAIR):
-            batch = _first(rt.p.tracks(), BATCH)
+            inflight = rt.inflight
+            batch = _first((t for t in rt.p.tracks() if t not in inflight), BATCH)
             if not batch:
+                if inflight:
+                    await self._settle(rt)
+                    return True
                 if pair.status == COPY:
                     pair.status = PAIR
                     self._save([pair])
@@ -570,11 +578,16 @@ class ShadowImages:
         if pair.status == PSUS and rt.pend is not None:
             batch = _first(rt.pend.tracks(), BATCH)
             if not batch:
+                if rt.inflight or rt.pend_unsynced:
+                    await self._settle(rt)
+                    return True
                 self._drop_pending(rt)
                 self._save([pair])
                 return False
             await self._copy_batch(rt, batch, clear_pending=True)
             return True
+        if rt.inflight:
+            await self._settle(rt)
         if pair.status == RCPY:
             batch = _first(rt.p.tracks(), BATCH)
             if not batch:
@@ -605,8 +618,8 @@ class ShadowImages:
         return False
 
     async def _copy_batch(self, rt: SiRuntime, batch: list[int], clear_pending: bool) -> None:
-        """Copy tracks P-VOL -> S-VOL (synchronously: no host write falls in between), make the S-VOL
-        durable, then clear the bits of the tracks the P-VOL did not change meanwhile."""
+        """Copy tracks P-VOL -> S-VOL (synchronously: no host write falls in between). Their bits are cleared
+        later, by :meth:`_settle`, once the S-VOL is durable (every :data:`SETTLE_TRACKS` tracks)."""
         for t in batch:
             rt.copy_track(rt.pvol, rt.svol, t)
         rt.tracks_copied += len(batch)
@@ -614,8 +627,13 @@ class ShadowImages:
             for t in batch:
                 rt.pend.clear(t)
             rt.pend_unsynced = True  # a change to these tracks syncs first (see _PSide / _SSide)
-        rt.inflight = set(batch)
-        rt.redirty = set()
+        rt.inflight.update(batch)
+        if len(rt.inflight) >= SETTLE_TRACKS:
+            await self._settle(rt)
+
+    async def _settle(self, rt: SiRuntime) -> None:
+        """Make the S-VOL durable, then clear the bits of the copied tracks that neither volume changed since
+        their copy (and persist the pending tracks' clears)."""
         try:
             await asyncio.to_thread(os.fdatasync, rt.svol.fd)
         finally:
@@ -623,7 +641,7 @@ class ShadowImages:
             rt.inflight, rt.redirty = set(), set()
         if rt.deleted:
             return
-        if clear_pending and rt.pend is not None and rt.pend_unsynced:
+        if rt.pend is not None and rt.pend_unsynced:
             rt.pend.sync()
             rt.pend_unsynced = False
         for t in inflight - redirty:
