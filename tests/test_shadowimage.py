@@ -437,3 +437,23 @@ def test_shadowimage_of_truecopy_pvol_and_svol(tc_lab: tuple[Si, Si]) -> None:
     assert p.digest(tpv, 32 * MiB) == p_image == s.digest(tsv, 32 * MiB)
     with pytest.raises((JobFailed, ApiError)):
         s.c.invoke("DELETE", f"ldevs/{ssi}")
+
+
+def test_a_failed_copy_suspends_the_pair_and_a_resync_copies_everything(si: Si) -> None:
+    pv, sv = si.volume("32M"), si.volume("32M")
+    with si.nbd(pv) as c:
+        fill_random(c, 8 * MiB)
+    si.create(pv, sv)
+    si.wait("PAIR")
+    fault = si.c.add_fault("ldev-eio", ldevId=sv)
+    with si.nbd(pv) as c:  # the host write succeeds; copying it to the S-VOL fails
+        c.write(20 * MiB, b"E" * 4096)
+        c.flush()
+    si.wait("PSUE")
+    si.c.clear_fault(fault["faultId"])
+    with si.nbd(sv) as c:  # PSUE: the S-VOL is usable
+        c.write(30 * MiB, b"s" * 4096)
+    si.act("resync")
+    si.wait("PAIR")
+    assert si.stats()["tracksCopiedLastCopy"] == 128  # after PSUE, the whole volume
+    assert si.digest(pv, 32 * MiB) == si.digest(sv, 32 * MiB)
