@@ -95,7 +95,7 @@ def main() -> None:
         resync = time.perf_counter() - t0
         stats = c.raw("GET", "vspemu/v1/local-clone/stats", headers=c.headers()).json()["pairs"][PAIR_ID]
         mib = size / MiB
-        rows = [(name, f"{sec:.2f} s", f"{mib / sec:.0f} MiB/s") for name, sec in best.items()]
+        rows: list[tuple[str, ...]] = [(name, f"{sec:.2f} s", f"{mib / sec:.0f} MiB/s") for name, sec in best.items()]
         rows.append((f"resync after 1% changed ({len(changed)} tracks; {stats['tracksCopiedLastCopy']} copied)",
                      f"{resync:.3f} s", f"{len(changed) * TRACK / MiB / resync:.0f} MiB/s of tracks"))
         print_table(f"ShadowImage, {args.size_gib:g} GiB volume of random data, best of {args.rounds}",

@@ -41,15 +41,15 @@ class Si:
                nowait: bool = False, **extra: Any) -> dict[str, Any]:
         body = {"copyGroupName": group, "copyPairName": name, "replicationType": "SI", "pvolLdevId": pvol,
                 "svolLdevId": svol, "isNewGroupCreation": new, "copyPace": 15, **extra}
-        return self.c.invoke("POST", "local-clone-copypairs", body, nowait=nowait)  # type: ignore[no-any-return]
+        return self.c.invoke("POST", "local-clone-copypairs", body, nowait=nowait)
 
     def act(self, op: str, name: str = "p1", group: str = CG, **params: Any) -> dict[str, Any]:
         return self.c.invoke("POST", f"local-clone-copypairs/{self.pair_id(name, group)}/actions/{op}/invoke",
-                             {"parameters": {"copyPace": 15, **params}})  # type: ignore[no-any-return]
+                             {"parameters": {"copyPace": 15, **params}})
 
     def group_act(self, op: str, group: str = CG) -> dict[str, Any]:
         return self.c.invoke("POST", f"local-clone-copygroups/{group},{group}P_,{group}S_/actions/{op}/invoke",
-                             {"parameters": {"copyPace": 15}})  # type: ignore[no-any-return]
+                             {"parameters": {"copyPace": 15}})
 
     def pair(self, name: str = "p1", group: str = CG) -> dict[str, Any]:
         return self.c.get(f"local-clone-copypairs/{self.pair_id(name, group)}")  # type: ignore[no-any-return]
