@@ -457,3 +457,44 @@ def test_a_failed_copy_suspends_the_pair_and_a_resync_copies_everything(si: Si) 
     si.wait("PAIR")
     assert si.stats()["tracksCopiedLastCopy"] == 128  # after PSUE, the whole volume
     assert si.digest(pv, 32 * MiB) == si.digest(sv, 32 * MiB)
+
+
+def test_shadowimage_of_a_universal_replicator_svol(
+        linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient]) -> None:
+    """ShadowImage on a UR S-VOL: the journal's restores and the initial copy are marked like host writes;
+    after a (flushing) UR split the ShadowImage split gives the P-VOL's image, and it stays so while the UR
+    pair is resynced and the P-VOL keeps changing."""
+    from test_universal_replicator import UrLab
+
+    ur = UrLab(*linked)
+    s = Si(ur.s, ur.sc)
+    ur.journals()
+    (pv, sv), = ur.volumes(1)
+    ssi = s.volume("32M")
+    s.create(sv, ssi)  # before the UR pair: the UR initial copy reaches the ShadowImage S-VOL too
+    s.wait("PAIR")
+    with ur.nbd("p", pv) as c:
+        fill_random(c, 16 * MiB)
+    ur.create([(pv, sv)])
+    ur.wait({("PAIR", "PAIR")})
+    with ur.nbd("p", pv) as c:
+        c.write(20 * MiB, os.urandom(MiB))
+        c.flush()
+    ur.action("split", {})
+    ur.wait({("PSUS", "SSUS")})
+    s.act("split")
+    image = ur.digest("p", pv, 32 * MiB)
+    assert ur.digest("s", sv, 32 * MiB) == image, "UR"
+    assert s.digest(ssi, 32 * MiB) == image, s.stats()
+    ur.action("resync", {})
+    ur.wait({("PAIR", "PAIR")})
+    with ur.nbd("p", pv) as c:
+        c.write(0, os.urandom(MiB))
+        c.flush()
+    ur.wait_drained()
+    assert ur.digest("s", sv, 32 * MiB) == ur.digest("p", pv, 32 * MiB) != image
+    assert s.digest(ssi, 32 * MiB) == image  # the split image does not follow
+    s.act("resync")
+    s.wait("PAIR")
+    assert s.stats()["tracksCopiedLastCopy"] == 4  # the 1 MiB written since the split, no more
+    assert s.digest(ssi, 32 * MiB) == ur.digest("s", sv, 32 * MiB)
