@@ -11,6 +11,7 @@ from vspemu.system.sessions import Sessions
 from vspemu.system.storage import StorageSystem
 
 if TYPE_CHECKING:
+    from vspemu.localcopy.shadowimage import ShadowImages
     from vspemu.localcopy.snapshot import Snapshots
     from vspemu.replication.engine import Replication
     from vspemu.replication.link import Link
@@ -36,6 +37,7 @@ class StorageContext:
     faults: Faults | None = None  # faults on demand (set by the server)
     snapshots: Snapshots | None = None  # Thin Image snapshots (set by the server)
     quorum: QuorumDisks | None = None  # external volumes and quorum disks for GAD (set by the server)
+    shadow_images: ShadowImages | None = None  # ShadowImage pairs (set by the server)
 
     def __post_init__(self) -> None:
         self.journals = Journals(self.system)

@@ -16,6 +16,7 @@ from vspemu.api.app import create_app
 from vspemu.certs import ensure_certificate
 from vspemu.context import StorageContext
 from vspemu.jobs import Jobs
+from vspemu.localcopy.shadowimage import ShadowImages
 from vspemu.localcopy.snapshot import Snapshots
 from vspemu.replication.engine import Replication
 from vspemu.replication.link import Link
@@ -88,6 +89,7 @@ def build_context(cfg: ServerConfig) -> StorageContext:
     ctx.snapshots = Snapshots(system, cfg.data_dir)
     remotes = ctx.remotes
     ctx.quorum = QuorumDisks(system, lambda serial: (p.storage_type_id if (p := remotes.by_serial(serial)) else None))
+    ctx.shadow_images = ShadowImages(system, cfg.data_dir, ctx.replication)
     return ctx
 
 
@@ -145,6 +147,8 @@ async def serve(cfg: ServerConfig) -> None:
     ctx.faults.apply()  # the faults in force before the restart are in force again
     assert ctx.quorum is not None
     ctx.quorum.start()  # quorum disks: heartbeat to the quorum volumes (vspemu.system.quorum)
+    if ctx.shadow_images is not None:
+        ctx.shadow_images.start()  # ShadowImage copies under way before a restart go on
     log.info("storage %s (serial %s) REST https://%s:%s NBD %s link %s", ctx.system.storage_device_id,
              ctx.system.serial, cfg.rest_host, cfg.rest_port,
              f"nbd://{cfg.nbd_host}:{cfg.nbd_port}" if nbd else "off",
@@ -153,6 +157,8 @@ async def serve(cfg: ServerConfig) -> None:
         await server.serve()
     finally:
         await ctx.quorum.close()
+        if ctx.shadow_images is not None:
+            await ctx.shadow_images.close()
         await ctx.replication.close()
         await ctx.link.close()
         if nbd is not None:

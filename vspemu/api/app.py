@@ -14,6 +14,7 @@ from vspemu.api.routes import (
     jobs,
     journals,
     ldevs,
+    local_clone,
     pools,
     ports,
     quorum_disks,
@@ -37,6 +38,7 @@ OBJECT_ROUTERS: list[APIRouter] = [sessions.router, jobs.router, ldevs.router, p
 OBJECT_ROUTERS.append(snapshots.router)  # Thin Image (issue 17)
 OBJECT_ROUTERS.append(resource_groups.router)  # issue 18: resource groups, virtual storages (GAD configuration)
 OBJECT_ROUTERS.append(quorum_disks.router)  # issue 18: quorum disks (GAD configuration)
+OBJECT_ROUTERS.append(local_clone.router)  # ShadowImage (issue 17)
 
 
 def create_app(ctx: StorageContext) -> FastAPI:
@@ -66,5 +68,6 @@ def create_app(ctx: StorageContext) -> FastAPI:
     app.include_router(remote_pairs.private_router, prefix="/ConfigurationManager/vspemu/v1")
     app.include_router(faults.router, prefix="/ConfigurationManager/vspemu/v1")
     app.include_router(quorum_disks.private_router, prefix="/ConfigurationManager/vspemu/v1")  # external volumes
+    app.include_router(local_clone.private_router, prefix="/ConfigurationManager/vspemu/v1")
     status.install(app, ctx)  # /metrics, the status page and its JSON (docs/observability.md)
     return app

@@ -542,8 +542,8 @@ async def write_copy_chunk(volume: Volume, offset: int, data: bytes | memoryview
     the range are written back and invalidated). Small or unaligned chunks, and filesystems without
     O_DIRECT, are written through the page cache as before."""
     global _direct_pool
-    if not _direct_ok(data, offset) or str(volume.path) in _direct_refused:
-        volume.write_local(offset, data)
+    if not _direct_ok(data, offset) or str(volume.path) in _direct_refused or volume.observers:
+        volume.write_local(offset, data)  # observed (a local copy): told and written in one go, on the loop
         return
     if volume.observers:  # told here, on the loop thread: the direct write runs in a worker thread
         volume.before_change(offset, memoryview(data).nbytes)
