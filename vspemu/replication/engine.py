@@ -34,17 +34,15 @@ from typing import Any
 
 from vspemu.crashpoints import crash_point
 from vspemu.errors import VspError, invalid, not_found
-from vspemu.replication import peer_headers
+from vspemu.replication import peer_headers, states
 from vspemu.replication.bitmap import DirtyBitmap, fsync_dir
 from vspemu.replication.datapath import PairVolume, WriteBarrier, copy_marked_tracks
 from vspemu.replication.link import Link, LinkError, PathGroup, PeerInfo, RemoteError
 from vspemu.replication.model import (
-    ACTIVE,
     COPY,
     FENCE_LEVELS,
     PAIR,
     PFUL,
-    PFUS,
     PSUE,
     PSUS,
     SMPL,
@@ -340,12 +338,7 @@ class Replication:
             if p is None or p.peer_status == st:
                 continue
             p.peer_status = st
-            if st == SMPL and p.role == "P" and p.status in ACTIVE:
-                p.status = PSUS  # the pair was deleted from the S side (array: P -> PSUS)
-            if st == SSWS and p.role == "P" and p.status in ACTIVE:
-                p.status = PSUS  # the S side took over
-            if p.role == "S" and p.status in ACTIVE and st in (PSUS, PSUE, PFUS):
-                p.status = SSUS if st == PSUS else st  # the primary suspended while we could not hear it
+            p.status = states.on_peer_status(p, st)  # e.g. deleted or taken over there: PSUS (see .states)
             self._save(p)
 
     async def suspend_on_error(self, pair: Pair, reason: str) -> None:
@@ -731,10 +724,8 @@ class Replication:
         pairs = self._select(group, pair_name)
         if ssws:
             return await self._swap_split(group, pairs)
-        for p in pairs:
-            if p.status == SMPL:
-                raise VspError("WRONG_STATE", detail=f"pair {p.key} is SMPL")
-        todo = [p for p in pairs if p.status in ACTIVE]
+        outs = states.check(self.table(group), pairs, states.SPLIT)
+        todo = [p for p, out in zip(pairs, outs, strict=True) if out != states.NO_CHANGE]
         if not todo:
             return pairs  # already split: accepted, no change (CCI acceptance rules)
         if group.replication_type == "UR" and todo[0].role == "S":
@@ -773,7 +764,7 @@ class Replication:
 
     async def _swap_split(self, group: CopyGroup, pairs: list[Pair]) -> list[Pair]:
         """svolOperationMode SSWS, on the S side: the S-VOL takes over (SSWS, writable)."""
-        self._check_split(pairs, ssws=True)
+        self._check_split(group, pairs, ssws=True)
         await self._take_over(group, pairs)
         return pairs
 
@@ -796,8 +787,8 @@ class Replication:
                     p.fenced = False
                     self._save(p)
             return pairs
-        if all(p.status == SSWS for p in pairs):
-            return pairs
+        if all(out == states.NO_CHANGE for out in states.check(self.table(group), pairs, states.TAKEOVER)):
+            return pairs  # already SSWS
         if mode == "auto":
             # swap-takeover when the primary answers and the pairs are in sync; else SVOL-takeover
             h = await self._try_call(group, "pair.state", {"group": group.name, "states": {}})
@@ -812,30 +803,20 @@ class Replication:
         return pairs
 
     # -- status checks, also run by the API before it accepts a job (a refusal is then a plain 412) -----------
-    @staticmethod
-    def _check_resync(pairs: list[Pair], swap: bool) -> None:
-        if swap:
-            for p in pairs:
-                swapped_and_running = p.role == "P" and p.status in ACTIVE and p.peer_status in ACTIVE \
-                    and p.extra.get("swapped")
-                if p.status not in SUSPENDED and not swapped_and_running:
-                    raise VspError("WRONG_STATE", detail=f"pair {p.key} is {p.status}; split it before a swap resync")
-            return
-        if all(p.status in ACTIVE for p in pairs):
-            return
-        for p in pairs:
-            if p.status == SSWS or p.peer_status == SSWS or p.swap_required:
-                raise VspError("WRONG_STATE", detail=f"pair {p.key} was taken over by the S side (SSWS): "
-                                                     "resynchronize with doSwapSvol")
-            if p.role != "P":
-                raise VspError("WRONG_STATE", detail="a resync must be issued to the storage system that holds "
-                                                     "the P-VOL (or use doSwapSvol to reverse the direction)")
+    def table(self, group: CopyGroup) -> states.StateTable:
+        """The state machine of the group's replication type (see :mod:`.states`)."""
+        return states.TABLES[group.replication_type]
 
-    @staticmethod
-    def _check_split(pairs: list[Pair], ssws: bool) -> None:
-        if ssws and any(p.role != "S" for p in pairs):
-            raise VspError("WRONG_STATE", detail="svolOperationMode SSWS must be issued to the storage system "
-                                                 "that holds the S-VOL")
+    def _check_resync(self, group: CopyGroup, pairs: list[Pair], swap: bool) -> list[states.Outcome]:
+        if swap:
+            return states.check(self.table(group), pairs, states.RESYNC_SWAP)
+        if states.all_active(pairs):
+            return [states.NO_CHANGE] * len(pairs)  # already resynchronizing or in PAIR: accepted, no change
+        return states.check(self.table(group), pairs, states.RESYNC)
+
+    def _check_split(self, group: CopyGroup, pairs: list[Pair], ssws: bool) -> None:
+        if ssws:
+            states.check(self.table(group), pairs, states.SPLIT_SSWS)
 
     def precheck(self, op: str, group_name: str, pair_name: str | None, *, swap: bool = False,
                  ssws: bool = False) -> None:
@@ -843,9 +824,9 @@ class Replication:
         group = self.get_group(group_name)
         pairs = self._select(group, None if group.replication_type == "UR" else pair_name)
         if op == "resync":
-            self._check_resync(pairs, swap)
+            self._check_resync(group, pairs, swap)
         elif op == "split":
-            self._check_split(pairs, ssws)
+            self._check_split(group, pairs, ssws)
 
     async def resync(self, group_name: str, pair_name: str | None, *, swap: bool = False,
                      copy_pace: int | None = None, fence: str | None = None, wait: bool = True) -> list[Pair]:
@@ -855,10 +836,10 @@ class Replication:
         pairs = self._select(group, pair_name)
         if swap:
             return await self._swap_resync(group, pairs, wait)
-        if all(p.status in ACTIVE for p in pairs):
+        outs = self._check_resync(group, pairs, swap=False)
+        if all(out == states.NO_CHANGE for out in outs):
             return pairs  # already resynchronizing or in PAIR: accepted, no change
-        self._check_resync(pairs, swap=False)
-        todo = [p for p in pairs if p.status in SUSPENDED]
+        todo = [p for p, out in zip(pairs, outs, strict=True) if out == COPY]
         if copy_pace is not None or fence is not None:
             for p in pairs:
                 p.copy_pace = copy_pace if copy_pace is not None else p.copy_pace
@@ -891,7 +872,7 @@ class Replication:
 
     async def _swap_resync(self, group: CopyGroup, pairs: list[Pair], wait: bool) -> list[Pair]:
         """doSwapSvol: the S-VOLs become P-VOLs (from whichever side it is issued) and copy the differences."""
-        self._check_resync(pairs, swap=True)
+        self._check_resync(group, pairs, swap=True)
         self._refuse_multi_target_swap(pairs)
         if all(p.role == "S" for p in pairs):
             # this side becomes the primary (the other side refuses first if its P-VOLs are in other mirrors)
