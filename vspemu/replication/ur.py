@@ -42,16 +42,19 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from vspemu.aio import wait_event
 from vspemu.errors import VspError
+from vspemu.replication import states
 from vspemu.replication.journal import CorruptEntry, MasterJournal, parse_entries
+from vspemu.replication.kinds import JOURNAL, LOCAL
 from vspemu.replication.link import PeerInfo
 from vspemu.replication.model import ACTIVE, COPY, PAIR, PFUL, PFUS, PSUE, CopyGroup, Pair
 
 if TYPE_CHECKING:
-    from vspemu.replication.engine import Replication
+    from vspemu.replication.kinds import EngineCore
     from vspemu.system.journals import Journals
     from vspemu.volumes.volume import Volume
 
@@ -89,7 +92,7 @@ class MirrorRuntime:
 
 
 class UniversalReplicator:
-    def __init__(self, engine: Replication, journals: Journals) -> None:
+    def __init__(self, engine: EngineCore, journals: Journals) -> None:
         self.engine = engine
         self.journals = journals
         self.masters: dict[int, MasterJournal] = {}  # journal id -> open master journal
@@ -101,6 +104,69 @@ class UniversalReplicator:
         engine.link.register_handler("jnl.split", self._h_split)
         journals.users.append(self._journal_user)
         journals.refreshers.append(self.refresh)
+
+    # -- the ReplicationKind the engine calls (see .kinds) -----------------------------------------------
+    replication_type = "UR"
+    whole_group = True  # UR pairs are operated in units of mirrors
+
+    @property
+    def table(self) -> states.StateTable:
+        return states.UNIVERSAL_REPLICATOR
+
+    def write_mode(self, pair: Pair) -> str:
+        return JOURNAL if pair.role == "P" and pair.status in (PAIR, PFUL) else LOCAL
+
+    def check_create(self, group_name: str, group: CopyGroup | None, fence: str, mu_number: int | None,
+                     journal_id: int | None) -> None:
+        self.check_journal(journal_id if group is None else group.local_journal_id, group_name,
+                           mu_number or 0 if group is None else group.mu_number, "P")
+
+    def check_create_secondary(self, group: CopyGroup) -> None:
+        self.check_journal(group.local_journal_id, group.name, group.mu_number, "S")
+
+    def group_created(self, group: CopyGroup) -> None:
+        self.start_mirror(group)
+
+    def secondary_created(self, group: CopyGroup) -> None:
+        self.ensure_restore(group)
+
+    def group_forgotten(self, group: CopyGroup) -> None:
+        self.forget_group(group)
+
+    def became_primary(self, group: CopyGroup) -> None:
+        self.start_mirror(group)
+
+    def before_swap(self, group: CopyGroup) -> None:
+        self.purge(group)  # journaled writes the other side never restored differ too
+
+    def before_suspend(self, group: CopyGroup, pair: Pair) -> bool:
+        self.purge(group)
+        return False  # UR has no fence level
+
+    def copy_starting(self, group: CopyGroup) -> None:
+        # the path watch starts again with the copy: an old silence must not suspend the renewed mirror
+        self.runtime(group).last_read = time.monotonic()
+
+    def copy_after_restart(self, pair: Pair, marked: int) -> bool:
+        return False  # a restarted primary serves the unacknowledged journal entries again
+
+    async def peer_silent(self, group: CopyGroup, pairs: list[Pair]) -> None:
+        return None  # the path watch (monitor) decides, after pathBlockadeWatchInMinutes
+
+    async def before_split(self, group: CopyGroup) -> None:
+        # flush mode: the secondary restores everything journaled before the split
+        if not await self.drain(group):
+            self.purge(group)
+
+    async def split_on_secondary(self, group: CopyGroup, rw: bool) -> bool:
+        await self.engine.call(group, "jnl.split", {"group": group.name, "rw": rw}, timeout=180)
+        return True
+
+    def mirror_stats(self, group: CopyGroup) -> dict[str, Any] | None:
+        return self.lag(group)
+
+    def background_tasks(self) -> list[Coroutine[Any, Any, None]]:
+        return [self.monitor()]
 
     # -- journals ------------------------------------------------------------------------------------
     def _journal_user(self, journal: Any) -> str | None:
@@ -271,7 +337,7 @@ class UniversalReplicator:
 
     # -- pull (the primary's handler) -------------------------------------------------------------------
     async def _h_read(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
-        group = self.engine._peer_group(peer, h["group"])
+        group = self.engine.peer_group(peer, h["group"])
         if group.role != "P":
             raise VspError("WRONG_STATE", detail=f"copy group {group.name} is not a primary here")
         mj = self.master(group)
@@ -305,7 +371,7 @@ class UniversalReplicator:
 
     async def _h_split(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
         """A split issued on the secondary: the primary performs it (flush) for the whole mirror."""
-        group = self.engine._peer_group(peer, h["group"])
+        group = self.engine.peer_group(peer, h["group"])
         await self.engine.split(group.name, None, svol_rw=bool(h.get("rw")), pvol_write_protect=False)
         return {}, b""
 
@@ -347,7 +413,7 @@ class UniversalReplicator:
                     if now - rt.read_errors_since >= self.path_watch_seconds(group):
                         for p in pairs:
                             if p.status in ACTIVE:
-                                engine._set(p, PSUE)
+                                engine.set_status(p, PSUE)
                     await asyncio.sleep(0.5)
                     continue
                 except asyncio.CancelledError:
@@ -379,9 +445,9 @@ class UniversalReplicator:
                         rt.flush_task = asyncio.get_running_loop().create_task(self._flush_restored(rt))
                 for p in pairs:
                     if p.status == PAIR and rt.remote_usage >= PFUL_THRESHOLD:
-                        engine._set(p, PFUL)
+                        engine.set_status(p, PFUL)
                     elif p.status == PFUL and rt.remote_usage < PFUL_THRESHOLD:
-                        engine._set(p, PAIR)
+                        engine.set_status(p, PAIR)
         finally:
             if ahead is not None:
                 ahead.cancel()
@@ -451,9 +517,9 @@ class UniversalReplicator:
         self.purge(group)
         pairs = [p for p in self.engine.group_pairs(group.name) if p.status in ACTIVE]
         for p in pairs:
-            self.engine._set(p, status)
+            self.engine.set_status(p, status)
         # tell the secondary without holding up the host write that found the journal full
-        self.engine.background(self.engine._try_call(group, "pair.set", {
+        self.engine.background(self.engine.try_call(group, "pair.set", {
             "group": group.name, "pairs": [p.name for p in pairs], "status": status}))
 
     def purge(self, group: CopyGroup) -> None:
@@ -577,9 +643,9 @@ class UniversalReplicator:
             usage = mj.usage_rate()
             for p in pairs:
                 if p.status == PAIR and usage >= PFUL_THRESHOLD:
-                    engine._set(p, PFUL)
+                    engine.set_status(p, PFUL)
                 elif p.status == PFUL and usage < PFUL_THRESHOLD:
-                    engine._set(p, PAIR)
+                    engine.set_status(p, PAIR)
             statuses = {p.status for p in pairs}
             q_count = self._q_count(group, mj)
             self.journals.set_runtime(jid, usage_rate=usage, q_marker=f"{mj.last_seq:08x}", q_count=mj.count,
