@@ -6,20 +6,7 @@ other system over the replication link (:mod:`.link`). The primary initiates the
 swap the roles and the direction reverse. Either side reaches the other through any working path group it
 has to that system (a swap needs path groups in both directions, as on the array).
 
-Messages (all handlers are idempotent, since the link may resend a request on another path):
-
-=================  =====================================================================================
-``pair.create``    the primary asks the secondary to check its S-VOL and record the pair
-``pair.set``       one side tells the other the status it must take (e.g. S: SSUS, COPY, PAIR, PSUE)
-``pair.state``     report this side's statuses and learn the other's (push after a change, and polling)
-``pair.delete``    forget the pair on the other side
-``pair.bitmap``    the other side's differential bitmap of a volume (merged before a resync)
-``pair.swap``      reverse the roles of pairs (swap resync)
-``data.write``     write (or zero) a range of an S-VOL: host writes in PAIR and copy chunks
-``data.flush``     make the S-VOL durable
-``data.extents``   the ranges of an S-VOL that hold data (an initial copy must zero them too)
-``verify.sums``    per-track digests of an S-VOL (online verify, :mod:`.verify`)
-=================  =====================================================================================
+The messages between the sides are listed in :mod:`.peer`, which handles them.
 """
 
 from __future__ import annotations
@@ -33,9 +20,8 @@ from typing import Any
 from vspemu.crashpoints import crash_point
 from vspemu.errors import VspError, invalid, not_found
 from vspemu.replication import states
-from vspemu.replication.bitmap import DirtyBitmap, fsync_dir
-from vspemu.replication.copier import Copier, PairRuntime
-from vspemu.replication.datapath import PairVolume, WriteBarrier
+from vspemu.replication.copier import Copier
+from vspemu.replication.datapath import PairVolume, Target
 from vspemu.replication.kinds import ReplicationKind
 from vspemu.replication.link import Link, LinkError, PathGroup, PeerInfo, RemoteError
 from vspemu.replication.model import (
@@ -47,24 +33,21 @@ from vspemu.replication.model import (
     SMPL,
     SSUS,
     SSWS,
-    SUSPENDED,
     CopyGroup,
     Pair,
 )
 from vspemu.replication.peer import EXTENT, PeerHandlers
+from vspemu.replication.registry import PairRegistry
 from vspemu.replication.truecopy import TrueCopy
 from vspemu.replication.ur import UniversalReplicator
 from vspemu.replication.verify import Verifier
 from vspemu.system.journals import Journals
-from vspemu.system.storage import Ldev, StorageSystem
-from vspemu.volumes.volume import Volume, WriteRefused
+from vspemu.system.storage import StorageSystem
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 2.0
 STATUS_CALL_TIMEOUT = 5.0
-MAX_NAME = 31
-MAX_GROUP_NAME = 29
 
 
 def remote_to_vsp(e: RemoteError) -> VspError:
@@ -78,24 +61,15 @@ def remote_to_vsp(e: RemoteError) -> VspError:
     return err
 
 
-class Replication:
+class Replication(PairRegistry):
     def __init__(self, system: StorageSystem, link: Link, remotes: Any, data_dir: Path, journals: Journals) -> None:
-        self.system = system
+        super().__init__(system, data_dir)
         self.link = link
         self.remotes = remotes
-        self.bitmap_dir = data_dir / "bitmaps"
-        self.bitmap_dir.mkdir(parents=True, exist_ok=True)
-        self.groups: dict[str, CopyGroup] = {}
-        self.pairs: dict[str, Pair] = {}
-        self.ldev_pairs: dict[int, list[Pair]] = {}  # an LDEV's pairs: one, or a P-VOL's (multi-target)
-        self.bitmaps: dict[str, DirtyBitmap] = {}  # pair key -> the differential bitmap of its local volume
-        self.runtime: dict[str, PairRuntime] = {}
-        self.barriers: dict[str, WriteBarrier] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._create_locks: dict[str, asyncio.Lock] = {}
         self._poll_misses: dict[str, int] = {}
         self.handlers = PeerHandlers(self)  # pair.* and data.* (see .peer)
-        system.ldev_guards.append(self._guard_ldev)
         self.copier = Copier(self)
         self.tc = TrueCopy(self)
         self.ur = UniversalReplicator(self, journals)
@@ -110,156 +84,6 @@ class Replication:
             p = Pair(**doc)
             self.index(p)
 
-    # -- records ----------------------------------------------------------------------------------------
-    def index(self, pair: Pair, new: bool = False) -> None:
-        """Index a pair and give its volume the write path; ``new``: a pair being created (a clean bitmap)."""
-        self.pairs[pair.key] = pair
-        self.ldev_pairs.setdefault(pair.local_ldev, []).append(pair)
-        self.runtime.setdefault(pair.key, PairRuntime())
-        vol = self.system.volumes.get(pair.local_ldev)
-        if vol is not None:
-            self.bitmaps[pair.key] = self._open_bitmap(pair, vol, new)
-        self._attach(pair.local_ldev)
-
-    def unindex(self, pair: Pair) -> None:
-        """Undo :meth:`_index` of a pair whose record was not committed."""
-        self.pairs.pop(pair.key, None)
-        self._detach(pair)
-        self.runtime.pop(pair.key, None)
-
-    def _open_bitmap(self, pair: Pair, vol: Volume, new: bool = False) -> DirtyBitmap:
-        """The pair's bitmap file, named by LDEV and mirror unit (a P-VOL may be in several UR mirrors).
-
-        A new pair starts with a clean bitmap. A recorded pair whose bitmap file is missing gets every track
-        marked: what differs is unknown (see :mod:`.bitmap`: an invalid file loads as all marked too)."""
-        path = self.bitmap_dir / f"{pair.local_ldev:05d}.mu{self.groups[pair.group].mu_number}.bmp"
-        if new:
-            return DirtyBitmap.create(path, vol.size)
-        legacy = self.bitmap_dir / f"{pair.local_ldev:05d}.bmp"  # before multi-target: one bitmap per LDEV
-        if not path.exists() and legacy.exists():
-            legacy.rename(path)
-            fsync_dir(self.bitmap_dir)
-        if not path.exists():
-            log.warning("pair %s has no bitmap file %s: every track is marked", pair.key, path)
-            return DirtyBitmap.create(path, vol.size, marked=True)
-        return DirtyBitmap.open(path, vol.size)
-
-    def bitmap(self, pair: Pair) -> DirtyBitmap:
-        return self.bitmaps[pair.key]
-
-    def pairs_of(self, ldev_id: int) -> list[Pair]:
-        return self.ldev_pairs.get(ldev_id, [])
-
-    def _attach(self, ldev_id: int) -> None:
-        """Give the volume the write path of its pairs (sorted by group: barriers are entered in that order)."""
-        vol = self.system.volumes.get(ldev_id)
-        ldev = self.system.ldevs.get(ldev_id)
-        pairs = sorted(self.pairs_of(ldev_id), key=lambda p: p.group)
-        if vol is not None:
-            targets = [(p, self.bitmaps[p.key], self.barriers.setdefault(p.group, WriteBarrier())) for p in pairs]
-            vol.replicator = PairVolume(self, targets) if targets else None
-            vol.write_gate = self._gate(pairs) if pairs else None
-        if ldev is not None:
-            self.system.set_ldev_attribute(ldev, "HORC", bool(pairs))
-
-    def _detach(self, pair: Pair) -> None:
-        pairs = self.ldev_pairs.get(pair.local_ldev, [])
-        pairs[:] = [x for x in pairs if x is not pair]
-        if not pairs:
-            self.ldev_pairs.pop(pair.local_ldev, None)
-        bm = self.bitmaps.pop(pair.key, None)
-        if bm is not None:
-            bm.remove()
-        self._attach(pair.local_ldev)
-
-    @staticmethod
-    def _gate(pairs: list[Pair]) -> Any:
-        def gate(volume: Volume) -> None:
-            for pair in pairs:
-                if pair.role == "P":
-                    if pair.fenced:
-                        raise WriteRefused(f"P-VOL {volume.ldev_id} is fenced ({pair.fence}) after a failure")
-                    if pair.pvol_write_protect:
-                        raise WriteRefused(f"P-VOL {volume.ldev_id} was split with write protection")
-                elif not pair.svol_writable:
-                    raise WriteRefused(f"S-VOL {volume.ldev_id} is not writable in status {pair.status}")
-
-        return gate
-
-    def save(self, pair: Pair) -> None:
-        self.system.store.put("pairs", pair.key, pair.doc())
-
-    def save_group(self, group: CopyGroup) -> None:
-        self.system.store.put("copy_groups", group.name, group.doc())
-
-    _save_group = save_group  # (the name the REST routes use)
-
-    def _guard_ldev(self, ldev: Ldev, action: str) -> None:
-        for pair in self.pairs_of(ldev.ldev_id):
-            if action == "expand" and pair.status in SUSPENDED:
-                continue  # the array allows expanding split pair volumes (enhancedExpansion)
-            raise VspError("IN_USE", detail=f"ldev {ldev.ldev_id} is a {pair.role}-VOL of pair {pair.key}")
-
-    def _check_pvol_free(self, pvol: int, group_name: str, replication_type: str, mu: int | None,
-                         journal_id: int | None) -> None:
-        """A volume is in one pair, except a P-VOL of a multi-target set-up: a UR P-VOL may be in up to four
-        mirrors, one per mirror unit (muNumber) of the same master journal, since a data volume belongs to one
-        journal; and beside those in one TrueCopy pair (3DC multi-target). TrueCopy has mirror unit 0, so the UR
-        mirrors of such a volume use mirror units 1-3, as in the array's 3DC configurations (CCI MU# h1-h3).
-        A cascade (an S-VOL that is also a P-VOL) is not supported."""
-        for other in self.pairs_of(pvol):
-            og = self.groups[other.group]
-            if other.role != "P":
-                raise VspError("IN_USE", detail=f"ldev {pvol} is already a pair volume ({other.role}-VOL of "
-                                                f"pair {other.key})")
-            if og.name == group_name:
-                raise VspError("IN_USE", detail=f"ldev {pvol} is already a P-VOL of copy group {og.name}")
-            if replication_type == "TC" and og.replication_type == "TC":
-                raise VspError("IN_USE", detail=f"ldev {pvol} is already the P-VOL of TrueCopy pair {other.key}; "
-                                                "a volume is in one TrueCopy pair")
-            if replication_type == "UR" and og.replication_type == "UR":
-                if og.local_journal_id != journal_id:
-                    raise VspError("IN_USE", detail=f"ldev {pvol} is a data volume of journal "
-                                                    f"{og.local_journal_id} (copy group {og.name}); a data volume "
-                                                    "belongs to one journal")
-                if og.mu_number == mu:
-                    raise VspError("IN_USE", detail=f"ldev {pvol} is already a P-VOL of mirror {og.mu_number} "
-                                                    f"(copy group {og.name})")
-                continue
-            # one TrueCopy pair and one UR pair (a TrueCopy group created with a muNumber keeps it, and the
-            # bitmap files are named by mirror unit: see _open_bitmap)
-            ur_mu, tc_mu = (mu, og.mu_number) if replication_type == "UR" else (og.mu_number, mu or 0)
-            if ur_mu in (0, tc_mu):
-                raise VspError("IN_USE", detail=f"ldev {pvol} is a P-VOL of TrueCopy and UR pairs (3DC "
-                                                "multi-target): TrueCopy has mirror unit 0, so its UR mirrors "
-                                                "use mirror units 1-3" + (f" other than {tc_mu}, the TrueCopy "
-                                                                         "group's" if tc_mu else ""))
-
-    def shares_volumes(self, pairs: list[Pair]) -> bool:
-        """True if a volume of these pairs is also in a pair of another group (a multi-target P-VOL)."""
-        return any(len(self.pairs_of(p.local_ldev)) > 1 for p in pairs)
-
-    def refuse_multi_target_swap(self, pairs: list[Pair]) -> None:
-        if self.shares_volumes(pairs):
-            raise VspError("WRONG_STATE", detail="a P-VOL of this copy group is in pairs of other copy groups too "
-                                                 "(multi-target); vspemu does not reverse such pairs: delete the "
-                                                 "other pairs first")
-
-    def group_pairs(self, group: str) -> list[Pair]:
-        return sorted((p for p in self.pairs.values() if p.group == group), key=lambda p: p.name)
-
-    def get_group(self, name: str) -> CopyGroup:
-        g = self.groups.get(name)
-        if g is None:
-            raise VspError("INSTANCE_CANNOT_OPERATE", object_id=f"copy group {name}")
-        return g
-
-    def get_pair(self, group: str, name: str) -> Pair:
-        p = self.pairs.get(f"{group}/{name}")
-        if p is None:
-            raise not_found("copy pair", f"{group},{name}")
-        return p
-
     def kind(self, group: CopyGroup) -> ReplicationKind:
         """The implementation of the group's replication type (see :mod:`.kinds`)."""
         kind = self.kinds.get(group.replication_type)
@@ -270,6 +94,9 @@ class Replication:
     def write_mode(self, pair: Pair) -> str:
         """How a host write to this pair's volume travels: "forward" (TC PAIR), "journal" (UR), or "local"."""
         return self.kinds[self.groups[pair.group].replication_type].write_mode(pair)
+
+    def make_replicator(self, targets: list[Target]) -> PairVolume:
+        return PairVolume(self, targets)
 
     # -- reaching the other side ------------------------------------------------------------------------
     def peer(self, group: CopyGroup) -> PathGroup | None:
@@ -436,34 +263,15 @@ class Replication:
                            mu_number: int | None, pvol_journal: int | None,
                            svol_journal: int | None) -> tuple[CopyGroup, Pair]:
         system = self.system
-        if not 1 <= len(group_name) <= MAX_GROUP_NAME or " " in group_name:
-            raise invalid("copyGroupName", group_name, f"Specify 1 to {MAX_GROUP_NAME} characters, no spaces.")
-        for attr, value in (("copyPairName", pair_name), ("localDeviceGroupName", local_dg),
-                            ("remoteDeviceGroupName", remote_dg)):
-            if value is not None and (not 1 <= len(value) <= MAX_NAME or " " in value or "," in value):
-                raise invalid(attr, value, f"Specify 1 to {MAX_NAME} characters, no spaces or commas.")
-        if "," in group_name:
-            raise invalid("copyGroupName", group_name, "Commas are not allowed.")
+        self.check_names(group_name, pair_name, local_dg, remote_dg)
         kind = self.kinds.get(replication_type)
         if kind is None:
             raise invalid("replicationType", replication_type, "Specify TC or UR.")
         kind.check_create(group_name, self.groups.get(group_name), fence, mu_number, pvol_journal)
         remote = self.remotes.get(remote_device_id)
         group = self.groups.get(group_name)
-        if new_group and group is not None:
-            raise VspError("ALREADY_EXISTS", object_id=f"copy group {group_name}")
-        if not new_group:
-            if group is None:
-                raise VspError("INSTANCE_CANNOT_OPERATE", object_id=f"copy group {group_name}")
-            if group.remote_device_id != remote_device_id or group.replication_type != replication_type:
-                raise VspError("WRONG_STATE", detail=f"copy group {group_name} is a {group.replication_type} "
-                               f"group with storage {group.remote_device_id}")
-            if local_dg not in (None, group.local_dg) or remote_dg not in (None, group.remote_dg):
-                raise invalid("localDeviceGroupName", local_dg, "The device groups of the copy group differ.")
-            if f"{group_name}/{pair_name}" in self.pairs:
-                raise VspError("ALREADY_EXISTS", object_id=f"copy pair {group_name},{pair_name}")
-            if any(p.role != "P" for p in self.group_pairs(group_name)):
-                raise VspError("WRONG_STATE", detail="pairs can be added only on the primary side of the group")
+        self.check_group_for_new_pair(group_name, group, pair_name, new_group, replication_type, remote_device_id,
+                                      local_dg, remote_dg)
         ldev = system.get_ldev(pvol)
         self._check_pvol_free(pvol, group_name, replication_type, mu_number if group is None else group.mu_number,
                               pvol_journal if group is None else group.local_journal_id)
@@ -534,14 +342,6 @@ class Replication:
             for barrier in reversed(held):
                 await barrier.release()
         return group, pair
-
-    def select(self, group: CopyGroup, pair_name: str | None) -> list[Pair]:
-        pairs = self.group_pairs(group.name)
-        if pair_name is not None:
-            pairs = [self.get_pair(group.name, pair_name)]
-        elif not pairs:
-            raise VspError("INSTANCE_CANNOT_OPERATE", object_id=f"copy group {group.name}")
-        return pairs
 
     async def split(self, group_name: str, pair_name: str | None, *, svol_rw: bool = False,
                     ssws: bool = False, pvol_write_protect: bool = False) -> list[Pair]:

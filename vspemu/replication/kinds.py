@@ -30,8 +30,6 @@ FORWARD = "forward"  # TrueCopy in PAIR: sent to the S-VOL before the host is an
 JOURNAL = "journal"  # UR in PAIR/PFUL: appended to the master journal, pulled by the secondary
 LOCAL = "local"  # written here only, the bitmap marks it (suspended, copying, or the S side)
 
-Handler = Callable[["PeerInfo", dict[str, Any], bytes], Coroutine[Any, Any, tuple[dict[str, Any], bytes]]]
-
 
 class ReplicationKind(Protocol):
     """One replication type, as the engine sees it (every hook is called on the event loop)."""

@@ -1,9 +1,23 @@
 """The peer side of the replication messages: what the other storage system asks of this one.
 
-The handlers of the engine's messages (the table in :mod:`.engine`); each is idempotent, since the link may
-resend a request on another path. ``data.write`` is the end of the write path on the S side: it writes the
-S-VOL (see docs/architecture.md). UR registers its own messages (``jnl.*``, :mod:`.ur`), the verifier
-``verify.sums`` (:mod:`.verify`).
+The handlers of the engine's messages; each is idempotent, since the link may resend a request on another
+path.
+
+=================  =====================================================================================
+``pair.create``    the primary asks the secondary to check its S-VOL and record the pair
+``pair.set``       one side tells the other the status it must take (e.g. S: SSUS, COPY, PAIR, PSUE)
+``pair.state``     report this side's statuses and learn the other's (push after a change, and polling)
+``pair.delete``    forget the pair on the other side
+``pair.bitmap``    the other side's differential bitmap of a volume (merged before a resync)
+``pair.swap``      reverse the roles of pairs (swap resync)
+``data.write``     write (or zero) a range of an S-VOL: host writes in PAIR and copy chunks
+``data.flush``     make the S-VOL durable
+``data.extents``   the ranges of an S-VOL that hold data (an initial copy must zero them too)
+``verify.sums``    per-track digests of an S-VOL (online verify, :mod:`.verify`)
+=================  =====================================================================================
+
+``data.write`` is the end of the write path on the S side: it writes the S-VOL (see docs/architecture.md).
+UR registers its own messages (``jnl.*``, :mod:`.ur`), the verifier ``verify.sums`` (:mod:`.verify`).
 """
 
 from __future__ import annotations

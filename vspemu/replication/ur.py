@@ -336,7 +336,7 @@ class UniversalReplicator:
         await asyncio.to_thread(self.master(group).sync)
 
     # -- pull (the primary's handler) -------------------------------------------------------------------
-    async def _h_read(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
+    async def _h_read(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes | memoryview]:
         group = self.engine.peer_group(peer, h["group"])
         if group.role != "P":
             raise VspError("WRONG_STATE", detail=f"copy group {group.name} is not a primary here")
