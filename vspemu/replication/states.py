@@ -58,6 +58,7 @@ SWAPPED_RUNNING = "swapped_running"
 CONDITIONS = (TAKEN_OVER, SWAPPED_RUNNING)
 
 NO_CHANGE = "="  # accepted, the pair keeps its status
+SUSPENDED_BY_ERROR = frozenset({PSUE, PFUS})  # a waiter for PAIR gives up (pairevtwait, the CLI's progress)
 
 
 @dataclass(frozen=True)
