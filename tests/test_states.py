@@ -7,8 +7,9 @@ import itertools
 
 import pytest
 
-from vspemu.client import ApiError
+from vspemu.client import ApiError, VspClient
 from vspemu.errors import VspError
+from vspemu.lab import SystemProcess
 from vspemu.replication import states
 from vspemu.replication.model import ACTIVE, COPY, PSUS, SMPL, SSUS, SSWS, SUSPENDED, Pair
 from vspemu.replication.states import NO_CHANGE, Refusal
@@ -99,7 +100,7 @@ def test_peer_events_match_the_engine(own: str, role: str, peer: str) -> None:
 
 
 @pytest.mark.e2e
-def test_rest_refusals_come_out_as_before(linked) -> None:  # type: ignore[no-untyped-def]
+def test_rest_refusals_come_out_as_before(linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient]) -> None:
     """A few refusals through REST: same HTTP status, message id and text as before the tables."""
     p, s, pc, sc = linked
     pv, sv = pc.create_ldev("16M"), sc.create_ldev("16M")
@@ -110,7 +111,7 @@ def test_rest_refusals_come_out_as_before(linked) -> None:  # type: ignore[no-un
     pid = f"{s.storage_device_id},stg,stgP_,stgS_,p1"
     sid = f"{p.storage_device_id},stg,stgS_,stgP_,p1"
 
-    def refused(client, path: str, params: dict, other) -> ApiError:  # type: ignore[no-untyped-def]
+    def refused(client: VspClient, path: str, params: dict[str, object], other: VspClient) -> ApiError:
         with pytest.raises(ApiError) as e:
             client.invoke("PUT", path, {"parameters": {"replicationType": "TC", **params}}, remote=other)
         return e.value
