@@ -175,15 +175,7 @@ class Replication(PairRegistry):
             pair.fenced = False
             self.save(pair)
 
-    # -- the data path (called by PairVolume) ------------------------------------------------------------
-
-
-    # -- copying (primary side) ---------------------------------------------------------------------------
-
-
-
-
-    # -- background: polling and activity-mark clearing ----------------------------------------------------
+    # -- background: restart, polling, the kinds' loops ------------------------------------------------------
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.ur.redo_after_restart()
@@ -620,14 +612,3 @@ class Replication(PairRegistry):
         if group is None or group.remote_device_id != peer.storage_device_id:
             raise VspError("INSTANCE_CANNOT_OPERATE", object_id=f"copy group {name}")
         return group
-
-
-
-
-
-
-
-
-
-
-
