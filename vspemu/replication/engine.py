@@ -37,7 +37,7 @@ from vspemu.errors import VspError, invalid, not_found
 from vspemu.replication import peer_headers
 from vspemu.replication.bitmap import DirtyBitmap, fsync_dir
 from vspemu.replication.datapath import PairVolume, WriteBarrier, copy_marked_tracks
-from vspemu.replication.link import Link, LinkError, PathGroup, PeerInfo, RemoteError
+from vspemu.replication.link import Link, PathGroup
 from vspemu.replication.model import (
     ACTIVE,
     COPY,
@@ -56,6 +56,7 @@ from vspemu.replication.model import (
 )
 from vspemu.replication.ur import UniversalReplicator
 from vspemu.replication.verify import Verifier
+from vspemu.replication.wire import LinkError, PeerInfo, RemoteError
 from vspemu.system.journals import Journals
 from vspemu.system.storage import Ldev, StorageSystem
 from vspemu.volumes.volume import Volume, VolumeIOError, WriteRefused

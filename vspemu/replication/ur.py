@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING, Any
 from vspemu.aio import wait_event
 from vspemu.errors import VspError
 from vspemu.replication.journal import CorruptEntry, MasterJournal, parse_entries
-from vspemu.replication.link import PeerInfo
 from vspemu.replication.model import ACTIVE, COPY, PAIR, PFUL, PFUS, PSUE, CopyGroup, Pair
+from vspemu.replication.wire import PeerInfo
 
 if TYPE_CHECKING:
     from vspemu.replication.engine import Replication
