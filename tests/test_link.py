@@ -90,6 +90,25 @@ def test_big_payloads_and_many_concurrent_calls() -> None:
     run(main)
 
 
+def test_a_message_type_has_one_handler() -> None:
+    """The module that owns a message type registers its handler; a second registration of the same type is a
+    bug (two modules claiming one message) and raises instead of silently replacing the first handler."""
+    async def main() -> None:
+        a, _b = make_pair()
+
+        async def first(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+            return {"who": "first"}, b""
+
+        a.register_handler("test.once", first)
+        with pytest.raises(ValueError, match="test.once"):
+            a.register_handler("test.once", first)
+        with pytest.raises(ValueError, match=ECHO):
+            a.register_handler(ECHO, first)  # the link's own
+        assert a.handlers["test.once"] is first
+
+    run(main)
+
+
 def test_remote_handler_error_keeps_the_connection() -> None:
     async def main() -> None:
         a, b, group = await started()

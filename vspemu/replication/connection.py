@@ -5,13 +5,14 @@ secret; it frames, seals and unseals as :mod:`.wire` describes. After the handsh
 REQUESTs: many may be in flight (request ids), each is served concurrently (by its own task, or, for a
 handler marked :func:`inline_handler`, right in the receive callback until it first suspends), and a handler
 exception comes back as an ERROR frame (:class:`.wire.RemoteError` on the caller) without harming the
-connection. Large payloads are received in place into pooled page-aligned buffers (:data:`BUFFERS`). Both
+connection. Receiving (parsing, large payloads in place into pooled page-aligned buffers, unsealing) is the
+base class's, :class:`.receiver.FrameReceiver`; sending, request / reply and serving are here. Both
 sides send PING every ``keepalive/5`` seconds; a side that hears nothing for ``0.6 * keepalive`` seconds
 declares the connection dead (:func:`keepalive_timing`).
 
-Polled completion (:data:`POLL_SECONDS`, :meth:`Connection._poll_reply`) and the secondary's polled wait for
-the next mirrored write (:data:`SPIN_SECONDS`, :class:`Spinner`) take a wake-up out of a mirrored host write
-at queue depth 1.
+Polled completion (:data:`POLL_SECONDS`, :meth:`.receiver.FrameReceiver._poll_reply`) and the secondary's
+polled wait for the next mirrored write (:class:`.spinner.Spinner`) take a wake-up out of a mirrored host
+write at queue depth 1.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import mmap
 import os
@@ -28,21 +28,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar, cast
 
-from cryptography.exceptions import InvalidTag
-
 from vspemu.aio import resume
-from vspemu.buffers import BufferPool
-from vspemu.replication.spinner import Spinner
+from vspemu.replication.receiver import BUFFERS, SMALL_PAYLOAD, FrameReceiver
 from vspemu.replication.wire import (
-    DATA_HEADER,
     DATA_WRITE,
     ERROR,
     FIXED,
-    FLAG_DATA,
-    FRAME_TYPES,
     GOAWAY,
-    MAX_HEADER,
-    MAX_PAYLOAD,
     NONCE,
     PATH_COMMUNICATION_FAILED,
     PATH_TIMEOUT,
@@ -56,7 +48,6 @@ from vspemu.replication.wire import (
     LinkTimeout,
     PeerInfo,
     RemoteError,
-    decode_data_header,
     encode_header,
 )
 
@@ -64,16 +55,13 @@ log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_HANDLERS = 256
 DEFAULT_KEEPALIVE = 15.0
-RX_SIZE = 256 << 10  # per connection receive buffer (prefixes, headers, small payloads)
-SMALL_PAYLOAD = 64 << 10  # larger payloads are received in place into a pooled buffer
 MAX_INFLIGHT_PAYLOAD = 256 << 20  # per connection: payload of the requests being served before we stop reading
-POOL_LIMIT = 64 << 20  # process-wide: free payload buffers kept for reuse
 WRITE_HIGH = 8 << 20  # senders wait while more than this is queued in the transport (until WRITE_LOW)
 WRITE_LOW = 2 << 20
 # Polled completion, as the block layer's hybrid polling does for fast devices: a small data.write (a mirrored
 # host write) that is the only request of the process waiting for a reply (a TrueCopy write at queue depth 1)
 # polls its socket for up to this long before it sleeps in the event loop, and receives its reply right there
-# (see Connection._poll_reply); other requests (e.g. the long-polling jnl.read) never poll. On a VM a sleeping
+# (see FrameReceiver._poll_reply); other requests (e.g. the long-polling jnl.read) never poll. On a VM a sleeping
 # process is woken by an interrupt to a halted vCPU, which costs more than the round trip itself
 # (bench/pingpong.py: 62-80 us sleeping, 20-25 us polling, 2 vCPUs). While it polls, the event loop does
 # nothing else, hence "the only one". Environment VSPEMU_LINK_POLL_US overrides the time; 0 turns polling off.
@@ -94,9 +82,6 @@ class Pacer(Protocol):
 def keepalive_timing(keepalive: float) -> tuple[float, float]:
     """(ping interval, dead after) for a path time-out of ``keepalive`` seconds."""
     return max(0.1, min(keepalive / 5.0, 2.0)), max(0.5, keepalive * 0.6)
-
-
-BUFFERS = BufferPool(POOL_LIMIT)  # process-wide: link receive buffers and the copier's read buffers
 
 
 def inline_handler(fn: _F) -> _F:
@@ -147,16 +132,16 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self.conn._resume_writing()
 
 
-class Connection:
+class Connection(FrameReceiver):
     """One authenticated connection; symmetric: both ends may send requests and serve handlers.
 
     The handshake runs on asyncio streams; :meth:`start` then switches the transport to a
     :class:`asyncio.BufferedProtocol`: frames are parsed straight out of a receive buffer and a large payload
-    (over :data:`SMALL_PAYLOAD`) is received directly into a pooled, page-aligned buffer (one copy from the
-    socket). A request payload reaches its handler as a memoryview of that buffer (the buffer is reused only
-    once nobody references it); a reply payload reaches the caller as ``bytes``. A frame is written with one
-    ``writev`` (header and payload, not concatenated, see :meth:`_write_two`); senders wait only while the
-    transport's buffer is above its high-water mark.
+    (over :data:`.receiver.SMALL_PAYLOAD`) is received directly into a pooled, page-aligned buffer (one copy
+    from the socket; see :class:`.receiver.FrameReceiver`). A request payload reaches its handler as a
+    memoryview of that buffer (the buffer is reused only once nobody references it); a reply payload reaches the
+    caller as ``bytes``. A frame is written with one ``writev`` (header and payload, not concatenated, see
+    :meth:`_write_two`); senders wait only while the transport's buffer is above its high-water mark.
 
     Back-pressure: the connection stops reading while :data:`MAX_CONCURRENT_HANDLERS` requests are being
     served or their payloads reach :data:`MAX_INFLIGHT_PAYLOAD`.
@@ -170,10 +155,9 @@ class Connection:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: PeerInfo,
                  handlers: dict[str, Handler], keepalive: float, keys: tuple[bytes, bytes] | None = None) -> None:
+        super().__init__(keys[1] if keys else None)  # the receiving half
         self.reader = reader
         self._tx: FrameCipher | None = FrameCipher(keys[0]) if keys else None
-        self._rx_cipher: FrameCipher | None = FrameCipher(keys[1]) if keys else None
-        self._tag = TAG if keys else 0  # bytes of tag per record on the wire
         self.writer = writer
         self.transport = cast(asyncio.Transport, writer.transport)  # a socket transport: reads and writes
         self.peer = peer
@@ -187,28 +171,11 @@ class Connection:
         self.closed = asyncio.Event()
         self.close_status = PATH_COMMUNICATION_FAILED
         self.close_reason = ""
-        self.last_rx = time.monotonic()
         self.requests_sent = 0
         self._tasks: list[asyncio.Task[None]] = []
-        # receiving
-        self._rx = bytearray(RX_SIZE)
-        self._rxv = memoryview(self._rx)
-        self._start = 0  # unparsed bytes are self._rx[self._start:self._end]
-        self._end = 0
-        self._need = PREFIX.size  # bytes from _start the parser waits for
-        self._payload_buf: mmap.mmap | None = None  # a large payload being received in place
-        self._payload_view: memoryview | None = None
-        self._payload_got = 0
-        self._payload_frame: tuple[int, int, dict[str, Any]] = (0, 0, {})
-        self._payload_seal: tuple[bytes, bytes] | None = None  # (nonce, prefix) of a sealed payload in place
-        self._rx_paused = False
-        self._parsing = False
         # sending
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._poller: select.poll | None = None  # this connection's socket, for polled completion
-        self._fd = -1
-        self._spinner = Spinner.of(asyncio.get_running_loop())
         self.shaper: Pacer | None = None  # a latency / bandwidth fault on demand (see .link.Link.shaper_for)
 
     def start(self) -> None:
@@ -354,188 +321,6 @@ class Connection:
             if timer is not None:
                 timer.cancel()
             self._pending.pop(request_id, None)
-
-    def _poll_reply(self, fut: asyncio.Future[Any], seconds: float) -> None:
-        """Spin on the socket until ``fut`` has its reply or ``seconds`` pass. Whatever arrives is received and
-        parsed right here, so a reply completes ``fut`` without a trip through the event loop (and the caller's
-        ``await fut`` then does not suspend)."""
-        if self._poller is None:
-            return
-        poll, end = self._poller.poll, time.perf_counter() + seconds
-        while not fut.done() and time.perf_counter() < end:
-            if poll(0) and not self._receive_now():
-                return
-
-    def _receive_now(self) -> bool:
-        """Receive and parse what the socket holds, outside the transport's callback (polled completion).
-        False when this is not the moment (a parse further up the stack, back-pressure, closed) or on anything
-        unusual (end of file, an error): the transport then handles it as usual."""
-        if self._parsing or self._rx_paused or self.closed.is_set():
-            return False
-        try:
-            n = os.readv(self._fd, (self._get_buffer(),))
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            return False
-        if n == 0:
-            return False
-        self._buffer_updated(n)
-        return True
-
-    # -- receiving -------------------------------------------------------------------------------------
-    def _ensure_room(self, need: int) -> None:
-        """Make room for ``need`` bytes from _start in the receive buffer (compact, grow or shrink it)."""
-        start, end = self._start, self._end
-        if start == end:
-            self._start = self._end = 0
-            if len(self._rx) > RX_SIZE and need <= RX_SIZE:
-                self._rx = bytearray(RX_SIZE)
-                self._rxv = memoryview(self._rx)
-            start = end = 0
-        if need > len(self._rx):
-            rx = bytearray(need)
-            rx[:end - start] = self._rxv[start:end]
-            self._rx, self._rxv = rx, memoryview(rx)
-            self._start, self._end = 0, end - start
-        elif len(self._rx) - start < need or len(self._rx) - end < 4096:
-            n = end - start
-            self._rx[:n] = bytes(self._rxv[start:end])
-            self._start, self._end = 0, n
-
-    def _get_buffer(self) -> memoryview:
-        if self._payload_view is not None:
-            return self._payload_view[self._payload_got:]
-        self._ensure_room(self._need)
-        return self._rxv[self._end:]
-
-    def _buffer_updated(self, nbytes: int) -> None:
-        self.last_rx = time.monotonic()
-        self._spinner.frame_arrived()
-        if self._payload_view is not None:
-            self._payload_got += nbytes
-            if self._payload_got < len(self._payload_view):
-                return
-            buf, view = self._payload_buf, self._payload_view
-            self._payload_buf = self._payload_view = None
-            ftype, request_id, header = self._payload_frame
-            self._payload_frame = (0, 0, {})
-            seal, self._payload_seal = self._payload_seal, None
-            if seal is not None and self._rx_cipher is not None:  # decrypted in place, then checked
-                sealed, view = view, view[:len(view) - TAG]
-                try:
-                    self._rx_cipher.aead.decrypt_into(seal[0], sealed, seal[1], view)
-                except InvalidTag:
-                    self.close(PATH_COMMUNICATION_FAILED, "integrity check failed: a payload was altered, "
-                                                          "replayed or out of order")
-                    return
-                finally:
-                    del sealed
-            self._frame(ftype, request_id, header, view, buf)
-            del view, buf
-        else:
-            self._end += nbytes
-        self._parse()
-
-    def _parse(self) -> None:
-        if self._parsing:
-            return
-        self._parsing = True
-        try:
-            self._parse_frames()
-        finally:
-            self._parsing = False
-
-    def _parse_frames(self) -> None:
-        while not self._rx_paused and self._payload_view is None and not self.closed.is_set():
-            start, end = self._start, self._end
-            avail = end - start
-            if avail < PREFIX.size:
-                self._need = PREFIX.size
-                return
-            length, ftype, flags, _res, request_id, header_len = PREFIX.unpack_from(self._rx, start)
-            tag = self._tag
-            if ftype not in FRAME_TYPES or (flags and (flags != FLAG_DATA or ftype != REQUEST or
-                                                       header_len != DATA_HEADER.size + tag)):
-                self.close(PATH_COMMUNICATION_FAILED, f"protocol error: unknown frame type {ftype} (flags {flags})")
-                return
-            if length < FIXED or length - FIXED > MAX_PAYLOAD + MAX_HEADER + 2 * tag or \
-                    header_len > length - FIXED or header_len > MAX_HEADER + tag or header_len < tag or \
-                    0 < length - FIXED - header_len <= tag:
-                self.close(PATH_COMMUNICATION_FAILED, f"protocol error: bad frame length {length} / header "
-                                                      f"{header_len}")
-                return
-            total = 4 + length
-            header_end = PREFIX.size + header_len
-            payload_len = total - header_end  # on the wire: with its tag if sealed
-            if avail >= total:
-                header = self._header(start, header_len, flags, payload_len)
-                if header is None:
-                    return
-                payload: bytes = b""
-                if payload_len:
-                    if self._rx_cipher is None:
-                        payload = bytes(self._rxv[start + header_end:start + total])
-                    else:
-                        seal, self._payload_seal = self._payload_seal, None
-                        try:
-                            if seal is None:  # (never: _header left it)
-                                raise InvalidTag
-                            payload = self._rx_cipher.aead.decrypt(seal[0], self._rxv[start + header_end:start + total],
-                                                                   seal[1])
-                        except InvalidTag:
-                            self.close(PATH_COMMUNICATION_FAILED, "integrity check failed: a payload was altered, "
-                                                                  "replayed or out of order")
-                            return
-                self._start = start + total
-                self._frame(ftype, request_id, header, payload, None)
-                continue
-            if payload_len > SMALL_PAYLOAD and avail >= header_end:
-                header = self._header(start, header_len, flags, payload_len)
-                if header is None:
-                    return
-                buf = BUFFERS.get(payload_len)
-                view = memoryview(buf)[:payload_len]
-                have = avail - header_end
-                view[:have] = self._rxv[start + header_end:end]
-                self._payload_buf, self._payload_view, self._payload_got = buf, view, have
-                self._payload_frame = (ftype, request_id, header)
-                self._start = self._end = 0
-                self._need = PREFIX.size
-                return
-            self._need = total if payload_len <= SMALL_PAYLOAD else header_end
-            return
-
-    def _header(self, start: int, header_len: int, flags: int, payload_len: int) -> dict[str, Any] | None:
-        """The header of the frame at ``start`` (checked and decrypted if sealed; the nonce and additional data
-        of its payload are then left in _payload_seal); None if the connection was closed."""
-        at, n = start + PREFIX.size, header_len
-        raw: bytes | bytearray | memoryview
-        rx = self._rx_cipher
-        if rx is not None:
-            prefix = bytes(self._rxv[start:at])
-            c = rx.take(2 if payload_len else 1)
-            try:
-                raw = rx.aead.decrypt(NONCE.pack(c), self._rxv[at:at + n], prefix)
-            except InvalidTag:
-                self.close(PATH_COMMUNICATION_FAILED, "integrity check failed: a frame was altered, replayed or "
-                                                      "out of order")
-                return None
-            self._payload_seal = (NONCE.pack(c + 1), prefix) if payload_len else None
-            n = len(raw)
-        else:
-            raw = self._rx[at:at + n]
-        if flags:  # FLAG_DATA (checked by the caller)
-            return decode_data_header(raw)
-        try:
-            header = json.loads(raw) if n else {}
-        except (ValueError, UnicodeDecodeError):
-            self.close(PATH_COMMUNICATION_FAILED, "protocol error: header is not JSON")
-            return None
-        if not isinstance(header, dict):
-            self.close(PATH_COMMUNICATION_FAILED, "protocol error: header is not a JSON object")
-            return None
-        return header
 
     def _frame(self, ftype: int, request_id: int, header: dict[str, Any], payload: bytes | memoryview,
                buf: mmap.mmap | None) -> None:

@@ -12,8 +12,9 @@ message handlers.
 
 The other modules of the link: :mod:`.wire` (the frame layout, the handshake's messages and proofs, the
 sealing of frames, the exceptions), :mod:`.handshake` (both sides of the handshake), :mod:`.connection` (one
-authenticated connection: request / reply, handler dispatch, keepalive) and :mod:`.spinner` (the secondary's
-polled wait for the next mirrored write).
+authenticated connection: sending, request / reply, handler dispatch, keepalive), :mod:`.receiver` (its
+receiving half: parsing and unsealing frames, polled completion) and :mod:`.spinner` (the secondary's polled
+wait for the next mirrored write).
 
 Message handlers: each message type is served by exactly one handler, registered with
 :meth:`Link.register_handler` by the module that owns the message (registering a type twice raises):

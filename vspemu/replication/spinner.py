@@ -1,6 +1,6 @@
 """The secondary's polled wait for the next mirrored write (the receiving half of polled completion).
 
-The sending half is :meth:`.connection.Connection._poll_reply`: a lone small ``data.write`` polls its socket for
+The sending half is :meth:`.receiver.FrameReceiver._poll_reply`: a lone small ``data.write`` polls its socket for
 its reply instead of sleeping in the event loop. This is the other side's: after a system answers a small
 mirrored host write inline, it polls its link sockets for the next frame for a short while, so that its vCPU
 does not halt and need an interrupt to see the next write (on a VM that wake-up costs more than the round trip

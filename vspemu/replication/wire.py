@@ -5,8 +5,9 @@ between two such ports is described here. The modules of the link:
 
 - :mod:`.wire` (this one): the frame layout and its constants, header encoding and decoding, the handshake's
   proofs and session keys, the per-direction frame cipher, the link's exceptions and :class:`PeerInfo`.
-- :mod:`.connection`: one authenticated connection (sending, receiving, request / reply, handler dispatch,
-  polled completion, keepalive).
+- :mod:`.connection`: one authenticated connection (sending, request / reply, handler dispatch, keepalive);
+  :mod:`.receiver` its receiving half (parsing and unsealing frames, polled completion); :mod:`.spinner` the
+  secondary's polled wait for the next mirrored write.
 - :mod:`.handshake`: the handshake of both sides (the connecting and the listening one).
 - :mod:`.link`: remote paths, path groups and the replication ports of a system (listeners, the handler
   registry, faults on demand).
@@ -49,15 +50,15 @@ transcript), and every frame after WELCOME is sealed with AES-256-GCM. A sealed 
     payload record    AES-GCM(payload) + 16-byte tag, nonce = counter + 1 (only if there is a payload)
 
 The nonce is the per-direction record counter (starting at 0, never sent), and the additional data of both
-records is the prefix, so a frame that is altered, replayed, reordered, dropped or cut short fails the next
-tag check, and any failed check closes the connection (its requests fail with :class:`LinkDown` and nothing
-of the frame is handed to a handler). Header and payload are separate records so that a large payload is
-still received in place into a pooled buffer and decrypted there (``AESGCM.decrypt_into``), and encrypted
-straight from the caller's buffer into a pooled one (``encrypt_into``): one pass over the payload on each
-side, no extra copy (see :class:`.connection.Connection`). What is visible on the wire: frame types, request
-ids and sizes. Environment ``VSPEMU_LINK_CIPHER=none`` turns the protection off (raw speed for a lab); both
-sides announce their cipher in the handshake and a system refuses a peer whose cipher differs (ERR_04), so a
-link is never half protected.
+records is the prefix, so a frame that is altered, replayed, reordered, dropped or cut short fails the next tag
+check, and any failed check closes the connection (its requests fail with :class:`LinkDown` and nothing of the
+frame is handed to a handler). Header and payload are separate records so that a large payload is still received
+in place into a pooled buffer and decrypted there (``AESGCM.decrypt_into``), and encrypted straight from the
+caller's buffer into a pooled one (``encrypt_into``): one pass over the payload on each side, no extra copy (see
+:class:`.receiver.FrameReceiver` and :class:`.connection.Connection`). What is visible on the wire: frame types,
+request ids and sizes. Environment ``VSPEMU_LINK_CIPHER=none`` turns the protection off (raw speed for a lab);
+both sides announce their cipher in the handshake and a system refuses a peer whose cipher differs (ERR_04), so
+a link is never half protected.
 
 After the handshake both sides may send REQUESTs: many may be in flight (request ids), each is served
 concurrently, and a handler exception comes back as an ERROR frame (:class:`RemoteError` on the caller)
