@@ -14,8 +14,8 @@ from typing import Protocol
 from vspemu.errors import VspError
 from vspemu.replication.datapath import copy_marked_tracks
 from vspemu.replication.kinds import EngineCore
-from vspemu.replication.link import LinkError
 from vspemu.replication.model import COPY, PAIR, PFUL, CopyGroup, Pair
+from vspemu.replication.wire import LinkError
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vspemu.replication.bitmap import TRACK, DirtyBitmap
-from vspemu.replication.link import BUFFERS
+from vspemu.replication.receiver import BUFFERS
 from vspemu.volumes.volume import SEEK_DATA, Volume
 
 if TYPE_CHECKING:

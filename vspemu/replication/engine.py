@@ -23,7 +23,7 @@ from vspemu.replication import states
 from vspemu.replication.copier import Copier
 from vspemu.replication.datapath import PairVolume, Target
 from vspemu.replication.kinds import ReplicationKind
-from vspemu.replication.link import Link, LinkError, PathGroup, PeerInfo, RemoteError
+from vspemu.replication.link import Link, PathGroup
 from vspemu.replication.model import (
     COPY,
     PAIR,
@@ -41,6 +41,7 @@ from vspemu.replication.registry import PairRegistry
 from vspemu.replication.truecopy import TrueCopy
 from vspemu.replication.ur import UniversalReplicator
 from vspemu.replication.verify import Verifier
+from vspemu.replication.wire import LinkError, PeerInfo, RemoteError
 from vspemu.system.journals import Journals
 from vspemu.system.storage import StorageSystem
 

@@ -20,8 +20,9 @@ from vspemu.replication.model import CopyGroup, Pair
 
 if TYPE_CHECKING:
     from vspemu.replication.bitmap import DirtyBitmap
-    from vspemu.replication.link import Link, PathGroup, PeerInfo
+    from vspemu.replication.link import Link, PathGroup
     from vspemu.replication.states import StateTable
+    from vspemu.replication.wire import PeerInfo
     from vspemu.system.storage import StorageSystem
     from vspemu.volumes.volume import Volume
 

@@ -29,8 +29,9 @@ from vspemu.errors import VspError, invalid, not_found
 from vspemu.replication import peer_headers
 from vspemu.replication.datapath import write_copy_chunk
 from vspemu.replication.kinds import PeerCore
-from vspemu.replication.link import Link, PeerInfo
+from vspemu.replication.link import Link
 from vspemu.replication.model import COPY, PAIR, PSUS, SMPL, SSUS, SSWS, CopyGroup, Pair
+from vspemu.replication.wire import PeerInfo
 
 EXTENT = struct.Struct("!QQ")  # (offset, length) of a data extent in a data.extents reply
 

@@ -17,8 +17,8 @@ from vspemu.errors import VspError, invalid
 from vspemu.replication import states
 from vspemu.replication.datapath import PairVolume
 from vspemu.replication.kinds import FORWARD, LOCAL, EngineCore
-from vspemu.replication.link import LinkError
 from vspemu.replication.model import FENCE_LEVELS, PAIR, CopyGroup, Pair
+from vspemu.replication.wire import LinkError
 from vspemu.volumes.volume import VolumeIOError
 
 ACTIVITY_CLEAR_INTERVAL = 2.0

@@ -49,9 +49,9 @@ from vspemu.errors import VspError
 from vspemu.replication import states
 from vspemu.replication.journal import MasterJournal
 from vspemu.replication.kinds import JOURNAL, LOCAL
-from vspemu.replication.link import PeerInfo
 from vspemu.replication.model import ACTIVE, COPY, PAIR, PFUL, PFUS, PSUE, CopyGroup, Pair
 from vspemu.replication.ur_restore import PFUL_THRESHOLD, MirrorRuntime, Restorer
+from vspemu.replication.wire import PeerInfo
 
 if TYPE_CHECKING:
     from vspemu.replication.kinds import EngineCore

@@ -45,8 +45,8 @@ import numpy as np
 
 from vspemu.errors import VspError, not_found
 from vspemu.replication.bitmap import TRACK
-from vspemu.replication.link import PeerInfo
 from vspemu.replication.model import COPY, PAIR, PFUL, PFUS, PSUE, PSUS, CopyGroup, Pair
+from vspemu.replication.wire import PeerInfo
 
 if TYPE_CHECKING:
     from vspemu.replication.kinds import EngineCore
