@@ -23,7 +23,8 @@ from vspemu.client import ApiError, VspClient, tls_verify
 from vspemu.lab import SystemProcess, free_port, link_systems, set_link_ports
 from vspemu.replication import peer_headers
 from vspemu.replication.journal import ENTRY, ENTRY_MAGIC, MIRROR_SHIFT
-from vspemu.replication.link import Link, RemoteError
+from vspemu.replication.link import Link
+from vspemu.replication.wire import RemoteError
 
 CG = "azg"
 

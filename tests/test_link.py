@@ -21,8 +21,9 @@ import pytest
 
 from vspemu.client import VspClient
 from vspemu.lab import SystemProcess
-from vspemu.replication import link as L
-from vspemu.replication.link import ECHO, Link, LinkDown, PathGroup, PeerInfo, RemoteError
+from vspemu.replication import connection as C, spinner as S, wire as W
+from vspemu.replication.link import Link, PathGroup
+from vspemu.replication.wire import ECHO, LinkDown, PeerInfo, RemoteError
 
 A_ID, B_ID = "900000000001", "900000000002"
 SECRET = bytes(range(32))
@@ -89,6 +90,25 @@ def test_big_payloads_and_many_concurrent_calls() -> None:
     run(main)
 
 
+def test_a_message_type_has_one_handler() -> None:
+    """The module that owns a message type registers its handler; a second registration of the same type is a
+    bug (two modules claiming one message) and raises instead of silently replacing the first handler."""
+    async def main() -> None:
+        a, _b = make_pair()
+
+        async def first(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+            return {"who": "first"}, b""
+
+        a.register_handler("test.once", first)
+        with pytest.raises(ValueError, match="test.once"):
+            a.register_handler("test.once", first)
+        with pytest.raises(ValueError, match=ECHO):
+            a.register_handler(ECHO, first)  # the link's own
+        assert a.handlers["test.once"] is first
+
+    run(main)
+
+
 def test_remote_handler_error_keeps_the_connection() -> None:
     async def main() -> None:
         a, b, group = await started()
@@ -121,7 +141,7 @@ def test_slow_handlers_run_concurrently_and_timeouts() -> None:
             start = time.monotonic()
             await asyncio.gather(*(group.call(ECHO, {"delay": 0.5}) for _ in range(50)))
             assert time.monotonic() - start < 2.0  # 50 x 0.5 s handlers in parallel
-            with pytest.raises(L.LinkTimeout):
+            with pytest.raises(W.LinkTimeout):
                 await group.call(ECHO, {"delay": 2}, timeout=0.3)
             assert (await group.call(ECHO, {}, b"x"))[1] == b"x"
         finally:
@@ -227,13 +247,13 @@ def test_dead_peer_detected_by_keepalive() -> None:
         silent_ready = asyncio.Event()
 
         async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            _, _, hello, _ = await L.read_frame(reader, 4096)
+            _, _, hello, _ = await W.read_frame(reader, 4096)
             nb = "ab" * 32
-            pr = L.proof(SECRET, hello["from"], B_ID, hello["localPortId"], hello["remotePortId"], hello["nonce"], nb,
+            pr = W.proof(SECRET, hello["from"], B_ID, hello["localPortId"], hello["remotePortId"], hello["nonce"], nb,
                          "server", cipher=hello["cipher"])
-            writer.write(L.encode_frame(L.CHALLENGE, 0, {"nonce": nb, "proof": pr}))
-            await L.read_frame(reader, 4096)
-            writer.write(L.encode_frame(L.WELCOME, 0, {}))
+            writer.write(W.encode_frame(W.CHALLENGE, 0, {"nonce": nb, "proof": pr}))
+            await W.read_frame(reader, 4096)
+            writer.write(W.encode_frame(W.WELCOME, 0, {}))
             silent_ready.set()
             await asyncio.sleep(30)
 
@@ -306,23 +326,23 @@ def test_foreign_peers_are_rejected_and_the_server_keeps_serving(
     assert _send_raw(addr, struct.pack("!IBBHQI", 1 << 30, 1, 0, 0, 0, 0)) == b""
     assert _send_raw(addr, b"\x00\x00") == b""
     # a well-formed HELLO claiming to be the primary, then a wrong proof
-    hello = {"v": L.PROTOCOL_VERSION, "from": p.storage_device_id, "fromSerial": p.serial, "to": s.storage_device_id,
+    hello = {"v": W.PROTOCOL_VERSION, "from": p.storage_device_id, "fromSerial": p.serial, "to": s.storage_device_id,
              "localPortId": "CL3-B", "remotePortId": "CL3-B", "nonce": "00" * 32, "keepalive": 15,
-             "cipher": L.link_cipher()}  # the servers inherit our environment
+             "cipher": W.link_cipher()}  # the servers inherit our environment
     with socket.create_connection(addr, timeout=10) as sock:
-        sock.sendall(L.encode_frame(L.HELLO, 0, hello))
+        sock.sendall(W.encode_frame(W.HELLO, 0, hello))
         reply = sock.recv(4096)
-        assert reply[4] == L.CHALLENGE
-        sock.sendall(L.encode_frame(L.AUTH, 0, {"proof": "00" * 32}))
+        assert reply[4] == W.CHALLENGE
+        sock.sendall(W.encode_frame(W.AUTH, 0, {"proof": "00" * 32}))
         reply = sock.recv(4096)
-        assert reply[4] == L.REJECT
+        assert reply[4] == W.REJECT
         assert sock.recv(4096) == b""  # and disconnected
     # an unknown system
     with socket.create_connection(addr, timeout=10) as sock:
-        sock.sendall(L.encode_frame(L.HELLO, 0, {**hello, "from": "900000999999"}))
-        assert sock.recv(4096)[4] == L.REJECT
+        sock.sendall(W.encode_frame(W.HELLO, 0, {**hello, "from": "900000999999"}))
+        assert sock.recv(4096)[4] == W.REJECT
     # a REQUEST without a handshake
-    assert _send_raw(addr, L.encode_frame(L.REQUEST, 1, {"m": ECHO, "h": {}}, 0)) == b""
+    assert _send_raw(addr, W.encode_frame(W.REQUEST, 1, {"m": ECHO, "h": {}}, 0)) == b""
     # the real paths are still up and the server still serves REST and the link
     assert cp.link_test(s.serial, 0, size=1024, count=10)["succeeded"] == 10
     assert all(x == "NML_01" for x in cp.path_statuses(f"{s.serial},R9,0"))
@@ -332,33 +352,33 @@ def test_foreign_peers_are_rejected_and_the_server_keeps_serving(
 
 def test_data_write_requests_carry_a_binary_header_and_reach_their_handler() -> None:
     h = {"ldev": 7, "offset": 1 << 40, "length": 4096, "fua": True, "copy": True}
-    frame = L.encode_frame(L.REQUEST, 5, {"m": L.DATA_WRITE, "h": h}, 4096)
-    length, ftype, flags, _, rid, hlen = L.PREFIX.unpack_from(frame)
-    assert (ftype, flags, rid, hlen) == (L.REQUEST, L.FLAG_DATA, 5, L.DATA_HEADER.size)
-    assert length == L.FIXED + hlen + 4096 and len(frame) == L.PREFIX.size + hlen
-    assert L.decode_data_header(frame[L.PREFIX.size:]) == {"m": L.DATA_WRITE, "h": h}
-    assert L.encode_frame(L.REPLY, 5, {"h": {}}) == L.PREFIX.pack(L.FIXED, L.REPLY, 0, 0, 5, 0)
+    frame = W.encode_frame(W.REQUEST, 5, {"m": W.DATA_WRITE, "h": h}, 4096)
+    length, ftype, flags, _, rid, hlen = W.PREFIX.unpack_from(frame)
+    assert (ftype, flags, rid, hlen) == (W.REQUEST, W.FLAG_DATA, 5, W.DATA_HEADER.size)
+    assert length == W.FIXED + hlen + 4096 and len(frame) == W.PREFIX.size + hlen
+    assert W.decode_data_header(frame[W.PREFIX.size:]) == {"m": W.DATA_WRITE, "h": h}
+    assert W.encode_frame(W.REPLY, 5, {"h": {}}) == W.PREFIX.pack(W.FIXED, W.REPLY, 0, 0, 5, 0)
 
     async def body() -> None:
         a, b, group = await started()
         seen: list[tuple[dict[str, Any], bytes]] = []
 
-        @L.inline_handler
+        @C.inline_handler
         async def write(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
             if header.get("offset") == 1:
                 raise ValueError("refused")
             seen.append((header, bytes(payload)))
             return {}, b""
 
-        b.register_handler(L.DATA_WRITE, write)
+        b.register_handler(W.DATA_WRITE, write)
         try:
             for n, extra in ((4096, {"fua": True}), (1 << 20, {"copy": True}), (0, {"zero": True})):
                 data = os.urandom(n)
-                assert await group.call(L.DATA_WRITE, {"ldev": 3, "offset": 8192, "length": n or 512, **extra},
+                assert await group.call(W.DATA_WRITE, {"ldev": 3, "offset": 8192, "length": n or 512, **extra},
                                         data) == ({}, b"")
                 assert seen[-1] == ({"ldev": 3, "offset": 8192, "length": n or 512, **extra}, data)
             with pytest.raises(RemoteError, match="refused"):
-                await group.call(L.DATA_WRITE, {"ldev": 3, "offset": 1, "length": 1}, b"x")
+                await group.call(W.DATA_WRITE, {"ldev": 3, "offset": 1, "length": 1}, b"x")
             assert (await group.call(ECHO, {}, b"still up"))[1] == b"still up"
         finally:
             await a.close()
@@ -373,7 +393,7 @@ def test_a_frame_with_unknown_flags_closes_the_connection() -> None:
         try:
             conn = group.active_paths[0].conn
             assert conn is not None
-            conn._write_raw(L.REQUEST, 0x80, 9, b"{}")
+            conn._write_raw(W.REQUEST, 0x80, 9, b"{}")
             inbound = [c for cs in b._inbound.values() for c in cs]
             await asyncio.wait_for(asyncio.gather(*(c.closed.wait() for c in inbound)), 5)
             assert "flags" in inbound[0].close_reason
@@ -388,16 +408,16 @@ def test_a_data_write_whose_json_header_is_not_an_object_gets_an_error_and_the_c
     async def body() -> None:
         a, b, group = await started()
 
-        @L.inline_handler
+        @C.inline_handler
         async def write(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
             return {}, bytes(header["ldev"])  # KeyError for a header that was not an object
 
-        b.register_handler(L.DATA_WRITE, write)
+        b.register_handler(W.DATA_WRITE, write)
         try:
             conn = group.active_paths[0].conn
             assert conn is not None
-            raw = json.dumps({"m": L.DATA_WRITE, "h": [1, 2]}).encode()
-            conn._write_raw(L.REQUEST, 0, 777, raw, b"abc")
+            raw = json.dumps({"m": W.DATA_WRITE, "h": [1, 2]}).encode()
+            conn._write_raw(W.REQUEST, 0, 777, raw, b"abc")
             assert (await group.call(ECHO, {}, b"still up"))[1] == b"still up"
             assert all(c.is_open for cs in b._inbound.values() for c in cs)
         finally:
@@ -407,13 +427,13 @@ def test_a_data_write_whose_json_header_is_not_an_object_gets_an_error_and_the_c
     run(body)
 
 
-def run_with_b_in_a_thread(handler: L.Handler,
+def run_with_b_in_a_thread(handler: C.Handler,
                            body: Callable[[PathGroup, asyncio.AbstractEventLoop], Awaitable[None]]) -> None:
     """Link b serves ``handler`` for data.write from its own thread and event loop, as another process would;
     ``body`` runs here with a path group to it and b's loop."""
     a, b = make_pair()
     b_loop = asyncio.new_event_loop()
-    b.register_handler(L.DATA_WRITE, handler)
+    b.register_handler(W.DATA_WRITE, handler)
     b_started = asyncio.run_coroutine_threadsafe(b.start(), b_loop)
     thread = threading.Thread(target=b_loop.run_forever, daemon=True)
     thread.start()
@@ -443,10 +463,10 @@ def test_a_lone_small_write_gets_its_reply_while_polling(monkeypatch: pytest.Mon
     a lone small ``data.write`` receives and parses its reply while it polls, so the call completes the first
     time it is stepped, without an event-loop trip (the NBD server then answers the host at once, no task).
     A reply that takes longer than the polling time still arrives the ordinary way."""
-    monkeypatch.setattr(L, "POLL_SECONDS", 2.0)  # generous: the serving thread needs the GIL to answer
+    monkeypatch.setattr(C, "POLL_SECONDS", 2.0)  # generous: the serving thread needs the GIL to answer
     served: list[bytes] = []
 
-    @L.inline_handler
+    @C.inline_handler
     async def write(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         if header["offset"] == 4096:
             await asyncio.sleep(0.2)  # slower than a shortened poll below
@@ -456,12 +476,12 @@ def test_a_lone_small_write_gets_its_reply_while_polling(monkeypatch: pytest.Mon
     async def body(group: PathGroup, _b_loop: asyncio.AbstractEventLoop) -> None:
         for i in range(20):
             data = os.urandom(4096)
-            call = group.call(L.DATA_WRITE, {"ldev": 3, "offset": 8192 * (i + 1), "length": 4096}, data)
+            call = group.call(W.DATA_WRITE, {"ldev": 3, "offset": 8192 * (i + 1), "length": 4096}, data)
             with pytest.raises(StopIteration) as done:
                 call.send(None)  # as the NBD server steps a host write
             assert done.value.value == ({}, b"") and served[-1] == data
-        monkeypatch.setattr(L, "POLL_SECONDS", 0.01)
-        assert await group.call(L.DATA_WRITE, {"ldev": 3, "offset": 4096, "length": 1}, b"s") == ({}, b"")
+        monkeypatch.setattr(C, "POLL_SECONDS", 0.01)
+        assert await group.call(W.DATA_WRITE, {"ldev": 3, "offset": 4096, "length": 1}, b"s") == ({}, b"")
         assert served[-1] == b"s" and len(served) == 21
 
     run_with_b_in_a_thread(write, body)
@@ -471,16 +491,16 @@ def test_the_secondary_polls_for_the_next_small_write(monkeypatch: pytest.Monkey
     """The secondary's polled wait: in a steady stream of small mirrored writes, the serving side receives the
     next write while it polls after answering one, and serves it right there; its event loop still runs other
     work meanwhile; a copy (not a host write) does not start the polling."""
-    monkeypatch.setattr(L, "SPIN_SECONDS", 0.05)  # threads share the GIL here: the gaps are longer than usual
+    monkeypatch.setattr(S, "SPIN_SECONDS", 0.05)  # threads share the GIL here: the gaps are longer than usual
     served: list[bytes] = []
 
-    @L.inline_handler
+    @C.inline_handler
     async def write(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         served.append(bytes(payload))
         return {}, b""
 
     async def body(group: PathGroup, b_loop: asyncio.AbstractEventLoop) -> None:
-        spinner = L._Spinner.of(b_loop)
+        spinner = S.Spinner.of(b_loop)
         ticks = 0
 
         async def tick() -> None:
@@ -493,7 +513,7 @@ def test_the_secondary_polls_for_the_next_small_write(monkeypatch: pytest.Monkey
         try:
             for i in range(100):
                 data = os.urandom(4096)
-                assert await group.call(L.DATA_WRITE, {"ldev": 3, "offset": 4096 * i, "length": 4096},
+                assert await group.call(W.DATA_WRITE, {"ldev": 3, "offset": 4096 * i, "length": 4096},
                                         data) == ({}, b"")
                 assert served[-1] == data
             assert spinner.served > 20 and ticks > 0
@@ -502,7 +522,7 @@ def test_the_secondary_polls_for_the_next_small_write(monkeypatch: pytest.Monkey
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(asyncio.sleep(0), b_loop))
             before = spinner.served
             for _ in range(30):
-                await group.call(L.DATA_WRITE, {"ldev": 3, "offset": 0, "length": 4096, "copy": True}, b"c" * 4096)
+                await group.call(W.DATA_WRITE, {"ldev": 3, "offset": 0, "length": 4096, "copy": True}, b"c" * 4096)
             assert spinner.served - before <= 1  # (the first copy may still meet the last host write's polling)
             assert len(served) == 130
         finally:

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from vspemu.buffers import BufferPool
-from vspemu.replication import link as L
-from vspemu.replication.link import ECHO, Link, LinkDown, PathGroup, PeerInfo
+from vspemu.replication import connection as C, link as L, wire as W
+from vspemu.replication.link import Link, PathGroup
+from vspemu.replication.wire import ECHO, LinkDown, PeerInfo
 
 A_ID, B_ID = "900000000011", "900000000012"
 SECRET = bytes(range(32, 64))
@@ -114,16 +115,16 @@ def recording_writes(b: Link) -> list[tuple[dict[str, Any], bytes]]:
     """Serve data.write on b by recording what arrives (as a volume would write it)."""
     written: list[tuple[dict[str, Any], bytes]] = []
 
-    @L.inline_handler
+    @C.inline_handler
     async def write(peer: PeerInfo, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         written.append((dict(header), bytes(payload)))
         return {}, b""
 
-    b.register_handler(L.DATA_WRITE, write)
+    b.register_handler(W.DATA_WRITE, write)
     return written
 
 
-def inbound(b: Link) -> list[L.Connection]:
+def inbound(b: Link) -> list[C.Connection]:
     return [c for conns in b._inbound.values() for c in conns]
 
 
@@ -141,7 +142,7 @@ def test_no_known_plaintext_on_the_wire_after_the_handshake() -> None:
             small = MARKER * (4096 // len(MARKER)) + MARKER[:4096 % len(MARKER)]
             large = MARKER * ((1 << 20) // len(MARKER))
             for i, data in enumerate((small, large)):
-                assert await group.call(L.DATA_WRITE, {"ldev": 5, "offset": i << 20, "length": len(data)},
+                assert await group.call(W.DATA_WRITE, {"ldev": 5, "offset": i << 20, "length": len(data)},
                                         data) == ({}, b"")
             header, echoed = await group.call(ECHO, {"note": MARKER.decode()}, large[:100_000])
             assert echoed == large[:100_000] and written == [
@@ -223,12 +224,12 @@ def test_a_flipped_bit_in_transit_closes_the_connection_and_nothing_is_written(s
             first = inbound(b)
             data = os.urandom(size)
             with pytest.raises(LinkDown):
-                await group.call(L.DATA_WRITE, {"ldev": 5, "offset": 0, "length": size}, data)
+                await group.call(W.DATA_WRITE, {"ldev": 5, "offset": 0, "length": size}, data)
             assert written == []  # nothing reached the volume, corrupted or not
             assert len(first) == 1 and first[0].closed.is_set() and "integrity" in first[0].close_reason
             # the path comes back (a new connection, new keys) and carries writes again
             assert await group.wait_status("NML_01", 10), group.view()
-            assert await group.call(L.DATA_WRITE, {"ldev": 5, "offset": 0, "length": size}, data) == ({}, b"")
+            assert await group.call(W.DATA_WRITE, {"ldev": 5, "offset": 0, "length": size}, data) == ({}, b"")
             assert written == [({"ldev": 5, "offset": 0, "length": size}, data)]
         finally:
             await close_all(a, b, proxy)
@@ -263,7 +264,7 @@ def test_a_replayed_dropped_or_reordered_frame_is_rejected(how: str) -> None:
         try:
             first = inbound(b)
             one, two = os.urandom(4096), os.urandom(4096)
-            calls = [asyncio.create_task(group.call(L.DATA_WRITE, {"ldev": 5, "offset": i * 4096, "length": 4096},
+            calls = [asyncio.create_task(group.call(W.DATA_WRITE, {"ldev": 5, "offset": i * 4096, "length": 4096},
                                                     data, timeout=5.0)) for i, data in enumerate((one, two))]
             await asyncio.wait_for(first[0].closed.wait(), 10)
             assert "integrity" in first[0].close_reason
@@ -369,7 +370,7 @@ def test_a_payload_and_its_sealed_copy_share_a_buffer_size_class() -> None:
     """An 8 MiB copy chunk and its encryption (8 MiB + 16-byte tag) take buffers of one class (8 MiB + a page),
     so neither a 16 MiB buffer nor two classes evicting each other from a full pool."""
     page = mmap.PAGESIZE
-    assert BufferPool.size_for(8 << 20) == BufferPool.size_for((8 << 20) + L.TAG) == (8 << 20) + page
+    assert BufferPool.size_for(8 << 20) == BufferPool.size_for((8 << 20) + W.TAG) == (8 << 20) + page
     assert BufferPool.size_for((8 << 20) + page + 1) == (16 << 20) + page
     assert [BufferPool.size_for(n) for n in (1, page, page + 1, 2 * page, 2 * page + 1)] == \
         [page, page, 2 * page, 2 * page, 3 * page]
@@ -379,5 +380,5 @@ def test_a_payload_and_its_sealed_copy_share_a_buffer_size_class() -> None:
     for buf in reads:
         pool.put(buf)
     del reads, buf
-    sealed = pool.get((8 << 20) + L.TAG)  # ...hands one of them out for a sealed copy: no fresh mmap
+    sealed = pool.get((8 << 20) + W.TAG)  # ...hands one of them out for a sealed copy: no fresh mmap
     assert id(sealed) in kept

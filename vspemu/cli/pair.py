@@ -49,6 +49,7 @@ from rich.progress import (
 from rich.table import Table
 
 from vspemu.client import ApiError, Verify, VspClient
+from vspemu.replication.states import SUSPENDED_BY_ERROR
 from vspemu.system.storage import DEFAULT_PASSWORD, DEFAULT_USER
 
 EXIT_OK, EXIT_TIMEOUT, EXIT_ERROR, EXIT_USAGE = 0, 1, 2, 3
@@ -277,7 +278,7 @@ def status_reached(pairs: list[dict[str, Any]], target: str) -> bool:
     return all(t in (x["pvolStatus"], x["svolStatus"]) for x in pairs)
 
 
-FAILED_STATES = {"PSUE", "PFUS"}
+FAILED_STATES = SUSPENDED_BY_ERROR  # (the pair state tables, vspemu.replication.states)
 
 
 def finish(a: Arrays, group: str, pair: str | None, nowait: bool, timeout: float) -> int:

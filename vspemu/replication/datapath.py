@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vspemu.replication.bitmap import TRACK, DirtyBitmap
-from vspemu.replication.link import BUFFERS
+from vspemu.replication.receiver import BUFFERS
 from vspemu.volumes.volume import SEEK_DATA, Volume
 
 if TYPE_CHECKING:
-    from vspemu.replication.engine import Replication
+    from vspemu.replication.kinds import WritePathHost
     from vspemu.replication.model import Pair
 
 ACTIVITY_EXTENT = 64 * TRACK  # in PAIR, writes mark whole 16 MiB extents (DRBD's activity-log extents)
@@ -156,7 +156,7 @@ class PairVolume:
     ``barrier`` are the TrueCopy pair's if there is one (its activity extents are kept here), else the first.
     """
 
-    def __init__(self, engine: Replication, targets: list[Target]) -> None:
+    def __init__(self, engine: WritePathHost, targets: list[Target]) -> None:
         self.engine = engine
         self.targets = targets
         self.pair, self.bitmap, self.barrier = targets[0]

@@ -8,7 +8,7 @@ to j"), applies them to the S-VOLs strictly in sequence order across every volum
 reports with its next reads the applied sequence number (the lag, RPO) and the durable one; only entries up
 to the durable number are freed on the primary. The S-VOLs of a journal are therefore always the image of
 the P-VOLs at one earlier moment. The secondary makes its S-VOLs durable (fdatasync) in the background, at
-most every :data:`RESTORE_FLUSH_INTERVAL` seconds while entries keep coming and at once when it has caught
+most every :data:`.ur_restore.RESTORE_FLUSH_INTERVAL` seconds while entries keep coming and at once when it has caught
 up, so pulling never waits for the disk (a flush per batch held the pull to the disk's flush rate).
 A batch travels as the entries are stored in the journal (read with one ``pread``, sent without another
 copy); the secondary checks each entry's CRC-32C, so the check covers the journal volume and the link.
@@ -41,17 +41,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from vspemu.aio import wait_event
 from vspemu.errors import VspError
-from vspemu.replication.journal import CorruptEntry, MasterJournal, parse_entries
-from vspemu.replication.link import PeerInfo
+from vspemu.replication import states
+from vspemu.replication.journal import MasterJournal
+from vspemu.replication.kinds import JOURNAL, LOCAL
 from vspemu.replication.model import ACTIVE, COPY, PAIR, PFUL, PFUS, PSUE, CopyGroup, Pair
+from vspemu.replication.ur_restore import PFUL_THRESHOLD, MirrorRuntime, Restorer
+from vspemu.replication.wire import PeerInfo
 
 if TYPE_CHECKING:
-    from vspemu.replication.engine import Replication
+    from vspemu.replication.kinds import EngineCore
     from vspemu.system.journals import Journals
     from vspemu.volumes.volume import Volume
 
@@ -60,36 +63,11 @@ log = logging.getLogger(__name__)
 READ_MAX_BYTES = 8 << 20
 LONG_POLL = 0.5
 MONITOR_INTERVAL = 0.2
-PFUL_THRESHOLD = 80
 FLUSH_TIMEOUT = 120.0
-RESTORE_FLUSH_INTERVAL = 0.25  # secondary: seconds between background flushes of the S-VOLs while busy
-
-
-class MirrorRuntime:
-    """What one UR copy group has in memory on this side."""
-
-    def __init__(self) -> None:
-        self.acked = 0  # primary: highest sequence number the secondary restored and made durable (freed here)
-        self.applied = 0  # primary: highest sequence number the secondary applied to its S-VOLs (the lag)
-        self.restored = 0  # secondary: highest sequence number applied to the S-VOLs
-        self.durable = 0  # secondary: highest sequence number applied and flushed (reported for freeing)
-        self.unflushed: set[Volume] = set()  # secondary: S-VOLs written since their last flush
-        self.flush_task: asyncio.Task[None] | None = None
-        self.flushed_at = time.monotonic()
-        self.last_own = 0  # primary: the last sequence number journaled for this mirror
-        self.last_read = time.monotonic()  # primary: when the secondary last pulled
-        self.new_entries = asyncio.Event()
-        self.acked_event = asyncio.Event()
-        self.restore_task: asyncio.Task[None] | None = None
-        self.samples: deque[tuple[int, float]] = deque(maxlen=4096)  # (seq, time) for the lag
-        self.remote_q_count = 0
-        self.remote_usage = 0
-        self.remote_last_seq = 0
-        self.read_errors_since: float | None = None
 
 
 class UniversalReplicator:
-    def __init__(self, engine: Replication, journals: Journals) -> None:
+    def __init__(self, engine: EngineCore, journals: Journals) -> None:
         self.engine = engine
         self.journals = journals
         self.masters: dict[int, MasterJournal] = {}  # journal id -> open master journal
@@ -97,10 +75,74 @@ class UniversalReplicator:
         self.full_since: dict[int, float] = {}  # journal id -> since when a write waits for room
         self.room: dict[int, asyncio.Event] = {}  # journal id -> set when entries are freed
         self.held_full: set[int] = set()  # journals held full by a fault on demand
+        self.restorer = Restorer(engine, self)  # the secondary's side
         engine.link.register_handler("jnl.read", self._h_read)
         engine.link.register_handler("jnl.split", self._h_split)
         journals.users.append(self._journal_user)
         journals.refreshers.append(self.refresh)
+
+    # -- the ReplicationKind the engine calls (see .kinds) -----------------------------------------------
+    replication_type = "UR"
+    whole_group = True  # UR pairs are operated in units of mirrors
+
+    @property
+    def table(self) -> states.StateTable:
+        return states.UNIVERSAL_REPLICATOR
+
+    def write_mode(self, pair: Pair) -> str:
+        return JOURNAL if pair.role == "P" and pair.status in (PAIR, PFUL) else LOCAL
+
+    def check_create(self, group_name: str, group: CopyGroup | None, fence: str, mu_number: int | None,
+                     journal_id: int | None) -> None:
+        self.check_journal(journal_id if group is None else group.local_journal_id, group_name,
+                           mu_number or 0 if group is None else group.mu_number, "P")
+
+    def check_create_secondary(self, group: CopyGroup) -> None:
+        self.check_journal(group.local_journal_id, group.name, group.mu_number, "S")
+
+    def group_created(self, group: CopyGroup) -> None:
+        self.start_mirror(group)
+
+    def secondary_created(self, group: CopyGroup) -> None:
+        self.ensure_restore(group)
+
+    def group_forgotten(self, group: CopyGroup) -> None:
+        self.forget_group(group)
+
+    def became_primary(self, group: CopyGroup) -> None:
+        self.start_mirror(group)
+
+    def before_swap(self, group: CopyGroup) -> None:
+        self.purge(group)  # journaled writes the other side never restored differ too
+
+    def before_suspend(self, group: CopyGroup, pair: Pair) -> bool:
+        self.purge(group)
+        return False  # UR has no fence level
+
+    def copy_starting(self, group: CopyGroup) -> None:
+        # the path watch starts again with the copy: an old silence must not suspend the renewed mirror
+        self.runtime(group).last_read = time.monotonic()
+
+    def copy_after_restart(self, pair: Pair, marked: int) -> bool:
+        return False  # a restarted primary serves the unacknowledged journal entries again
+
+    async def peer_silent(self, group: CopyGroup, pairs: list[Pair]) -> None:
+        return None  # the path watch (monitor) decides, after pathBlockadeWatchInMinutes
+
+    async def before_split(self, group: CopyGroup) -> None:
+        # flush mode: the secondary restores everything journaled before the split
+        if not await self.drain(group):
+            self.purge(group)
+
+    async def split_on_secondary(self, group: CopyGroup, rw: bool) -> bool:
+        await self.engine.call(group, "jnl.split", {"group": group.name, "rw": rw}, timeout=180)
+        return True
+
+    def mirror_stats(self, group: CopyGroup) -> dict[str, Any] | None:
+        return self.lag(group)
+
+    def background_tasks(self) -> list[Coroutine[Any, Any, None]]:
+        return [self.monitor()]
 
     # -- journals ------------------------------------------------------------------------------------
     def _journal_user(self, journal: Any) -> str | None:
@@ -270,8 +312,8 @@ class UniversalReplicator:
         await asyncio.to_thread(self.master(group).sync)
 
     # -- pull (the primary's handler) -------------------------------------------------------------------
-    async def _h_read(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
-        group = self.engine._peer_group(peer, h["group"])
+    async def _h_read(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes | memoryview]:
+        group = self.engine.peer_group(peer, h["group"])
         if group.role != "P":
             raise VspError("WRONG_STATE", detail=f"copy group {group.name} is not a primary here")
         mj = self.master(group)
@@ -305,144 +347,13 @@ class UniversalReplicator:
 
     async def _h_split(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
         """A split issued on the secondary: the primary performs it (flush) for the whole mirror."""
-        group = self.engine._peer_group(peer, h["group"])
+        group = self.engine.peer_group(peer, h["group"])
         await self.engine.split(group.name, None, svol_rw=bool(h.get("rw")), pvol_write_protect=False)
         return {}, b""
 
-    # -- restore (the secondary's loop) ----------------------------------------------------------------
+    # -- restore (the secondary's loop, see .ur_restore) ---------------------------------------------------
     def ensure_restore(self, group: CopyGroup) -> None:
-        if group.role != "S":
-            return
-        rt = self.runtime(group)
-        if rt.restore_task is None or rt.restore_task.done():
-            rt.restore_task = asyncio.get_running_loop().create_task(self._restore_loop(group))
-
-    async def _read(self, group: CopyGroup, rt: MirrorRuntime, from_seq: int, nowait: bool = False
-                    ) -> tuple[dict[str, Any], bytes]:
-        return await self.engine.call(group, "jnl.read", {
-            "group": group.name, "from": from_seq, "restored": rt.durable, "applied": rt.restored, "nowait": nowait})
-
-    async def _restore_loop(self, group: CopyGroup) -> None:
-        """Pull and apply, with the next read already on its way while a batch is applied (read-ahead)."""
-        rt = self.runtime(group)
-        engine = self.engine
-        ahead: asyncio.Task[tuple[dict[str, Any], bytes]] | None = None
-        try:
-            while group.name in engine.groups and group.role == "S":
-                pairs = engine.group_pairs(group.name)
-                if not any(p.status in ACTIVE for p in pairs):
-                    if ahead is not None:
-                        ahead.cancel()
-                        ahead = None
-                    await asyncio.sleep(0.2)
-                    continue
-                try:
-                    reading, ahead = ahead or self._read(group, rt, rt.restored + 1), None
-                    h, payload = await reading
-                except VspError as e:
-                    now = time.monotonic()
-                    if rt.read_errors_since is None:
-                        rt.read_errors_since = now
-                        log.info("journal read for %s failed: %s", group.name, e)
-                    if now - rt.read_errors_since >= self.path_watch_seconds(group):
-                        for p in pairs:
-                            if p.status in ACTIVE:
-                                engine._set(p, PSUE)
-                    await asyncio.sleep(0.5)
-                    continue
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("restore loop of %s", group.name)
-                    await asyncio.sleep(1)
-                    continue
-                rt.read_errors_since = None
-                rt.remote_q_count, rt.remote_usage = int(h.get("qCount", 0)), int(h.get("usage", 0))
-                rt.remote_last_seq = int(h.get("lastSeq", 0))
-                if int(h.get("headSeq", 1)) > rt.restored + 1:
-                    # entries before the head were restored already or purged into the primary's bitmap
-                    rt.restored = int(h["headSeq"]) - 1
-                    if not rt.unflushed:
-                        rt.durable = max(rt.durable, rt.restored)
-                got = int(h.get("count", 0)) > 0
-                if got:
-                    if int(h.get("nextSeq", 0)) > rt.restored + 1:  # the next batch, while this one applies
-                        ahead = asyncio.get_running_loop().create_task(self._read(group, rt, int(h["nextSeq"]), True))
-                    if h.get("skip"):
-                        self._skip(group, h, rt)
-                    else:
-                        rt.unflushed.update(self._apply(group, h, payload, rt))
-                if rt.restored > rt.durable and (rt.flush_task is None or rt.flush_task.done()):
-                    if not got:  # caught up: make it durable now, the next read reports it
-                        await self._flush_restored(rt)
-                    elif time.monotonic() - rt.flushed_at >= RESTORE_FLUSH_INTERVAL:
-                        rt.flush_task = asyncio.get_running_loop().create_task(self._flush_restored(rt))
-                for p in pairs:
-                    if p.status == PAIR and rt.remote_usage >= PFUL_THRESHOLD:
-                        engine._set(p, PFUL)
-                    elif p.status == PFUL and rt.remote_usage < PFUL_THRESHOLD:
-                        engine._set(p, PAIR)
-        finally:
-            if ahead is not None:
-                ahead.cancel()
-
-    async def _flush_restored(self, rt: MirrorRuntime) -> None:
-        """Flush the S-VOLs written so far; then everything applied up to now is durable."""
-        target, vols = rt.restored, rt.unflushed
-        rt.unflushed = set()
-        rt.flushed_at = time.monotonic()
-        try:
-            for vol in vols:
-                await vol.flush_local()
-        except BaseException:
-            rt.unflushed |= vols  # try again with the next flush
-            raise
-        rt.durable = max(rt.durable, target)
-
-    @staticmethod
-    def _skip(group: CopyGroup, h: dict[str, Any], rt: MirrorRuntime) -> None:
-        """A run of entries that are not for this mirror: restored as soon as they are next in sequence."""
-        first, last = int(h["first"]), int(h["first"]) + int(h["count"]) - 1
-        if rt.restored and first > rt.restored + 1:
-            log.error("journal gap in %s: expected %d, got %d", group.name, rt.restored + 1, first)
-            return
-        rt.restored = max(rt.restored, last)
-
-    def _apply(self, group: CopyGroup, h: dict[str, Any], payload: bytes, rt: MirrorRuntime) -> list[Volume]:
-        """Apply the entries of a ``jnl.read`` reply strictly in sequence order; stop at a gap or a corrupt
-        entry (either would break consistency; the next read asks again from there)."""
-        system = self.engine.system
-        touched: dict[int, Volume] = {}
-        mu, floor = int(h["mu"]), int(h["floor"])
-        svols = {int(k): int(v) for k, v in h["svols"].items()}
-        volumes: dict[int, Volume | None] = {}  # S-VOL id -> the volume, if it is an S-VOL of this mirror
-        try:
-            for e in parse_entries(payload, int(h["first"])):
-                if e.seq <= rt.restored and rt.restored:
-                    continue  # already applied (a resent entry)
-                if rt.restored and e.seq != rt.restored + 1:
-                    log.error("journal gap in %s: expected %d, got %d", group.name, rt.restored + 1, e.seq)
-                    break
-                svol = svols.get(e.ldev) if e.is_for(mu, floor) else None
-                if svol is not None:
-                    if svol not in volumes:
-                        pair = next((p for p in self.engine.pairs_of(svol) if p.group == group.name), None)
-                        volumes[svol] = system.volumes.get(svol) if pair is not None and pair.role == "S" else None
-                    vol = volumes[svol]
-                    if vol is not None and not vol.check_range(e.offset, e.length):
-                        log.error("journal entry %d for %s: offset %d + %d bytes beyond the end of S-VOL %d; "
-                                  "restore stops here", e.seq, group.name, e.offset, e.length, svol)
-                        break
-                    if vol is not None:
-                        if e.zero:
-                            vol.discard_local(e.offset, e.length)
-                        else:
-                            vol.write_local(e.offset, e.data)
-                        touched[svol] = vol
-                rt.restored = e.seq
-        except CorruptEntry as exc:
-            log.error("journal read for %s: %s", group.name, exc)
-        return list(touched.values())
+        self.restorer.ensure(group)
 
     # -- suspension ------------------------------------------------------------------------------------
     async def suspend_mirror(self, group: CopyGroup, status: str, reason: str) -> None:
@@ -451,9 +362,9 @@ class UniversalReplicator:
         self.purge(group)
         pairs = [p for p in self.engine.group_pairs(group.name) if p.status in ACTIVE]
         for p in pairs:
-            self.engine._set(p, status)
+            self.engine.set_status(p, status)
         # tell the secondary without holding up the host write that found the journal full
-        self.engine.background(self.engine._try_call(group, "pair.set", {
+        self.engine.background(self.engine.try_call(group, "pair.set", {
             "group": group.name, "pairs": [p.name for p in pairs], "status": status}))
 
     def purge(self, group: CopyGroup) -> None:
@@ -577,9 +488,9 @@ class UniversalReplicator:
             usage = mj.usage_rate()
             for p in pairs:
                 if p.status == PAIR and usage >= PFUL_THRESHOLD:
-                    engine._set(p, PFUL)
+                    engine.set_status(p, PFUL)
                 elif p.status == PFUL and usage < PFUL_THRESHOLD:
-                    engine._set(p, PAIR)
+                    engine.set_status(p, PAIR)
             statuses = {p.status for p in pairs}
             q_count = self._q_count(group, mj)
             self.journals.set_runtime(jid, usage_rate=usage, q_marker=f"{mj.last_seq:08x}", q_count=mj.count,

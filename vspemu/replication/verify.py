@@ -45,11 +45,11 @@ import numpy as np
 
 from vspemu.errors import VspError, not_found
 from vspemu.replication.bitmap import TRACK
-from vspemu.replication.link import PeerInfo
 from vspemu.replication.model import COPY, PAIR, PFUL, PFUS, PSUE, PSUS, CopyGroup, Pair
+from vspemu.replication.wire import PeerInfo
 
 if TYPE_CHECKING:
-    from vspemu.replication.engine import Replication
+    from vspemu.replication.kinds import EngineCore
 
 MSG = "verify.sums"
 DIGEST = 16
@@ -139,7 +139,7 @@ def _iso(ts: float) -> str:
 class Verifier:
     """Verify of one system's pairs; serves ``verify.sums`` for its S-VOLs."""
 
-    def __init__(self, engine: Replication) -> None:
+    def __init__(self, engine: EngineCore) -> None:
         self.engine = engine
         self.reports: dict[str, dict[str, Any]] = {}  # "group" or "group/pair" -> the last report
         engine.link.register_handler(MSG, self._h_sums)
@@ -175,7 +175,7 @@ class Verifier:
     def check(self, group: CopyGroup, pair_name: str | None, mark: bool) -> list[Pair]:
         """The pairs a verify would compare; raises (changing nothing) when it cannot run now."""
         eng = self.engine
-        pairs = eng._select(group, pair_name)
+        pairs = eng.select(group, pair_name)
         if group.role != "P" or any(p.role != "P" for p in pairs):
             raise VspError("WRONG_STATE", detail=f"copy group {group.name}: send the verify to the storage "
                                                  "system that holds the P-VOLs")

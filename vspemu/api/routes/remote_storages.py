@@ -24,7 +24,7 @@ from pydantic import Field
 from vspemu.api.common import Auth, Body, Ctx, data, job_response
 from vspemu.context import StorageContext
 from vspemu.errors import VspError, not_found
-from vspemu.replication.link import ECHO, PATH_STATUS_TEXT, LinkError
+from vspemu.replication.wire import ECHO, PATH_STATUS_TEXT, LinkError
 from vspemu.system.remotes import Remotes, RemoteStorage
 
 router = APIRouter(tags=["remote-storages"])
