@@ -3,8 +3,9 @@
 Gauges are read from the live state at scrape time by :class:`StateCollector` (no background polling):
 pairs by status, copy progress, bitmap dirty bytes, journal usage and qCount, UR lag, remote paths and the
 kernel's byte counters of the link's TCP connections. Counters that must see every event are kept where the
-events happen and read at scrape time too: NBD operations and their latency (:class:`vspemu.volumes.nbd.NbdStats`,
-plain integers on the hot path), REST requests (a middleware) and job durations (a :class:`Jobs` observer).
+events happen and read at scrape time too: NBD operations and their latency
+(:class:`vspemu.volumes.nbd_common.NbdStats`, plain integers on the hot path), REST requests (a middleware) and
+job durations (a :class:`Jobs` observer).
 See docs/observability.md.
 """
 
@@ -24,7 +25,7 @@ from prometheus_client.registry import Collector
 from vspemu.replication.bitmap import TRACK
 from vspemu.replication.model import COPY, PAIR, PFUL, PFUS, PSUE, PSUS, SMPL, SSUS, SSWS
 from vspemu.system.faults import KINDS as FAULT_KINDS
-from vspemu.volumes import nbd as nbd_module
+from vspemu.volumes import nbd_common as nbd_module
 
 if TYPE_CHECKING:
     from vspemu.context import StorageContext

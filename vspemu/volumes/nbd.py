@@ -44,21 +44,20 @@ that reuses the id; a volume whose host I/O is refused (journal) answers ``NBD_E
 Errors: ``WriteRefused`` -> ``NBD_EPERM``, ``VolumeIOError`` and other I/O errors -> ``NBD_EIO``, a range
 past the end -> ``NBD_EINVAL`` (``NBD_ENOSPC`` for WRITE / WRITE_ZEROES), unknown command -> ``NBD_EINVAL``.
 A bad request magic or a broken handshake closes the connection.
+
+Modules: this one serves the transmission phase (:class:`_Connection`) and runs the server with its limits
+(:class:`NbdServer`); ``nbd_handshake`` holds a connection's state and the option negotiation; ``nbd_common``
+the tunables, counters (/metrics), error mapping and :class:`NbdLimits`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import logging
 import mmap
 import os
 import socket
-import struct
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, cast
 
@@ -72,150 +71,41 @@ from vspemu.nbdproto import (
     CMD_TRIM,
     CMD_WRITE,
     CMD_WRITE_ZEROES,
-    FLAG_FIXED_NEWSTYLE,
-    FLAG_NO_ZEROES,
-    IHAVEOPT,
-    INFO_BLOCK_SIZE,
-    INFO_EXPORT,
-    INFO_NAME,
-    NBDMAGIC,
-    OPT_ABORT,
-    OPT_EXPORT_NAME,
-    OPT_GO,
-    OPT_INFO,
-    OPT_LIST,
-    OPT_REPLY as _OPT_REPLY,
-    REP_ACK,
-    REP_ERR_INVALID,
-    REP_ERR_UNKNOWN,
-    REP_ERR_UNSUP,
-    REP_INFO,
-    REP_SERVER,
-    REPLY_MAGIC_OPT,
     REQUEST as _REQ,
     REQUEST_MAGIC,
     SIMPLE_REPLY as _REPLY,
     SIMPLE_REPLY_MAGIC,
 )
-from vspemu.volumes.volume import Volume, VolumeIOError, WriteRefused
-
-log = logging.getLogger(__name__)
-
-MAX_REQUEST = 32 << 20  # largest READ / WRITE payload accepted
-INFLIGHT_LIMIT = 32 << 20  # per connection: unfinished write payload + unsent replies before we stop reading
-POOL_LIMIT = 64 << 20  # server-wide: free payload buffers kept for reuse
-RX_SIZE = 256 << 10  # per connection receive buffer (headers, options, small payloads)
-SMALL_WRITE = 64 << 10  # payloads up to this size are taken from the receive buffer (copied)
-SENDFILE_MIN = 64 << 10  # READ replies from this size on are sent with sendfile when the socket has room
-MAX_OPTION = 64 << 10  # largest option payload accepted during the handshake
-HANDSHAKE_OUTPUT = 1 << 20  # unsent option replies beyond this when the next option comes: close
-WRITE_HIGH = 256 << 10  # transport write buffer: pause_writing above this, resume_writing once empty
-
-
-TF_HAS_FLAGS = 1 << 0
-TF_SEND_FLUSH = 1 << 2
-TF_SEND_FUA = 1 << 3
-TF_SEND_TRIM = 1 << 5
-TF_SEND_WRITE_ZEROES = 1 << 6
-TF_CAN_MULTI_CONN = 1 << 8
-TRANSMISSION_FLAGS = (
-    TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_CAN_MULTI_CONN
+from vspemu.volumes.nbd_common import (
+    _DONE,
+    _GREETING,
+    _TRANSMISSION,
+    INFLIGHT_LIMIT,
+    MAX_REQUEST,
+    NBD_EINVAL,
+    NBD_ENOSPC,
+    NBD_EPERM,
+    OP_FLUSH,
+    OP_READ,
+    OP_TRIM,
+    OP_WRITE,
+    OP_WRITE_ZEROES,
+    POOL_LIMIT,
+    RX_SIZE,
+    SENDFILE_MIN,
+    SMALL_WRITE,
+    STATS,
+    WRITE_HIGH,
+    NbdLimits as NbdLimits,
+    _nbd_errno,
+    _pread,
+    log,
 )
+from vspemu.volumes.nbd_handshake import ConnectionBase
+from vspemu.volumes.volume import Volume, VolumeIOError
 
 
-NBD_EPERM = 1
-NBD_EIO = 5
-NBD_EINVAL = 22
-NBD_ENOSPC = 28
-
-# request counters for /metrics (vspemu.metrics): plain integers, a few list increments per request
-OP_READ, OP_WRITE, OP_FLUSH, OP_TRIM, OP_WRITE_ZEROES = range(5)
-OP_NAMES = ("read", "write", "flush", "trim", "write_zeroes")
-LATENCY_BOUNDS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5,
-                  1.0, 2.5, 5.0, 10.0)
-
-
-class NbdStats:
-    """Requests, bytes, errors and a latency histogram per operation, for the whole process."""
-
-    def __init__(self) -> None:
-        n = len(OP_NAMES)
-        self.nbytes = [0] * n
-        self.seconds = [0.0] * n
-        self.buckets = [[0] * (len(LATENCY_BOUNDS) + 1) for _ in range(n)]  # not cumulative; the last is +Inf
-        self.errors = 0
-
-    def record(self, op: int, nbytes: int, seconds: float) -> None:
-        self.nbytes[op] += nbytes  # (the request count is the sum of the op's buckets)
-        self.seconds[op] += seconds
-        self.buckets[op][bisect_left(LATENCY_BOUNDS, seconds)] += 1
-
-
-STATS = NbdStats()  # one storage system per process
-
-_OPT = struct.Struct(">QII")  # IHAVEOPT, option, length
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_GREETING = struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
-
-_CLIENT_FLAGS, _OPTIONS, _TRANSMISSION, _DONE = range(4)
-
-
-def _pread(volume: Volume, view: memoryview, offset: int) -> None:
-    if volume.read_redirect is not None:  # a snapshot S-VOL: its image, not its file
-        volume.read_redirect(offset, view)
-        return
-    fd, got, length = volume.fd, 0, len(view)
-    while got < length:
-        n = os.preadv(fd, [view[got:] if got else view], offset + got)
-        if n == 0:  # the file is shorter than the volume: truncated or removed under us
-            raise VolumeIOError(f"LDEV {volume.ldev_id}: short read at {offset + got}")
-        got += n
-
-
-def _nbd_errno(exc: BaseException) -> int:
-    if isinstance(exc, WriteRefused):
-        return NBD_EPERM
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return NBD_ENOSPC
-    if not isinstance(exc, VolumeIOError | OSError):
-        log.exception("NBD request failed", exc_info=exc)
-    return NBD_EIO
-
-
-class _Connection(asyncio.BufferedProtocol):
-    def __init__(self, server: NbdServer) -> None:
-        self._server = server
-        self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.Transport | None = None
-        self._rx: mmap.mmap | bytearray = bytearray(0)  # RX_SIZE once admitted (see connection_made)
-        self._rxv = memoryview(self._rx)
-        self._addr = ""  # the client's address (for the per-client connection limit)
-        self._admitted = False
-        self._charge = 0  # what this connection counts against the server's buffer budget
-        self._waiting = False  # in the server's queue of connections waiting for budget
-        self._born = self._active_at = self._loop.time()
-        self._rx_seen = False  # received something since the last sweep
-        self._last_wbs = 0  # transport write buffer size at the last sweep
-        self._start = 0  # unparsed bytes are self._rx[self._start:self._end]
-        self._end = 0
-        self._phase = _CLIENT_FLAGS
-        self._no_zeroes = False
-        self._volume: Volume | None = None
-        # a large WRITE payload being received directly into a pooled buffer
-        self._payload: mmap.mmap | None = None
-        self._payload_view: memoryview | None = None
-        self._payload_got = 0
-        self._payload_req: tuple[int, int, int] = (0, 0, 0)  # flags, handle, offset
-        self._header_only = False  # get_buffer offers room for one request header only
-        self._skip = 0  # payload bytes of a refused WRITE still to be discarded
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._pending = 0  # payload bytes of unfinished writes
-        self._paused = False
-        self._parsing = False
-        self._closed = False
-        self._sock: socket.socket | None = None
-
+class _Connection(ConnectionBase):
     # -- asyncio callbacks ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
@@ -590,167 +480,6 @@ class _Connection(asyncio.BufferedProtocol):
         if not self._closed:
             assert self._transport is not None
             self._transport.write(_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle))
-
-    def _close(self) -> None:
-        self._phase = _DONE
-        if self._transport is not None and not self._closed:
-            self._transport.close()
-
-    def _abort(self) -> None:
-        """End the connection now: nothing more is read, answered or sent (unsent replies are dropped)."""
-        self._phase = _DONE
-        if self._transport is not None and not self._closed:
-            self._closed = True
-            self._transport.abort()
-
-    def _drop(self) -> None:
-        """The volume's host access was revoked (last LU path gone, LDEV deleted, journal volume)."""
-        volume = self._volume
-        log.info("NBD: LDEV %s is no longer exported, dropping a connection",
-                 volume.ldev_id if volume is not None else "?")
-        self._abort()
-
-    # -- handshake ------------------------------------------------------------------------------------
-    def _handshake(self) -> None:
-        rx = self._rx
-        transport = self._transport
-        assert transport is not None
-        while self._phase < _TRANSMISSION:
-            start, avail = self._start, self._end - self._start
-            if self._phase == _CLIENT_FLAGS:
-                if avail < 4:
-                    return
-                (cflags,) = _U32.unpack_from(rx, start)
-                self._start = start + 4
-                if cflags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES):
-                    self._close()
-                    return
-                self._no_zeroes = bool(cflags & FLAG_NO_ZEROES)
-                self._phase = _OPTIONS
-                continue
-            if avail < 16:
-                return
-            if transport.get_write_buffer_size() > HANDSHAKE_OUTPUT:
-                # another option while earlier replies (one LIST of every LDEV may be 2 MiB) are not read yet
-                log.info("NBD: %s does not read its option replies, closing", self._addr)
-                self._abort()
-                return
-            magic, option, length = _OPT.unpack_from(rx, start)
-            if magic != IHAVEOPT or length > MAX_OPTION:
-                self._close()
-                return
-            if avail < 16 + length:
-                return
-            data = bytes(rx[start + 16 : start + 16 + length])
-            self._start = start + 16 + length
-            self._option(option, data)
-
-    def _option(self, option: int, data: bytes) -> None:
-        if option == OPT_EXPORT_NAME:
-            volume = self._lookup(data.decode("utf-8", "replace"))
-            if volume is None:  # no way to report an error to this option
-                self._close()
-                return
-            reply = struct.pack(">QH", volume.size, TRANSMISSION_FLAGS)
-            self._send(reply if self._no_zeroes else reply + bytes(124))
-            self._start_transmission(volume)
-        elif option == OPT_ABORT:
-            self._opt_reply(option, REP_ACK)
-            self._close()
-        elif option == OPT_LIST:
-            if data:
-                self._opt_reply(option, REP_ERR_INVALID, b"LIST takes no data")
-                return
-            try:
-                names = self._server._list_exports()
-            except Exception:
-                log.exception("NBD: list_exports failed")
-                names = []
-            for name in names:
-                raw = name.encode()
-                self._opt_reply(option, REP_SERVER, _U32.pack(len(raw)) + raw)
-            self._opt_reply(option, REP_ACK)
-        elif option == OPT_INFO or option == OPT_GO:
-            self._info_or_go(option, data)
-        else:
-            self._opt_reply(option, REP_ERR_UNSUP, b"option not supported")
-
-    def _info_or_go(self, option: int, data: bytes) -> None:
-        if len(data) < 6:
-            self._opt_reply(option, REP_ERR_INVALID, b"option too short")
-            return
-        (name_len,) = _U32.unpack_from(data, 0)
-        if 4 + name_len + 2 > len(data):
-            self._opt_reply(option, REP_ERR_INVALID, b"bad name length")
-            return
-        raw_name = data[4 : 4 + name_len]
-        (n_info,) = _U16.unpack_from(data, 4 + name_len)
-        if 4 + name_len + 2 + 2 * n_info != len(data):
-            self._opt_reply(option, REP_ERR_INVALID, b"bad information request count")
-            return
-        requests = struct.unpack_from(f">{n_info}H", data, 6 + name_len)
-        name = raw_name.decode("utf-8", "replace")
-        volume = self._lookup(name)
-        if volume is None:
-            self._opt_reply(option, REP_ERR_UNKNOWN, f"no such export: {name!r}".encode())
-            return
-        self._opt_reply(option, REP_INFO, struct.pack(">HQH", INFO_EXPORT, volume.size, TRANSMISSION_FLAGS))
-        if INFO_NAME in requests:
-            self._opt_reply(option, REP_INFO, _U16.pack(INFO_NAME) + raw_name)
-        self._opt_reply(option, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096, MAX_REQUEST))
-        self._opt_reply(option, REP_ACK)
-        if option == OPT_GO:
-            self._start_transmission(volume)
-
-    def _lookup(self, name: str) -> Volume | None:
-        try:
-            volume = self._server._lookup(name)
-        except Exception:
-            log.exception("NBD: export lookup failed for %r", name)
-            return None
-        if volume is None or volume.closed or volume.host_io_refused is not None:
-            return None
-        return volume
-
-    def _start_transmission(self, volume: Volume) -> None:
-        try:
-            volume.attach_host(self._drop)  # so that revoking the export drops this connection
-        except VolumeIOError:  # closed between the lookup and now (cannot happen on one loop, but never serve it)
-            self._abort()
-            return
-        self._volume = volume
-        self._phase = _TRANSMISSION
-        self._active_at = self._loop.time()
-
-    def _opt_reply(self, option: int, reply: int, data: bytes = b"") -> None:
-        self._send(_OPT_REPLY.pack(REPLY_MAGIC_OPT, option, reply, len(data)) + data)
-
-    def _send(self, data: bytes) -> None:
-        if not self._closed:
-            assert self._transport is not None
-            self._transport.write(data)
-
-
-@dataclass
-class NbdLimits:
-    """What one NBD server allows (docs/nbd.md); a timeout of 0 means none."""
-
-    max_connections: int = 256  # server-wide, in any phase
-    max_connections_per_client: int = 64  # per client IP address
-    handshake_timeout: float = 10.0  # seconds from accept to the end of option negotiation
-    idle_timeout: float = 600.0  # seconds a connection may receive nothing (and send nothing out)
-    buffer_budget: int = 256 << 20  # server-wide bytes of request payloads and unsent replies
-    # seconds a connection holding part of the budget may make no progress (its replies are not read) while
-    # other connections wait for budget
-    stall_timeout: float = 30.0
-
-    def __post_init__(self) -> None:
-        if self.max_connections < 1 or self.max_connections_per_client < 1:
-            raise ValueError("NBD connection limits must be at least 1")
-        if min(self.handshake_timeout, self.idle_timeout, self.stall_timeout) < 0:
-            raise ValueError("NBD timeouts must not be negative (0 = none)")
-        if self.buffer_budget < MAX_REQUEST:
-            raise ValueError(f"the NBD buffer budget must be at least {MAX_REQUEST >> 20} MiB (one request)")
 
 
 class NbdServer:
