@@ -12,15 +12,12 @@ MAX_LINES = 650
 
 # module -> why it may be longer than MAX_LINES for now (the integrator shrinks this list)
 TOO_LONG_FOR_NOW = {
-    "vspemu.system.storage": "684 lines; a shared registration point of every issue this session, not split here",
-    "vspemu.system.remotes": "684 lines; remote storages and path groups, outside the replication engine's split",
+    "vspemu.localcopy.shadowimage": "665 lines; ShadowImage is being extended in parallel (local-copy leftovers), "
+                                    "split it after that lands",
 }
 
 # import cycles that are known and not part of this change (each: the modules, and why it is allowed)
 KNOWN_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"vspemu.system.hostgroups", "vspemu.system.storage"}):
-        "HostGroup is defined in storage.py and hostgroups.py imports it back (TYPE_CHECKING and inside "
-        "functions); move HostGroup into hostgroups.py to break it",
 }
 
 DOMAIN_PACKAGES = ("vspemu.system", "vspemu.replication", "vspemu.volumes")

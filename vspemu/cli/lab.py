@@ -47,7 +47,7 @@ PasswordFile = Annotated[Path | None, typer.Option(
 
 
 def _password(password_file: Path | None) -> str | None:
-    from vspemu.cli.main import _account_password
+    from vspemu.cli.accounts import _account_password
 
     if password_file is not None:
         return _account_password(None, password_file)

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from vspemu.cli.accounts import _account_password
 from vspemu.cli.demo import demo
 from vspemu.cli.fault import app as fault_app
 from vspemu.cli.lab import down, status, up
@@ -105,21 +106,6 @@ def serve(
                      cert=cert, key=key, link_host=link_host, link_ports=ports, link_port_base=link_port_base,
                      min_remote_io_timeout=min_remote_io_timeout,
                      nbd_limits=nbd_limits))
-
-
-def _account_password(password: str | None, password_file: Path | None) -> str:
-    """--password-file, else --password / $VSPEMU_PASSWORD, else the default account password."""
-    if password_file is None:
-        return DEFAULT_PASSWORD if password is None else password
-    try:
-        lines = password_file.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise typer.BadParameter(f"--password-file {password_file}: {e}") from None
-    if not lines or not lines[0]:
-        raise typer.BadParameter(f"--password-file {password_file}: the first line is empty")
-    if password_file.stat().st_mode & 0o077:
-        logging.getLogger("vspemu").warning("the password file %s is readable by other users", password_file)
-    return lines[0]
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """Host-side provisioning: host groups (FC) and iSCSI targets, their WWNs / initiator IQNs, CHAP users.
 
 A host group lives on one target port and has a number (0-254) unique on that port; each host group has its
-own LUN numbering (vspemu.system.storage keeps the LU paths). On an iSCSI port a host group is an iSCSI target
-with an ``iscsiName`` (IQN). Host group 0 of every port always exists: deleting it initializes it (its name,
-host mode, WWNs, initiators, CHAP users and LU paths go back to the factory state), as the array does.
+own LUN numbering (vspemu.system.storage keeps the LU paths; the Port, HostGroup and Lun records are defined
+here). On an iSCSI port a host group is an iSCSI target with an ``iscsiName`` (IQN). Host group 0 of every
+port always exists: deleting it initializes it (its name, host mode, WWNs, initiators, CHAP users and LU
+paths go back to the factory state), as the array does.
 
 Every change validates first (``check_*``) and only then writes, so a refused request changes nothing; the
 REST layer calls the check before it submits the job. Everything is persisted in config.sqlite3 (0600), the
@@ -13,13 +14,11 @@ CHAP secrets too; no view ever carries a secret.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 from vspemu.errors import VspError, invalid, not_found
-
-if TYPE_CHECKING:
-    from vspemu.system.storage import HostGroup, StorageSystem
+from vspemu.system.store import Store
 
 MAX_HOST_GROUP_NUMBER = 254
 MAX_NAME = 64  # hostGroupName, wwnNickname and iscsiNickname (the array allows up to 64 characters)
@@ -68,6 +67,56 @@ _WWN = re.compile(r"^[0-9a-fA-F]{16}$")
 # RFC 3720 names: no commas (they separate the parts of an object id), no URL-special characters
 _IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[A-Za-z0-9.:_-]*)?|eui\.[0-9A-Fa-f]{16})$")
 _FORBIDDEN = set(",/%\\?#")
+
+
+@dataclass
+class HostGroup:
+    port_id: str
+    number: int
+    name: str
+    host_mode: str = "LINUX/IRIX"
+    host_mode_options: list[int] = field(default_factory=list)
+    iscsi_name: str | None = None  # an iSCSI target's IQN (host groups of iSCSI ports only)
+    authentication_mode: str = "BOTH"
+    iscsi_target_direction: str = "S"
+
+
+@dataclass
+class Lun:
+    port_id: str
+    host_group_number: int
+    lun: int
+    ldev_id: int
+
+    @property
+    def lun_id(self) -> str:
+        return f"{self.port_id},{self.host_group_number},{self.lun}"
+
+
+@dataclass
+class Port:
+    port_id: str
+    port_type: str = "FIBRE"
+    attributes: list[str] = field(default_factory=lambda: ["TAR"])
+    wwn: str = ""
+    ipv4_address: str = ""  # iSCSI ports: the portal address (tcp port 3260)
+
+
+class HostGroupSystem(Protocol):
+    """What :class:`HostGroups` uses of its storage system (:class:`vspemu.system.storage.StorageSystem`)."""
+
+    serial: int
+    store: Store
+    host_groups: dict[tuple[str, int], HostGroup]
+    luns: dict[str, Lun]
+
+    def get_port(self, port_id: str) -> Port: ...
+
+    def get_host_group(self, port_id: str, number: int) -> HostGroup: ...
+
+    def put_host_group(self, hg: HostGroup) -> None: ...
+
+    def delete_lun(self, lun_id: str) -> None: ...
 
 
 @dataclass
@@ -130,7 +179,7 @@ def check_iqn(attribute: str, name: str) -> None:
 class HostGroups:
     """Host groups, WWNs, iSCSI initiators and CHAP users of one storage system."""
 
-    def __init__(self, system: StorageSystem) -> None:
+    def __init__(self, system: HostGroupSystem) -> None:
         self.system = system
         store = system.store
         self.wwns: dict[str, HostWwn] = {}
@@ -203,8 +252,6 @@ class HostGroups:
 
     def create(self, port_id: str, name: str, number: int | None = None, host_mode: str | None = None,
                options: list[int] | None = None, iscsi_name: str | None = None) -> HostGroup:
-        from vspemu.system.storage import HostGroup
-
         num = self.check_create(port_id, name, number, host_mode, options, iscsi_name)
         hg = HostGroup(port_id, num, name, host_mode or DEFAULT_HOST_MODE, sorted(set(options or [])))
         if self.is_iscsi(port_id):
@@ -248,8 +295,6 @@ class HostGroups:
 
     def delete(self, port_id: str, number: int) -> None:
         """Delete a host group with its LU paths, WWNs, initiators and CHAP users (group 0 is initialized)."""
-        from vspemu.system.storage import HostGroup
-
         hg = self.system.get_host_group(port_id, number)
         # LU paths first: the last path of a volume going drops its NBD connections (storage.delete_lun)
         for lun in [x for x in self.system.luns.values()

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from vspemu.errors import VspError, invalid, not_found
-
-if TYPE_CHECKING:
-    from vspemu.system.storage import Ldev, StorageSystem
+from vspemu.system.hostgroups import HostGroup, Port
+from vspemu.system.ldevs import MAX_LDEV_ID, Ldev
+from vspemu.system.store import Store
 
 META_RESOURCE = "meta_resource"
 MAX_RESOURCE_GROUP_ID = 1023
@@ -83,10 +83,31 @@ class ResourceGroup:
     host_group_ids: list[str] = field(default_factory=list)  # "CL1-A,1"
 
 
+class ResourceSystem(Protocol):
+    """What :class:`Resources` uses of its storage system (:class:`vspemu.system.storage.StorageSystem`)."""
+
+    serial: int
+    model: str
+    store: Store
+    ldevs: dict[int, Ldev]
+    ports: dict[str, Port]
+    host_groups: dict[tuple[str, int], HostGroup]
+
+    def get_port(self, port_id: str) -> Port: ...
+
+    def get_host_group(self, port_id: str, number: int) -> HostGroup: ...
+
+    def get_ldev(self, ldev_id: int) -> Ldev: ...
+
+    def save_ldev(self, ldev: Ldev) -> None: ...
+
+    def guard_ldev(self, ldev: Ldev, action: str) -> None: ...
+
+
 class Resources:
     """Resource groups and virtual storage machines of one storage system."""
 
-    def __init__(self, system: StorageSystem) -> None:
+    def __init__(self, system: ResourceSystem) -> None:
         self.system = system
         self.store = system.store
         self.virtual_storages: dict[int, VirtualStorage] = {}
@@ -213,8 +234,6 @@ class Resources:
 
     def _check_resources(self, ldev_ids: list[int], port_ids: list[str], host_group_ids: list[str]) -> None:
         """Every resource named must exist (LDEV ids may be undefined: a group reserves ids, as on the array)."""
-        from vspemu.system.storage import MAX_LDEV_ID
-
         for i in ldev_ids:
             if not 0 <= i <= MAX_LDEV_ID:
                 raise invalid("ldevIds", i, f"Specify LDEV ids from 0 to {MAX_LDEV_ID}.")

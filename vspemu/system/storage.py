@@ -1,5 +1,8 @@
 """One storage system: identity, users, pool, LDEVs, ports, host groups and LU paths.
 
+User accounts are :class:`vspemu.system.users.UserAccounts` (a base of :class:`StorageSystem`); ports,
+host groups and LU paths are the dataclasses of :mod:`vspemu.system.hostgroups`.
+
 This is the configuration model. It is synchronous and knows nothing about HTTP: the API layer validates
 requests, calls these methods inside jobs, and shapes the answers. Every change is written through to
 SQLite (:mod:`vspemu.system.store`) before the method returns.
@@ -7,31 +10,21 @@ SQLite (:mod:`vspemu.system.store`) before the method returns.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from vspemu.errors import VspError, invalid, not_found
 from vspemu.system.capacity import BLOCK, format_byte_capacity
-from vspemu.system.hostgroups import HostGroups, default_group_name
+from vspemu.system.hostgroups import HostGroup, HostGroups, Lun, Port, default_group_name
+from vspemu.system.ldevs import MAX_LDEV_ID as MAX_LDEV_ID, Ldev as Ldev
 from vspemu.system.pools import DEFAULT_POOL_NAME, MAX_POOL_ID, POOL_ATTRIBUTE, Pool
 from vspemu.system.resources import Resources
 from vspemu.system.store import Store
-from vspemu.system.users import (
-    ADMIN_GROUP,
-    BUILT_IN_GROUPS,
-    MAX_GROUPS,
-    password_problem,
-    permissions_of,
-    user_name_problem,
-)
+from vspemu.system.users import User, UserAccounts
 from vspemu.volumes.volume import Volume
 
-MAX_LDEV_ID = 65279
 MAX_LDEV_BYTES = 256 << 40  # 256 TiB, the DP-volume limit of a VSP 5000
 DEFAULT_USER = "maintenance"
 DEFAULT_PASSWORD = "raid-maintenance"  # the arrays' factory default
@@ -78,88 +71,12 @@ def storage_type_id(device_id: str) -> str:
     return MODEL_TYPE_ID.get(device_id[:6], "M8")
 
 
-@dataclass
-class User:
-    name: str
-    salt: str
-    hash: str
-    groups: list[str] = field(default_factory=lambda: [ADMIN_GROUP])
-    built_in: bool = False
-
-    @classmethod
-    def new(cls, name: str, password: str, groups: list[str] | None = None, built_in: bool = False) -> User:
-        salt = secrets.token_hex(16)
-        return cls(name, salt, _hash_password(password, salt), list(groups or [ADMIN_GROUP]), built_in)
-
-    def check(self, password: str) -> bool:
-        return hmac.compare_digest(self.hash, _hash_password(password, self.salt))
-
-
-def _hash_password(password: str, salt: str) -> str:
-    return hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=2**14, r=8, p=1).hex()
-
-
-@dataclass
-class Ldev:
-    ldev_id: int
-    pool_id: int
-    block_capacity: int
-    label: str = ""
-    data_reduction_mode: str = "disabled"
-    # attributes other subsystems add: "HORC" (TC/UR pair volume), "JNL" (journal volume), "POOL" (pool volume)
-    extra_attributes: list[str] = field(default_factory=list)
-    status: str = "NML"  # "BLK": blocked (change-status), no host I/O
-    is_alua_enabled: bool = False
-    is_full_allocation_enabled: bool = False
-    is_compression_acceleration_enabled: bool = False
-    data_reduction_process_mode: str = "inline"
-    qos: dict[str, int] = field(default_factory=dict)  # set-qos parameters, as the array reports them
-    virtual_ldev_id: int | None = None  # None: its own id; 65534 unassigned, 65535 GAD reserve (resources.py)
-
-    @property
-    def size(self) -> int:
-        return self.block_capacity * BLOCK
-
-
-@dataclass
-class HostGroup:
-    port_id: str
-    number: int
-    name: str
-    host_mode: str = "LINUX/IRIX"
-    host_mode_options: list[int] = field(default_factory=list)
-    iscsi_name: str | None = None  # an iSCSI target's IQN (host groups of iSCSI ports only)
-    authentication_mode: str = "BOTH"
-    iscsi_target_direction: str = "S"
-
-
-@dataclass
-class Lun:
-    port_id: str
-    host_group_number: int
-    lun: int
-    ldev_id: int
-
-    @property
-    def lun_id(self) -> str:
-        return f"{self.port_id},{self.host_group_number},{self.lun}"
-
-
-@dataclass
-class Port:
-    port_id: str
-    port_type: str = "FIBRE"
-    attributes: list[str] = field(default_factory=lambda: ["TAR"])
-    wwn: str = ""
-    ipv4_address: str = ""  # iSCSI ports: the portal address (tcp port 3260)
-
-
 def check_ldev_size(size: int) -> None:
     if not 0 < size <= MAX_LDEV_BYTES:
         raise invalid("capacity", size, "Specify a capacity from 1 block to 256 TiB for a DP volume.")
 
 
-class StorageSystem:
+class StorageSystem(UserAccounts):
     """The configuration of one storage system and the volumes it holds."""
 
     def __init__(self, data_dir: Path, serial: int, model: str = "VSP 5500H",
@@ -239,88 +156,6 @@ class StorageSystem:
         for vol in self.volumes.values():
             vol.close()
         self.store.close()
-
-    # -- users ------------------------------------------------------------------------------------
-    def add_user(self, name: str, password: str, groups: list[str] | None = None, built_in: bool = False) -> User:
-        user = User.new(name, password, groups, built_in)
-        self.users[name] = user
-        self.store.put("users", name, asdict(user))
-        return user
-
-    def authenticate(self, name: str, password: str) -> bool:
-        user = self.users.get(name)
-        if user is None:
-            _hash_password(password, "00" * 16)  # same cost, so timing does not tell who exists
-            return False
-        return user.check(password)
-
-    def get_user(self, name: str) -> User:
-        user = self.users.get(name)
-        if user is None:
-            raise not_found("user", name)
-        return user
-
-    def check_permission(self, name: str, permission: str) -> None:
-        """403 unless the user's groups give ``permission`` (view / modify / security)."""
-        user = self.users.get(name)
-        if user is None or permission not in permissions_of(user.groups):
-            raise VspError("NO_PERMISSION", user=name)
-
-    @staticmethod
-    def _check_groups(groups: list[str]) -> None:
-        if not groups or len(groups) > MAX_GROUPS:
-            raise invalid("userGroupNames", groups, f"Specify 1 to {MAX_GROUPS} user groups.")
-        for g in groups:
-            if g not in BUILT_IN_GROUPS:
-                raise not_found("user group", g)
-
-    def create_user(self, name: str, password: str, groups: list[str]) -> User:
-        problem = user_name_problem(name)
-        if problem:
-            raise invalid("userId", name, problem)
-        if name in self.users:
-            raise VspError("ALREADY_EXISTS", object_id=f"user {name}")
-        problem = password_problem(password)
-        if problem:
-            raise invalid("userPassword", "****", problem)
-        self._check_groups(groups)
-        return self.add_user(name, password, list(dict.fromkeys(groups)))
-
-    def set_password(self, name: str, password: str) -> None:
-        user = self.get_user(name)
-        problem = password_problem(password)
-        if problem:
-            raise invalid("userPassword", "****", problem)
-        new = User.new(name, password, user.groups, user.built_in)
-        self.store.put("users", name, asdict(new))
-        self.users[name] = new
-
-    def _admins_left(self, without: str, groups: list[str] | None = None) -> bool:
-        for u in self.users.values():
-            g = groups if u.name == without and groups is not None else u.groups
-            if (u.name != without or groups is not None) and "security" in permissions_of(g):
-                return True
-        return False
-
-    def set_user_groups(self, name: str, groups: list[str]) -> None:
-        user = self.get_user(name)
-        self._check_groups(groups)
-        groups = list(dict.fromkeys(groups))
-        if user.built_in:
-            raise VspError("WRONG_STATE", detail=f"the groups of the built-in user {name} cannot be changed")
-        if not self._admins_left(name, groups):
-            raise VspError("WRONG_STATE", detail="no user could manage users any more")
-        user.groups = groups
-        self.store.put("users", name, asdict(user))
-
-    def delete_user(self, name: str) -> None:
-        user = self.get_user(name)
-        if user.built_in:
-            raise VspError("WRONG_STATE", detail=f"the built-in user {name} cannot be deleted")
-        if not self._admins_left(name):
-            raise VspError("WRONG_STATE", detail="no user could manage users any more")
-        self.store.delete("users", name)
-        del self.users[name]
 
     # -- pools ------------------------------------------------------------------------------------
     def pool_ids(self) -> list[int]:

@@ -18,11 +18,11 @@ from vspemu.system.hostgroups import (
     ISCSI_ONLY_OPTIONS,
     MAX_HOST_GROUP_NUMBER,
     ChapUser,
+    HostGroup,
     HostIscsi,
     HostWwn,
     check_name,
 )
-from vspemu.system.storage import HostGroup
 
 router = APIRouter(tags=["host groups"])
 

@@ -11,7 +11,8 @@ from pydantic import Field
 from vspemu.api.common import Auth, Body, Ctx, data, job_response, sync_work
 from vspemu.context import StorageContext
 from vspemu.errors import VspError
-from vspemu.system.storage import MAX_LDEV_ID, Lun, Port
+from vspemu.system.hostgroups import Lun, Port
+from vspemu.system.storage import MAX_LDEV_ID
 
 router = APIRouter(tags=["ports"])
 

@@ -17,8 +17,7 @@ from vspemu.api.common import Auth, Body, Ctx, data, job_response, sync_work
 from vspemu.context import StorageContext
 from vspemu.errors import VspError, not_found
 from vspemu.system.sessions import Session
-from vspemu.system.storage import User
-from vspemu.system.users import BUILT_IN_GROUPS, MAX_GROUPS, UserGroup
+from vspemu.system.users import BUILT_IN_GROUPS, MAX_GROUPS, User, UserGroup
 
 router = APIRouter(tags=["users"])
 GroupNames = Field(min_length=1, max_length=MAX_GROUPS)
