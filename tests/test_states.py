@@ -1,5 +1,6 @@
 """The pair state tables (vspemu.replication.states): every cell, against the checks the engine made before
-they became data, and a few refusals through REST."""
+they became data, and a few refusals through REST; the local copies' tables (Thin Image, ShadowImage) in the
+same format, every cell against the transition dicts they had before."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from vspemu.client import ApiError, VspClient
 from vspemu.errors import VspError
 from vspemu.lab import SystemProcess
+from vspemu.localcopy import shadowimage_model, snapshot_states
 from vspemu.replication import states
 from vspemu.replication.model import ACTIVE, COPY, PSUS, SMPL, SSUS, SSWS, SUSPENDED, Pair
 from vspemu.replication.states import NO_CHANGE, Refusal
@@ -57,7 +59,10 @@ def make_pair(status: str, role: str, peer: str, swap_required: bool, swapped: b
                 swap_required=swap_required, extra={"swapped": True} if swapped else {})
 
 
-@pytest.mark.parametrize("table", list(states.TABLES.values()), ids=list(states.TABLES))
+REMOTE_TABLES = {k: t for k, t in states.TABLES.items() if t.remote}
+
+
+@pytest.mark.parametrize("table", list(REMOTE_TABLES.values()), ids=list(REMOTE_TABLES))
 def test_every_cell_matches_the_engine_checks(table: states.StateTable) -> None:
     assert set(table.cells) == set(itertools.product(states.STATUSES, states.ROLES, states.OPERATIONS))
     seen_conditions: set[tuple[str, str]] = set()
@@ -135,3 +140,79 @@ def test_rest_refusals_come_out_as_before(linked: tuple[SystemProcess, SystemPro
               {"parameters": {"replicationType": "TC"}}, remote=sc)
     info = pc.get(f"remote-mirror-copypairs/{pid}", remote=sc)
     assert (info["pvolStatus"], info["svolStatus"]) == ("PSUS", "SSUS")
+
+
+# -- local copies ---------------------------------------------------------------------------------------------
+# the transition dicts of vspemu.localcopy before their tables moved into the shared format (the oracle)
+_TI_NOT_SPLIT, _TI_BUSY = "!the snapshot is not split (PSUS)", "!the snapshot is being copied"
+TI_BEFORE: dict[tuple[str, str], str] = {
+    ("PAIR", "split"): "PSUS", ("PSUS", "split"): "!the snapshot is already split", ("PSUE", "split"): _TI_NOT_SPLIT,
+    ("COPY", "split"): _TI_BUSY, ("RCPY", "split"): _TI_BUSY,
+    ("PAIR", "resync"): "PAIR", ("PSUS", "resync"): "PAIR", ("PSUE", "resync"): "PAIR", ("COPY", "resync"): _TI_BUSY,
+    ("RCPY", "resync"): _TI_BUSY,
+    ("PSUS", "restore"): "RCPY", ("PAIR", "restore"): _TI_NOT_SPLIT,
+    ("PSUE", "restore"): "!the snapshot data is lost (PSUE)", ("COPY", "restore"): _TI_BUSY,
+    ("RCPY", "restore"): _TI_BUSY,
+    ("RCPY", "restored"): "PAIR",
+    ("PAIR", "delete"): "", ("PSUS", "delete"): "", ("PSUE", "delete"): "", ("COPY", "delete"): _TI_BUSY,
+    ("RCPY", "delete"): "!the snapshot is being restored",
+    ("PAIR", "assign-volume"): "PAIR", ("PSUS", "assign-volume"): "PSUS", ("PSUE", "assign-volume"): "PSUE",
+    ("COPY", "assign-volume"): _TI_BUSY, ("RCPY", "assign-volume"): _TI_BUSY,
+    ("PAIR", "unassign-volume"): "PAIR", ("PSUS", "unassign-volume"): "PSUS", ("PSUE", "unassign-volume"): "PSUE",
+    ("COPY", "unassign-volume"): _TI_BUSY, ("RCPY", "unassign-volume"): _TI_BUSY,
+    ("PSUS", "clone"): "COPY", ("PAIR", "clone"): _TI_NOT_SPLIT, ("PSUE", "clone"): _TI_NOT_SPLIT,
+    ("COPY", "clone"): _TI_BUSY, ("RCPY", "clone"): _TI_BUSY,
+    ("COPY", "cloned"): "",
+    ("PSUS", "fail"): "PSUE", ("RCPY", "fail"): "PSUE", ("COPY", "fail"): "PSUE", ("PSUE", "fail"): "PSUE",
+}
+_SI_RESTORING, _SI_PSUE = "!a reverse resync (restore) is under way", \
+    "!the pair is suspended by an error (PSUE); resync it first"
+SI_BEFORE: dict[tuple[str, str], str] = {
+    ("COPY", "split"): "PSUS", ("PAIR", "split"): "PSUS", ("PSUS", "split"): "!the pair is split already",
+    ("RCPY", "split"): _SI_RESTORING, ("PSUE", "split"): _SI_PSUE,
+    ("COPY", "resync"): "!a copy is under way", ("PAIR", "resync"): "!the pair is in PAIR already",
+    ("PSUS", "resync"): "COPY", ("RCPY", "resync"): _SI_RESTORING, ("PSUE", "resync"): "COPY",
+    ("COPY", "restore"): "!a copy is under way; split the pair first",
+    ("PAIR", "restore"): "!the pair is in PAIR; split it first", ("PSUS", "restore"): "RCPY",
+    ("RCPY", "restore"): _SI_RESTORING, ("PSUE", "restore"): _SI_PSUE,
+    ("COPY", "delete"): "SMPL", ("PAIR", "delete"): "SMPL", ("PSUS", "delete"): "SMPL",
+    ("RCPY", "delete"): _SI_RESTORING, ("PSUE", "delete"): "SMPL",
+}
+
+
+def test_local_copies_register_their_tables_in_the_shared_format() -> None:
+    assert states.TABLES["TI"] is snapshot_states.THIN_IMAGE
+    assert states.TABLES["SI"] is shadowimage_model.SHADOWIMAGE
+    for table in states.TABLES.values():
+        assert isinstance(table, states.StateTable)
+        assert set(table.cells) <= set(itertools.product(table.statuses, table.roles, table.operations))
+        assert table.remote == (table.roles == states.ROLES)
+        assert table.default is not None or set(table.cells) == set(
+            itertools.product(table.statuses, table.roles, table.operations))
+    assert {t.replication_type for t in states.TABLES.values() if not t.remote} >= {"TI", "SI"}
+
+
+@pytest.mark.parametrize("op", [*snapshot_states.OPERATIONS, "bogus"])
+@pytest.mark.parametrize("status", [*snapshot_states.STATUSES, "SMPL"])
+def test_thin_image_cells_answer_as_before(status: str, op: str) -> None:
+    before = TI_BEFORE.get((status, op), f"!{op} is not possible in status {status}")
+    if not before.startswith("!"):
+        assert snapshot_states.next_status(status, op) == before
+        return
+    with pytest.raises(VspError) as e:
+        snapshot_states.next_status(status, op)
+    assert (e.value.key, e.value.fields["detail"]) == (
+        "WRONG_STATE", f"{before[1:]} (status {status}, operation {op})")
+
+
+@pytest.mark.parametrize("op", [*shadowimage_model.OPERATIONS, "bogus"])
+@pytest.mark.parametrize("status", [*shadowimage_model.STATUSES, "SMPL"])
+def test_shadowimage_cells_answer_as_before(status: str, op: str) -> None:
+    before = SI_BEFORE.get((status, op), f"!{op} is not an operation in status {status}")
+    if not before.startswith("!"):
+        assert shadowimage_model.check_transition("g,p,s,n", status, op) == before
+        return
+    with pytest.raises(VspError) as e:
+        shadowimage_model.check_transition("g,p,s,n", status, op)
+    assert (e.value.key, e.value.fields["detail"]) == (
+        "WRONG_STATE", f"{op} of ShadowImage pair g,p,s,n: {before[1:]}")

@@ -45,7 +45,7 @@ from vspemu.localcopy.shadowimage_model import (
     RCPY,
     SMPL,
     SiPair,
-    transition,
+    check_transition,
 )
 from vspemu.replication.bitmap import TRACK, DirtyBitmap, fsync_dir
 from vspemu.system.storage import JOURNAL_ATTRIBUTE, Ldev, StorageSystem
@@ -410,9 +410,7 @@ class ShadowImages:
     # -- split ----------------------------------------------------------------------------------------
     def check(self, pairs: list[SiPair], operation: str) -> None:
         for pair in pairs:
-            _, why = transition(pair.status, operation)
-            if why is not None:
-                raise VspError("WRONG_STATE", detail=f"{operation} of ShadowImage pair {pair.pair_id}: {why}")
+            check_transition(pair.pair_id, pair.status, operation)
 
     def split(self, pairs: list[SiPair]) -> None:
         """Split now, all pairs at one instant: no await between the first and the last."""

@@ -3,7 +3,8 @@
 A pair is known by ``{copyGroupName},{pvolDeviceGroupName},{svolDeviceGroupName},{copyPairName}`` (the
 array's ``localCloneCopypairId``); its group by the first three parts (``localCloneCopygroupId``).
 
-Transitions are a data table, :data:`TRANSITIONS`: ``(status, operation) -> new status`` or a refusal text.
+Transitions are a state table in the shared format of :mod:`vspemu.replication.states`, :data:`SHADOWIMAGE`
+(type "SI", role ``LOCAL``): ``(status, operation) -> new status`` or a refusal (WRONG_STATE).
 The status a copy reaches when it completes (COPY -> PAIR, RCPY -> PAIR) is the copier's, not an operation.
 """
 
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from vspemu.replication import states
+from vspemu.replication.states import LOCAL, Outcome, Refusal, StateTable
 
 SMPL = "SMPL"
 COPY = "COPY"  # initial copy or resync under way (the array shows COPY(PD) / COPY(RS))
@@ -23,41 +27,48 @@ STATUSES = (COPY, PAIR, PSUS, RCPY, PSUE)
 DEFAULT_COPY_PACE = 3
 MAX_MU = 2  # a P-VOL is in at most 3 ShadowImage pairs (mirror units 0-2)
 
-Refusal = str  # the reason an operation is refused in a status
+OPERATIONS = ("split", "resync", "restore", "delete")
 
-# (status, operation) -> the new status, or a refusal (str starting with "!")
-TRANSITIONS: dict[tuple[str, str], str] = {
+
+def _refusal(why: str) -> Refusal:
+    return Refusal("WRONG_STATE", "{op} of ShadowImage pair {key}: " + why)
+
+
+_RESTORING = _refusal("a reverse resync (restore) is under way")
+_PSUE = _refusal("the pair is suspended by an error (PSUE); resync it first")
+# (status, operation) -> the new status, or why it is refused
+_TRANSITIONS: dict[tuple[str, str], Outcome] = {
     (COPY, "split"): PSUS,
     (PAIR, "split"): PSUS,
-    (PSUS, "split"): "!the pair is split already",
-    (RCPY, "split"): "!a reverse resync (restore) is under way",
-    (PSUE, "split"): "!the pair is suspended by an error (PSUE); resync it first",
-    (COPY, "resync"): "!a copy is under way",
-    (PAIR, "resync"): "!the pair is in PAIR already",
+    (PSUS, "split"): _refusal("the pair is split already"),
+    (RCPY, "split"): _RESTORING,
+    (PSUE, "split"): _PSUE,
+    (COPY, "resync"): _refusal("a copy is under way"),
+    (PAIR, "resync"): _refusal("the pair is in PAIR already"),
     (PSUS, "resync"): COPY,
-    (RCPY, "resync"): "!a reverse resync (restore) is under way",
+    (RCPY, "resync"): _RESTORING,
     (PSUE, "resync"): COPY,
-    (COPY, "restore"): "!a copy is under way; split the pair first",
-    (PAIR, "restore"): "!the pair is in PAIR; split it first",
+    (COPY, "restore"): _refusal("a copy is under way; split the pair first"),
+    (PAIR, "restore"): _refusal("the pair is in PAIR; split it first"),
     (PSUS, "restore"): RCPY,
-    (RCPY, "restore"): "!a reverse resync (restore) is under way",
-    (PSUE, "restore"): "!the pair is suspended by an error (PSUE); resync it first",
+    (RCPY, "restore"): _RESTORING,
+    (PSUE, "restore"): _PSUE,
     (COPY, "delete"): SMPL,
     (PAIR, "delete"): SMPL,
     (PSUS, "delete"): SMPL,
-    (RCPY, "delete"): "!a reverse resync (restore) is under way",
+    (RCPY, "delete"): _RESTORING,
     (PSUE, "delete"): SMPL,
 }
 
+SHADOWIMAGE = states.register(StateTable(
+    "SI", {(status, LOCAL, op): out for (status, op), out in _TRANSITIONS.items()}, {},
+    statuses=STATUSES, roles=(LOCAL,), operations=OPERATIONS,
+    default=_refusal("{op} is not an operation in status {status}")))
 
-def transition(status: str, operation: str) -> tuple[str | None, Refusal | None]:
-    """(new status, None) if allowed, else (None, why it is refused)."""
-    new = TRANSITIONS.get((status, operation))
-    if new is None:
-        return None, f"{operation} is not an operation in status {status}"
-    if new.startswith("!"):
-        return None, new[1:]
-    return new, None
+
+def check_transition(pair_id: str, status: str, operation: str) -> str:
+    """The status ``operation`` takes a pair to; WRONG_STATE (naming the pair) if it is refused."""
+    return states.next_local_status(SHADOWIMAGE, status, operation, pair_id)
 
 
 @dataclass

@@ -6,7 +6,8 @@ operation themselves. A new replication type (GAD, ShadowImage, Thin Image) adds
 in :data:`TABLES`; it does not add branches to the engine (see docs/architecture.md).
 
 A cell's key is the pair's own status on the side the operation is issued to, that side's role (``P`` holds
-the P-VOL, ``S`` the S-VOL), and the operation. A few decisions also depend on what a side knows besides its
+the P-VOL, ``S`` the S-VOL; :data:`LOCAL` for a local copy, whose one record holds both volumes), and the
+operation. A few decisions also depend on what a side knows besides its
 status; those are named *conditions* (:func:`conditions`) with their own rows, which take precedence over the
 status cells:
 
@@ -14,6 +15,11 @@ status cells:
                      resync is refused, a swap resync is the way back.
 ``swapped_running``  a P side that became the primary by a swap and copies or is in PAIR with its peer: a
                      swap resync issued again is accepted (the swap goes on from here).
+
+Local copies (Thin Image: vspemu.localcopy.snapshot_states, ShadowImage: vspemu.localcopy.shadowimage_model)
+keep their tables in the same format, with their own statuses and operations, role :data:`LOCAL` only and a
+``default`` refusal for the cells they leave out; they :func:`register` them here under their own type names
+("TI", "SI") when imported, and answer through :func:`next_local_status`. This module imports no local copy.
 
 Group rules, applied by the engine before the cells: a resync of a group whose pairs are all active (COPY,
 PAIR, PFUL) is accepted with no change (the CCI acceptance rule); UR pairs are operated in units of mirrors.
@@ -42,6 +48,7 @@ from vspemu.replication.model import (
 
 STATUSES = (SMPL, COPY, PAIR, PSUS, SSUS, PSUE, PFUL, PFUS, SSWS)
 ROLES = ("P", "S")
+LOCAL = "L"  # the role of a local copy's record (both volumes on this system)
 
 # operations
 SPLIT = "split"  # pairsplit (P -> PSUS, S -> SSUS)
@@ -64,13 +71,16 @@ SUSPENDED_BY_ERROR = frozenset({PSUE, PFUS})  # a waiter for PAIR gives up (pair
 @dataclass(frozen=True)
 class Refusal:
     """The error the operation is refused with (a message id of :mod:`vspemu.errors` and its detail, which
-    may name ``{key}`` and ``{status}`` of the pair)."""
+    may name ``{key}`` and ``{status}`` of the pair and the operation ``{op}``)."""
 
     message_id: str
     detail: str
 
     def error(self, pair: Pair) -> VspError:
-        return VspError(self.message_id, detail=self.detail.format(key=pair.key, status=pair.status))
+        return self.error_for(pair.key, pair.status, "")
+
+    def error_for(self, key: str, status: str, op: str) -> VspError:
+        return VspError(self.message_id, detail=self.detail.format(key=key, status=status, op=op))
 
 
 Outcome = str | Refusal  # a new status, NO_CHANGE, or a refusal
@@ -81,6 +91,15 @@ class StateTable:
     replication_type: str
     cells: Mapping[tuple[str, str, str], Outcome]  # (status, role, operation) -> outcome
     conditions: Mapping[tuple[str, str], Outcome]  # (condition, operation) -> outcome, before the cells
+    statuses: tuple[str, ...] = STATUSES
+    roles: tuple[str, ...] = ROLES
+    operations: tuple[str, ...] = OPERATIONS
+    default: Refusal | None = None  # the outcome of a cell the table leaves out (None: every cell is there)
+
+    @property
+    def remote(self) -> bool:
+        """A remote copy's table (P and S sides on two systems), not a local copy's."""
+        return self.roles == ROLES
 
 
 # -- the refusals (their texts are what the array's users see; tests pin the message ids) --------------------
@@ -139,6 +158,12 @@ UNIVERSAL_REPLICATOR = StateTable("UR", _remote_copy_cells(), _REMOTE_COPY_CONDI
 TABLES: dict[str, StateTable] = {t.replication_type: t for t in (TRUECOPY, UNIVERSAL_REPLICATOR)}
 
 
+def register(table: StateTable) -> StateTable:
+    """Add a replication type's table to :data:`TABLES` (local copies do, from their own modules)."""
+    TABLES[table.replication_type] = table
+    return table
+
+
 def conditions(pair: Pair) -> list[str]:
     """The named conditions that hold for ``pair`` (see the module docstring)."""
     out: list[str] = []
@@ -156,6 +181,22 @@ def outcome(table: StateTable, pair: Pair, op: str) -> Outcome:
         if out is not None:
             return out
     return table.cells[(pair.status, pair.role, op)]
+
+
+def local_outcome(table: StateTable, status: str, op: str) -> Outcome:
+    """What ``op`` does to a local copy in ``status`` (its one record, role :data:`LOCAL`)."""
+    out = table.cells.get((status, LOCAL, op), table.default)
+    if out is None:
+        raise KeyError((table.replication_type, status, op))
+    return out
+
+
+def next_local_status(table: StateTable, status: str, op: str, key: str = "") -> str:
+    """The status a local copy takes on ``op``; raises the table's refusal (naming ``key``) if refused."""
+    out = local_outcome(table, status, op)
+    if isinstance(out, Refusal):
+        raise out.error_for(key, status, op)
+    return out
 
 
 def check(table: StateTable, pairs: list[Pair], op: str) -> list[Outcome]:
