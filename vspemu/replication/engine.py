@@ -49,7 +49,6 @@ from vspemu.system.storage import StorageSystem
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 2.0
-BITMAP_BATCH_BYTES = 16 << 20  # bitmaps asked for in one pair.bitmap round trip (a 1 TiB volume's is 512 KiB)
 STATUS_CALL_TIMEOUT = 5.0
 
 
@@ -491,7 +490,7 @@ class Replication(PairRegistry):
 
         Crash safety: each merge is durable (file and directory fsynced) before the S side is told to clear its
         bitmap, so a crash at any point keeps every S-side mark in one of the two bitmaps."""
-        await self.merge_peer_bitmaps(group, todo)
+        await self.handlers.merge_bitmaps(group, todo)
         await self.call(group, "pair.set", {"group": group.name, "pairs": [p.name for p in todo],
                                             "status": COPY, "clear_bitmap": True})
         crash_point("pair-resync-after-clear")
@@ -506,27 +505,6 @@ class Replication(PairRegistry):
         for p in todo:
             self.copier.start_copy(p)
 
-    async def merge_peer_bitmaps(self, group: CopyGroup, pairs: list[Pair]) -> None:
-        """Merge the other side's bitmaps of these pairs into this side's (each merge durable when this
-        returns): one ``pair.bitmap`` round trip per batch of pairs, not one per pair."""
-        batch: list[Pair] = []
-        size = 0
-        for i, p in enumerate(pairs):
-            batch.append(p)
-            size += len(self.bitmap(p).bits)
-            if size < BITMAP_BATCH_BYTES and i + 1 < len(pairs):
-                continue
-            h, payload = await self.call(group, "pair.bitmap", {"group": group.name,
-                                                                "pairs": [x.name for x in batch]})
-            sizes = h.get("sizes")
-            if not isinstance(sizes, list) or len(sizes) != len(batch) or sum(sizes) != len(payload):
-                raise VspError("REMOTE_UNREACHABLE", detail="the other system sent bad bitmaps")
-            view, off = memoryview(payload), 0
-            for x, n in zip(batch, sizes, strict=True):
-                self.bitmap(x).merge(view[off:off + n])
-                off += n
-            batch, size = [], 0
-
     async def _swap_resync(self, group: CopyGroup, pairs: list[Pair], wait: bool) -> list[Pair]:
         """doSwapSvol: the S-VOLs become P-VOLs (from whichever side it is issued) and copy the differences."""
         self._check_resync(group, pairs, swap=True)
@@ -535,7 +513,7 @@ class Replication(PairRegistry):
             # this side becomes the primary (the other side refuses first if its P-VOLs are in other mirrors)
             await self.call(group, "pair.swap", {"group": group.name, "pairs": [p.name for p in pairs],
                                                  "to": "S", "check": True})
-            await self.merge_peer_bitmaps(group, pairs)
+            await self.handlers.merge_bitmaps(group, pairs)
             await self.call(group, "pair.swap", {"group": group.name, "pairs": [p.name for p in pairs],
                                                  "to": "S"})
             self.become(group, pairs, "P")

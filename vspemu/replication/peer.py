@@ -34,6 +34,7 @@ from vspemu.replication.link import Link
 from vspemu.replication.model import COPY, PAIR, PSUS, SMPL, SSUS, SSWS, CopyGroup, Pair, status_digest
 from vspemu.replication.wire import PeerInfo
 
+BITMAP_BATCH_BYTES = 16 << 20  # bitmaps asked for in one pair.bitmap round trip (a 1 TiB volume's is 512 KiB)
 EXTENT = struct.Struct("!QQ")  # (offset, length) of a data extent in a data.extents reply
 
 
@@ -48,6 +49,27 @@ class PeerHandlers:
                              ("data.write", self.h_write), ("data.flush", self.h_flush),
                              ("data.extents", self.h_extents)):
             engine.link.register_handler(msg, handler)
+
+    async def merge_bitmaps(self, group: CopyGroup, pairs: list[Pair]) -> None:
+        """Merge the other side's bitmaps of these pairs into this side's (each merge durable when this
+        returns): one ``pair.bitmap`` round trip per batch of pairs, not one per pair."""
+        batch: list[Pair] = []
+        size = 0
+        for i, p in enumerate(pairs):
+            batch.append(p)
+            size += len(self.engine.bitmap(p).bits)
+            if size < BITMAP_BATCH_BYTES and i + 1 < len(pairs):
+                continue
+            h, payload = await self.engine.call(group, "pair.bitmap", {"group": group.name,
+                                                                "pairs": [x.name for x in batch]})
+            sizes = h.get("sizes")
+            if not isinstance(sizes, list) or len(sizes) != len(batch) or sum(sizes) != len(payload):
+                raise VspError("REMOTE_UNREACHABLE", detail="the other system sent bad bitmaps")
+            view, off = memoryview(payload), 0
+            for x, n in zip(batch, sizes, strict=True):
+                self.engine.bitmap(x).merge(view[off:off + n])
+                off += n
+            batch, size = [], 0
 
     async def h_create(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
         h = peer_headers.create_header(h)  # every field type- and range-checked (a bad one: an ERROR reply)
