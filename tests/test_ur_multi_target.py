@@ -188,7 +188,9 @@ def test_journal_full_suspends_only_the_mirror_that_holds_it(mt: MultiTarget) ->
     assert units[2]["journalStatus"] == "PJSF" and units[1]["journalStatus"] in ("PJNN", "PJNF")
     mt.wait(m2, {("PFUS", "PFUS")}, timeout=30)
     mt.wait_drained(m1)
-    assert mt.statuses(m1) == {("PAIR", "PAIR")}
+    # the secondary's PFUL -> PAIR (its journal usage as the primary reports it) reaches the primary with the
+    # next status poll
+    mt.wait(m1, {("PAIR", "PAIR")}, timeout=30)
     mt.assert_same(m1)
     # the suspended mirror's journal entries became bitmap marks: the resync copies them, and no entry
     # journaled before the suspension reaches its secondary afterwards (that would put older data back)

@@ -204,6 +204,8 @@ class DirtyBitmap:
         """OR another bitmap of the same volume into this one (resync: S-VOL marks into the P-VOL's)."""
         o = other if isinstance(other, np.ndarray) else np.frombuffer(other, dtype=np.uint8)
         n = min(len(o), len(self.bits))
+        if not self._marking and not (o[:n] & ~self.bits[:n]).any():
+            return  # nothing new, and every mark here is on disk already (no mark() is under way)
         self.bits[:n] |= o[:n]
         self._rewrite()
 
@@ -221,6 +223,9 @@ class DirtyBitmap:
             self.clear(t)
 
     def clear_all(self) -> None:
+        if not self.bits.any():
+            self.sync()  # (clears not persisted yet: the file is all clear when this returns, as after a rewrite)
+            return
         self.bits[:] = 0
         self._rewrite()
 

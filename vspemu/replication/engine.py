@@ -35,6 +35,7 @@ from vspemu.replication.model import (
     SSWS,
     CopyGroup,
     Pair,
+    status_digest,
 )
 from vspemu.replication.peer import EXTENT, PeerHandlers
 from vspemu.replication.registry import PairRegistry
@@ -142,6 +143,20 @@ class Replication(PairRegistry):
         self.save(pair)
 
     async def _push_state(self, group: CopyGroup, pairs: Iterable[Pair]) -> bool:
+        """Exchange statuses with the other side. First only digests of both views (a few bytes, whatever
+        the number of pairs); the statuses themselves only where a view differs (see :func:`status_digest`):
+        the other side answers with its statuses if this side's view of them is stale, and this side sends
+        its own if the other side's view is (``need``)."""
+        pairs = list(pairs)
+        h = await self.try_call(group, "pair.state", {
+            "group": group.name, "digest": status_digest((p.name, p.status) for p in pairs),
+            "peer_digest": status_digest((p.name, p.peer_status) for p in pairs)})
+        if h is None:
+            return False
+        if "states" in h:  # the other side's statuses differ from what this side knows: learn them now
+            self.learn(group, h["states"] if isinstance(h["states"], dict) else {})
+        if h.get("same") is True or h.get("need") is False:
+            return True  # the other side knows this side's statuses: the full exchange would change nothing
         states = {p.name: p.status for p in pairs}
         h = await self.try_call(group, "pair.state", {"group": group.name, "states": states})
         if h is None:
@@ -150,13 +165,14 @@ class Replication(PairRegistry):
         return True
 
     def learn(self, group: CopyGroup, statuses: dict[str, str]) -> None:
-        for name, st in statuses.items():
-            p = self.pairs.get(f"{group.name}/{name}")
-            if p is None or p.peer_status == st:
-                continue
-            p.peer_status = st
-            p.status = states.on_peer_status(p, st)  # e.g. deleted or taken over there: PSUS (see .states)
-            self.save(p)
+        with self.system.store.transaction():  # (one commit for the group, not one per pair)
+            for name, st in statuses.items():
+                p = self.pairs.get(f"{group.name}/{name}")
+                if p is None or p.peer_status == st:
+                    continue
+                p.peer_status = st
+                p.status = states.on_peer_status(p, st)  # e.g. deleted or taken over there: PSUS (see .states)
+                self.save(p)
 
     async def suspend_on_error(self, pair: Pair, reason: str) -> None:
         """The link or the S side failed: PSUE, and the fence level decides about host writes."""
@@ -366,13 +382,15 @@ class Replication(PairRegistry):
             if todo[0].role == "P":
                 h = await self.try_call(group, "pair.set", {"group": group.name, "pairs": [p.name for p in todo],
                                                              "status": SSUS, "writable": svol_rw})
-                for p in todo:
-                    p.pvol_write_protect = pvol_write_protect
-                    self.set_status(p, PSUS, SSUS if h is not None else p.peer_status)
+                with self.system.store.transaction():  # one commit for the group operation
+                    for p in todo:
+                        p.pvol_write_protect = pvol_write_protect
+                        self.set_status(p, PSUS, SSUS if h is not None else p.peer_status)
             else:  # issued on the S side: the S-VOL changes first, the P side follows when told
-                for p in todo:
-                    p.svol_writable = svol_rw
-                    self.set_status(p, SSUS)
+                with self.system.store.transaction():
+                    for p in todo:
+                        p.svol_writable = svol_rw
+                        self.set_status(p, SSUS)
                 await self.try_call(group, "pair.set", {"group": group.name, "pairs": [p.name for p in todo],
                                                          "status": PSUS, "peer": SSUS})
         finally:
@@ -389,10 +407,11 @@ class Replication(PairRegistry):
         names = [p.name for p in pairs]
         h = await self.try_call(group, "pair.set", {"group": group.name, "pairs": names, "status": PSUS,
                                                      "peer": SSWS})
-        for p in pairs:
-            p.svol_writable = True
-            p.swap_required = True
-            self.set_status(p, SSWS, PSUS if h is not None else p.peer_status)
+        with self.system.store.transaction():
+            for p in pairs:
+                p.svol_writable = True
+                p.swap_required = True
+                self.set_status(p, SSWS, PSUS if h is not None else p.peer_status)
 
     async def takeover(self, group_name: str, pair_name: str | None, mode: str) -> list[Pair]:
         group = self.get_group(group_name)
@@ -456,10 +475,11 @@ class Replication(PairRegistry):
             return pairs  # already resynchronizing or in PAIR: accepted, no change
         todo = [p for p, out in zip(pairs, outs, strict=True) if out == COPY]
         if copy_pace is not None or fence is not None:
-            for p in pairs:
-                p.copy_pace = copy_pace if copy_pace is not None else p.copy_pace
-                p.fence = fence if fence is not None else p.fence
-                self.save(p)
+            with self.system.store.transaction():
+                for p in pairs:
+                    p.copy_pace = copy_pace if copy_pace is not None else p.copy_pace
+                    p.fence = fence if fence is not None else p.fence
+                    self.save(p)
         await self._resync_from_here(group, todo)
         if wait:
             await self.copier.wait_settled(todo)
@@ -470,19 +490,19 @@ class Replication(PairRegistry):
 
         Crash safety: each merge is durable (file and directory fsynced) before the S side is told to clear its
         bitmap, so a crash at any point keeps every S-side mark in one of the two bitmaps."""
-        for p in todo:
-            _, bits = await self.call(group, "pair.bitmap", {"group": group.name, "pair": p.name})
-            self.bitmap(p).merge(bits)
+        await self.handlers.merge_bitmaps(group, todo)
         await self.call(group, "pair.set", {"group": group.name, "pairs": [p.name for p in todo],
                                             "status": COPY, "clear_bitmap": True})
         crash_point("pair-resync-after-clear")
+        with self.system.store.transaction():  # one commit for the group (before the job completes)
+            for p in todo:
+                p.fenced = False
+                p.pvol_write_protect = False
+                p.swap_required = False
+                p.copy_done = 0
+                p.extra.pop("copy_started", None)
+                self.set_status(p, COPY, COPY)
         for p in todo:
-            p.fenced = False
-            p.pvol_write_protect = False
-            p.swap_required = False
-            p.copy_done = 0
-            p.extra.pop("copy_started", None)
-            self.set_status(p, COPY, COPY)
             self.copier.start_copy(p)
 
     async def _swap_resync(self, group: CopyGroup, pairs: list[Pair], wait: bool) -> list[Pair]:
@@ -493,9 +513,7 @@ class Replication(PairRegistry):
             # this side becomes the primary (the other side refuses first if its P-VOLs are in other mirrors)
             await self.call(group, "pair.swap", {"group": group.name, "pairs": [p.name for p in pairs],
                                                  "to": "S", "check": True})
-            for p in pairs:
-                _, bits = await self.call(group, "pair.bitmap", {"group": group.name, "pair": p.name})
-                self.bitmap(p).merge(bits)
+            await self.handlers.merge_bitmaps(group, pairs)
             await self.call(group, "pair.swap", {"group": group.name, "pairs": [p.name for p in pairs],
                                                  "to": "S"})
             self.become(group, pairs, "P")
@@ -516,6 +534,10 @@ class Replication(PairRegistry):
         return pairs
 
     def become(self, group: CopyGroup, pairs: list[Pair], role: str) -> None:
+        with self.system.store.transaction():
+            self._become(group, pairs, role)
+
+    def _become(self, group: CopyGroup, pairs: list[Pair], role: str) -> None:
         for p in pairs:
             p.role = role
             p.swap_required = False
@@ -535,10 +557,12 @@ class Replication(PairRegistry):
     async def resync_after_swap(self, group: CopyGroup, pairs: list[Pair]) -> None:
         await self.call(group, "pair.set", {"group": group.name, "pairs": [p.name for p in pairs],
                                             "status": COPY})
+        with self.system.store.transaction():
+            for p in pairs:
+                p.copy_done = 0
+                p.extra.pop("copy_started", None)
+                self.set_status(p, COPY, COPY)
         for p in pairs:
-            p.copy_done = 0
-            p.extra.pop("copy_started", None)
-            self.set_status(p, COPY, COPY)
             self.copier.start_copy(p)
 
     async def _wait_remote_pair(self, group: CopyGroup, pairs: list[Pair]) -> None:

@@ -8,6 +8,8 @@ array. The primary owns the P-VOL status and the secondary the S-VOL status.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -143,3 +145,12 @@ def group_view(group: CopyGroup, pairs: list[Pair] | None, local_device_id: str)
     if pairs is not None:
         view["copyPairs"] = [pair_view(group, p, local_device_id) for p in pairs]
     return view
+
+
+def status_digest(statuses: Iterable[tuple[str, str]]) -> str:
+    """A digest of (pair name, status) pairs, in any order: what one side holds (its statuses) or knows of
+    the other (its peer statuses). Equal digests both ways mean a ``pair.state`` exchange would change nothing."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, status in sorted(statuses):
+        h.update(f"{name}={status};".encode())
+    return h.hexdigest()

@@ -8,7 +8,8 @@ path.
 ``pair.set``       one side tells the other the status it must take (e.g. S: SSUS, COPY, PAIR, PSUE)
 ``pair.state``     report this side's statuses and learn the other's (push after a change, and polling)
 ``pair.delete``    forget the pair on the other side
-``pair.bitmap``    the other side's differential bitmap of a volume (merged before a resync)
+``pair.bitmap``    the other side's differential bitmap of a volume (merged before a resync); with
+                   ``pairs``, the bitmaps of several pairs in one reply (a group resync: one round trip)
 ``pair.swap``      reverse the roles of pairs (swap resync)
 ``data.write``     write (or zero) a range of an S-VOL: host writes in PAIR and copy chunks
 ``data.flush``     make the S-VOL durable
@@ -30,9 +31,10 @@ from vspemu.replication import peer_headers
 from vspemu.replication.datapath import write_copy_chunk
 from vspemu.replication.kinds import PeerCore
 from vspemu.replication.link import Link
-from vspemu.replication.model import COPY, PAIR, PSUS, SMPL, SSUS, SSWS, CopyGroup, Pair
+from vspemu.replication.model import COPY, PAIR, PSUS, SMPL, SSUS, SSWS, CopyGroup, Pair, status_digest
 from vspemu.replication.wire import PeerInfo
 
+BITMAP_BATCH_BYTES = 16 << 20  # bitmaps asked for in one pair.bitmap round trip (a 1 TiB volume's is 512 KiB)
 EXTENT = struct.Struct("!QQ")  # (offset, length) of a data extent in a data.extents reply
 
 
@@ -47,6 +49,27 @@ class PeerHandlers:
                              ("data.write", self.h_write), ("data.flush", self.h_flush),
                              ("data.extents", self.h_extents)):
             engine.link.register_handler(msg, handler)
+
+    async def merge_bitmaps(self, group: CopyGroup, pairs: list[Pair]) -> None:
+        """Merge the other side's bitmaps of these pairs into this side's (each merge durable when this
+        returns): one ``pair.bitmap`` round trip per batch of pairs, not one per pair."""
+        batch: list[Pair] = []
+        size = 0
+        for i, p in enumerate(pairs):
+            batch.append(p)
+            size += len(self.engine.bitmap(p).bits)
+            if size < BITMAP_BATCH_BYTES and i + 1 < len(pairs):
+                continue
+            h, payload = await self.engine.call(group, "pair.bitmap", {"group": group.name,
+                                                                "pairs": [x.name for x in batch]})
+            sizes = h.get("sizes")
+            if not isinstance(sizes, list) or len(sizes) != len(batch) or sum(sizes) != len(payload):
+                raise VspError("REMOTE_UNREACHABLE", detail="the other system sent bad bitmaps")
+            view, off = memoryview(payload), 0
+            for x, n in zip(batch, sizes, strict=True):
+                self.engine.bitmap(x).merge(view[off:off + n])
+                off += n
+            batch, size = [], 0
 
     async def h_create(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
         h = peer_headers.create_header(h)  # every field type- and range-checked (a bad one: an ERROR reply)
@@ -96,26 +119,36 @@ class PeerHandlers:
         group = self.engine.peer_group(peer, h["group"])
         status = peer_headers.status(h["status"])
         states: dict[str, str] = {}
-        for name in peer_headers.names(h["pairs"]):
-            p = self.engine.pairs.get(f"{group.name}/{name}")
-            if p is None:
-                continue
-            if h.get("clear_bitmap"):
-                self.engine.bitmap(p).clear_all()
-            if "writable" in h:
-                p.svol_writable = bool(h["writable"])
-            if status in (COPY, PAIR) and p.role == "S":
-                p.svol_writable = False
-                p.swap_required = False
-            if status == SSUS and p.role == "S" and p.status == SSWS:
-                states[name] = p.status  # a takeover is not undone by a split
-                continue
-            self.engine.set_status(p, status, peer_headers.status(h.get("peer", _peer_status_of_sender(status))))
-            states[name] = p.status
+        with self.engine.system.store.transaction():  # one commit for the group's pairs
+            for name in peer_headers.names(h["pairs"]):
+                p = self.engine.pairs.get(f"{group.name}/{name}")
+                if p is None:
+                    continue
+                if h.get("clear_bitmap"):
+                    self.engine.bitmap(p).clear_all()
+                if "writable" in h:
+                    p.svol_writable = bool(h["writable"])
+                if status in (COPY, PAIR) and p.role == "S":
+                    p.svol_writable = False
+                    p.swap_required = False
+                if status == SSUS and p.role == "S" and p.status == SSWS:
+                    states[name] = p.status  # a takeover is not undone by a split
+                    continue
+                self.engine.set_status(p, status,
+                                       peer_headers.status(h.get("peer", _peer_status_of_sender(status))))
+                states[name] = p.status
         return {"states": states}, b""
 
     async def h_state(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
         group = self.engine.groups.get(str(h["group"]))
+        if "states" not in h and "digest" in h:  # the poll's first step: is a full exchange needed?
+            if group is None or group.remote_device_id != peer.storage_device_id:
+                return {}, b""
+            pairs = self.engine.group_pairs(group.name)
+            need = h["digest"] != status_digest((p.name, p.peer_status) for p in pairs)  # our view is stale
+            if h.get("peer_digest") == status_digest((p.name, p.status) for p in pairs):
+                return {"same": not need, "need": need}, b""
+            return {"states": {p.name: p.status for p in pairs}, "need": need}, b""
         if group is None or group.remote_device_id != peer.storage_device_id:
             return {"states": {name: SMPL for name in h.get("states", {})}}, b""
         self.engine.learn(group, {str(k): str(v) for k, v in h.get("states", {}).items()})
@@ -131,6 +164,11 @@ class PeerHandlers:
 
     async def h_bitmap(self, peer: PeerInfo, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         group = self.engine.peer_group(peer, h["group"])
+        if "pairs" in h:  # several pairs' bitmaps, one after the other; "sizes" gives each one's length
+            pairs = [self.engine.get_pair(group.name, n) for n in peer_headers.names(h["pairs"])]
+            self.engine.kind(group).before_swap(group)
+            blobs = [self.engine.bitmap(p).to_bytes() for p in pairs]
+            return {"sizes": [len(b) for b in blobs]}, b"".join(blobs)
         p = self.engine.get_pair(group.name, str(h["pair"]))
         self.engine.kind(group).before_swap(group)  # (UR: journaled writes never restored differ too)
         bm = self.engine.bitmap(p)
