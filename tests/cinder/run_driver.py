@@ -8,8 +8,10 @@ first line of JSON on stdin::
      "storage_id": "900000012345", "pool": "0", "ports": ["CL1-A"], "size_gib": 1,
      "connector": {...}, "local_connector": {...}}
 
-then one step name a line (do_setup, get_volume_stats, create_volume, extend_volume, initialize_connection,
-terminate_connection, delete_volume), and answers each with one JSON line: {"step": name, "ok": true,
+then one step a line (do_setup, get_volume_stats, create_volume, extend_volume, initialize_connection,
+terminate_connection, delete_volume; create_snapshot, create_volume_from_snapshot, create_cloned_volume,
+revert_to_snapshot, delete_snapshot; ``delete_volume NAME`` deletes the volume made by the step NAME, e.g.
+``delete_volume create_cloned_volume``), and answers each with one JSON line: {"step": name, "ok": true,
 "result": ...} or {"step": name, "ok": false, "error": ..., "traceback": ...}, so the test can look at the
 storage system between steps. It ends at end of input. No OpenStack service runs: the driver gets a
 Configuration object whose oslo.config options are set here, and volume objects made here. Nothing of vspemu
@@ -120,6 +122,13 @@ def make_volume(size: int) -> Any:
     return vol
 
 
+def make_snapshot(vol: Any) -> Any:
+    ctxt = cinder_context.get_admin_context()
+    return objects.Snapshot(ctxt, id=str(uuid.uuid4()), volume=vol, volume_id=vol.id, volume_size=vol.size,
+                            provider_location=None, metadata={}, status="creating", display_name="vspemu-snap",
+                            volume_type_id=None)
+
+
 def main() -> int:
     args = json.loads(sys.stdin.readline())
     configuration = configure(args)
@@ -130,10 +139,18 @@ def main() -> int:
     driver_cls = hbsd_fc.HBSDFCDriver if args["mode"] == "fc" else hbsd_iscsi.HBSDISCSIDriver
     driver = driver_cls(configuration=configuration)
     vol: Any = None
+    snap: Any = None
     state: dict[str, Any] = {}
+    made: dict[str, Any] = {}  # step name -> the volume it made (create_volume_from_snapshot, ...)
 
-    def step(name: str) -> Any:
-        nonlocal vol
+    def new_volume(step_name: str, model: dict[str, Any]) -> dict[str, Any]:
+        new = made[step_name]
+        new.provider_location = model["provider_location"]
+        return {"ldev": int(new.provider_location), "model": model}
+
+    def step(line: str) -> Any:
+        nonlocal vol, snap
+        name, _, arg = line.partition(" ")
         if name == "do_setup":
             driver.do_setup(None)
             driver.check_for_setup_error()
@@ -154,9 +171,27 @@ def main() -> int:
             return info
         if name == "terminate_connection":
             return driver.terminate_connection(vol, args["connector"])
+        if name == "delete_volume" and arg:
+            driver.delete_volume(made[arg])
+            return {"ldev": int(made[arg].provider_location)}
         if name == "delete_volume":
             driver.delete_volume(vol)
             return {"ldev": state["ldev"]}
+        if name == "create_snapshot":
+            snap = make_snapshot(vol)
+            model = driver.create_snapshot(snap)
+            snap.provider_location = model["provider_location"]
+            return {"ldev": int(snap.provider_location), "model": model, "id": snap.id}
+        if name == "create_volume_from_snapshot":
+            made[name] = make_volume(vol.size)
+            return new_volume(name, driver.create_volume_from_snapshot(made[name], snap))
+        if name == "create_cloned_volume":
+            made[name] = make_volume(vol.size)
+            return new_volume(name, driver.create_cloned_volume(made[name], vol))
+        if name == "revert_to_snapshot":
+            return driver.revert_to_snapshot(None, vol, snap)
+        if name == "delete_snapshot":
+            return driver.delete_snapshot(snap)
         if name == "get_volume_stats":
             return driver.get_volume_stats(refresh=True)
         raise ValueError(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 from test_ansible import python312, unavailable  # tests/e2e is on sys.path
 
 from vspemu.client import VspClient
+from vspemu.client.nbd import NbdClient
 from vspemu.lab import SystemProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
@@ -173,3 +175,88 @@ def test_iscsi_driver_connects_through_an_iscsi_target(system: SystemProcess, ap
     assert api.get("luns", ldevId=ldev)["data"] == []
     drv.step("delete_volume")
     assert api.get(f"ldevs/{ldev}")["emulationType"] == "NOT DEFINED"
+
+
+MiB = 1 << 20
+# where the test writes: the first 4 MiB, 1 MiB across a 256 KiB track boundary in the middle, the last MiB
+REGIONS = ((0, 4 * MiB), (600 * MiB + 100 * 1024, MiB), (2047 * MiB, MiB))
+
+
+def write_regions(system: SystemProcess, ldev: int, seed: int) -> list[bytes]:
+    rnd = random.Random(seed)
+    out = []
+    with NbdClient("127.0.0.1", system.nbd_port, str(ldev)) as n:
+        for off, length in REGIONS:
+            out.append(rnd.randbytes(length))
+            n.write(off, out[-1])
+        n.flush()
+    return out
+
+
+def read_regions(system: SystemProcess, ldev: int) -> list[bytes]:
+    with NbdClient("127.0.0.1", system.nbd_port, str(ldev)) as n:
+        return [n.read(off, length) for off, length in REGIONS]
+
+
+def exported(api: VspClient, ldev: int) -> None:
+    """A LU path on the Cinder node's port (host group 0), so the test reads the volume over NBD."""
+    api.add_lun(ldev, "CL1-A", 0)
+
+
+def snapshots_of(api: VspClient, **query: int) -> list[dict[str, Any]]:
+    return list(api.get("snapshots", **query)["data"])
+
+
+def test_snapshot_clone_and_revert_with_real_data(system: SystemProcess, api: VspClient, driver_for: Any) -> None:
+    """create_snapshot, create_volume_from_snapshot, create_cloned_volume, revert_to_snapshot and
+    delete_snapshot of the real driver: Thin Image snapshots and clones (isClone + clonesAutomation), checked
+    through the REST API after each step and by the data over NBD."""
+    drv = driver_for("fc", ["CL1-A"])
+    drv.step("do_setup")
+    drv.step("get_volume_stats")  # Cinder asks for them before it places a volume
+    vol = drv.step("create_volume")["ldev"]
+    drv.step("extend_volume")  # 2 GiB
+    exported(api, vol)
+    before = write_regions(system, vol, seed=1)
+
+    snap = drv.step("create_snapshot")
+    sv = snap["ldev"]
+    [s] = snapshots_of(api, pvolLdevId=vol)
+    assert (s["status"], s["svolLdevId"], s["snapshotGroupName"]) == ("PSUS", sv, f"HBSD-snap{sv % 8}")
+    assert s["canCascade"] is True
+    [s_seen] = snapshots_of(api, svolLdevId=sv)
+    assert s_seen["primaryOrSecondary"] == "S-VOL" and s_seen["pvolLdevId"] == vol
+    assert api.get(f"ldevs/{sv}")["label"] == snap["id"].replace("-", "")
+    assert "HTI" in api.get(f"ldevs/{vol}")["attributes"] and "HTI" in api.get(f"ldevs/{sv}")["attributes"]
+    after = write_regions(system, vol, seed=2)  # the volume keeps changing; the snapshot keeps its instant
+    exported(api, sv)
+    assert read_regions(system, sv) == before
+
+    from_snap = drv.step("create_volume_from_snapshot")["ldev"]  # a clone of the snapshot's S-VOL
+    assert snapshots_of(api, svolLdevId=from_snap) == []  # the clone pair is gone once the copy is done
+    assert "HTI" not in api.get(f"ldevs/{from_snap}")["attributes"]
+    exported(api, from_snap)
+    assert read_regions(system, from_snap) == before
+
+    cloned = drv.step("create_cloned_volume")["ldev"]  # a clone of the volume as it is now
+    assert snapshots_of(api, svolLdevId=cloned) == []
+    exported(api, cloned)
+    assert read_regions(system, cloned) == after
+    assert [x["svolLdevId"] for x in snapshots_of(api, pvolLdevId=vol)] == [sv]  # only the snapshot is left
+
+    drv.step("revert_to_snapshot")
+    assert read_regions(system, vol) == before
+    [s] = snapshots_of(api, pvolLdevId=vol)
+    assert (s["status"], s["svolLdevId"]) == ("PSUS", sv)  # split again at once (autoSplit)
+    assert read_regions(system, sv) == before
+    assert read_regions(system, from_snap) == before and read_regions(system, cloned) == after  # their own data
+
+    drv.step("delete_snapshot")
+    assert snapshots_of(api, pvolLdevId=vol) == []
+    assert api.get(f"ldevs/{sv}")["emulationType"] == "NOT DEFINED"
+    assert "HTI" not in api.get(f"ldevs/{vol}")["attributes"]
+    for name, ldev in (("create_volume_from_snapshot", from_snap), ("create_cloned_volume", cloned)):
+        drv.step(f"delete_volume {name}")
+        assert api.get(f"ldevs/{ldev}")["emulationType"] == "NOT DEFINED"
+    drv.step("delete_volume")
+    assert api.get(f"ldevs/{vol}")["emulationType"] == "NOT DEFINED"

@@ -64,6 +64,7 @@ KIND = "snapshots"  # the configuration store's kind
 # muNumber chosen when none is given: from 3 up (0-2 are the mirror units ShadowImage uses on the array, and the
 # Ansible collection takes mirror unit 0 for "not given"), 0-2 last
 AUTO_MU_ORDER = (*range(3, MAX_MU + 1), 0, 1, 2)
+HTI_ATTRIBUTE = "HTI"  # in an LDEV's attributes while it is a snapshot P-VOL or an assigned S-VOL (as on the array)
 
 @dataclass
 class Snapshot:
@@ -142,10 +143,14 @@ class Snapshots:
                 system.store.put(KIND, s.key, s.doc())
             self.snaps[s.key] = s
         for s in self.snaps.values():
-            self._watch_pvol(s.pvol)
+            vol = system.volumes.get(s.pvol)
+            if vol is not None:
+                vol.add_observer(self)
             if s.svol is not None:
                 self._attach_svol(s)
         self._rebuild_chains()
+        for ldev_id in {x for s in self.snaps.values() for x in (s.pvol, s.svol) if x is not None}:
+            self._mark(ldev_id)
         system.ldev_guards.append(self._guard)
         system.pool_usage.append(self.pool_used_bytes)
 
@@ -202,10 +207,24 @@ class Snapshots:
     def _volume(self, ldev_id: int) -> Volume:
         return self.system.volumes[ldev_id]
 
-    def _watch_pvol(self, pvol: int) -> None:
-        vol = self.system.volumes.get(pvol)
+    def _in_use(self, ldev_id: int) -> bool:
+        return ldev_id in self._by_svol or any(s.pvol == ldev_id for s in self.snaps.values())
+
+    def _rewatch(self, ldev_id: int) -> None:
+        """Observe a volume while it is a snapshot P-VOL or an assigned S-VOL (it may be both: a clone of a
+        snapshot's S-VOL), and show HTI in its attributes meanwhile."""
+        vol = self.system.volumes.get(ldev_id)
         if vol is not None:
-            vol.add_observer(self)
+            if self._in_use(ldev_id):
+                vol.add_observer(self)
+            else:
+                vol.remove_observer(self)
+        self._mark(ldev_id)
+
+    def _mark(self, ldev_id: int) -> None:
+        ldev = self.system.ldevs.get(ldev_id)
+        if ldev is not None:
+            self.system.set_ldev_attribute(ldev, HTI_ATTRIBUTE, self._in_use(ldev_id))
 
     def _attach_svol(self, s: Snapshot) -> None:
         assert s.svol is not None
@@ -223,7 +242,7 @@ class Snapshots:
         self._by_svol.pop(s.svol, None)
         vol = self.system.volumes.get(s.svol)
         if vol is not None:
-            vol.remove_observer(self)
+            self._rewatch(s.svol)  # it may still be the P-VOL of a clone
             vol.read_redirect = None
             if vol.write_gate == self._svol_gate:
                 vol.write_gate = None
@@ -259,7 +278,9 @@ class Snapshots:
         start = area.end
         try:
             for t in todo:
-                area.append(COW, t, os.pread(volume.fd, min(TRACK, volume.size - t * TRACK), t * TRACK))
+                old = bytearray(min(TRACK, volume.size - t * TRACK))
+                _read_pvol(volume, t * TRACK, memoryview(old))
+                area.append(COW, t, bytes(old))
             area.sync()
         except OSError as e:  # the pool cannot take it: the snapshots that needed these tracks are lost (PSUE)
             area.rollback(start)
@@ -322,7 +343,7 @@ class Snapshots:
                         x.data.read_into(at + pos - t * TRACK, part)
                         break
                 else:
-                    _pread_into(pvol.fd, part, pos)
+                    _read_pvol(pvol, pos, part)
             done += n
 
     def image_tracks(self, s: Snapshot) -> set[int]:
@@ -359,7 +380,8 @@ class Snapshots:
         s.area = Area(self._area_path(s))
 
     # -- operations -------------------------------------------------------------------------------------------
-    def check_create(self, pvol: int, mu: int | None, pool_id: int, group: str, svol: int | None) -> int:
+    def check_create(self, pvol: int, mu: int | None, pool_id: int, group: str, svol: int | None,
+                     is_clone: bool = False) -> int:
         """Refuse what the array refuses; the mirror unit to use."""
         system = self.system
         ldev = system.get_ldev(pvol)
@@ -367,8 +389,15 @@ class Snapshots:
         if JOURNAL_ATTRIBUTE in ldev.extra_attributes or system.is_pool_volume(ldev):
             raise VspError("IN_USE", detail=f"ldev {pvol} is a journal or pool volume")
         if pvol in self._by_svol:
-            raise VspError("IN_USE", detail=f"ldev {pvol} is the S-VOL of snapshot {self._by_svol[pvol].key}"
-                                            " (cascaded snapshots are not modelled)")
+            # a clone of a split snapshot's S-VOL (Cinder's create-volume-from-snapshot) is the one cascade
+            # modelled: it needs a snapshot made with canCascade, in PSUS, and reads the S-VOL's image
+            parent = self._by_svol[pvol]
+            if not is_clone:
+                raise VspError("IN_USE", detail=f"ldev {pvol} is the S-VOL of snapshot {parent.key} (cascaded "
+                                                "snapshots other than clones are not modelled)")
+            if not parent.can_cascade or parent.status != PSUS:
+                raise VspError("WRONG_STATE", detail=f"ldev {pvol} is the S-VOL of snapshot {parent.key}, which "
+                                                     "is not a split snapshot made with canCascade")
         used = {s.mu for s in self.snaps.values() if s.pvol == pvol}
         if mu is None:
             mu = next((i for i in AUTO_MU_ORDER if i not in used), None)
@@ -401,14 +430,14 @@ class Snapshots:
     def create(self, pvol: int, mu: int | None, pool_id: int, group: str, *, svol: int | None = None,
                consistency_group: bool = False, can_cascade: bool = False, is_clone: bool = False,
                auto_split: bool = False) -> Snapshot:
-        mu = self.check_create(pvol, mu, pool_id, group, svol)
+        mu = self.check_create(pvol, mu, pool_id, group, svol, is_clone)
         s = Snapshot(pvol, mu, pool_id, group, consistency_group, can_cascade, is_clone)
         s.area = Area(self._area_path(s))
         if s.area.end:  # a leftover of a snapshot deleted by a crash half-way
             self._reset_area(s)
         self.snaps[s.key] = s
         self._save(s)
-        self._watch_pvol(pvol)
+        self._rewatch(pvol)
         if svol is not None:
             self.assign(s, svol)
         if auto_split:
@@ -425,9 +454,17 @@ class Snapshots:
 
     def check_resync(self, snaps: list[Snapshot]) -> None:
         self._check(snaps, RESYNC)
+        self._check_no_clone_of_svol(snaps)
 
     def check_delete(self, snaps: list[Snapshot]) -> None:
         self._check(snaps, DELETE)
+        self._check_no_clone_of_svol(snaps)
+
+    def _check_no_clone_of_svol(self, snaps: list[Snapshot]) -> None:
+        """A snapshot whose S-VOL is the P-VOL of a clone keeps its image (and S-VOL) until the clone is done."""
+        for s in snaps:
+            if s.svol is not None and any(x.pvol == s.svol for x in self.snaps.values()):
+                raise VspError("IN_USE", detail=f"the S-VOL {s.svol} of snapshot {s.key} is the P-VOL of a clone")
 
     def check_assign(self, s: Snapshot, svol: int) -> None:
         next_status(s.status, ASSIGN)
@@ -437,6 +474,7 @@ class Snapshots:
 
     def check_unassign(self, snaps: list[Snapshot]) -> None:
         self._check(snaps, UNASSIGN)
+        self._check_no_clone_of_svol(snaps)
         for s in snaps:
             if s.svol is None:
                 raise VspError("WRONG_STATE", detail=f"snapshot {s.key} has no S-VOL")
@@ -466,6 +504,8 @@ class Snapshots:
 
     def check_restore(self, s: Snapshot) -> None:
         next_status(s.status, RESTORE)
+        if s.pvol in self._by_svol:
+            raise VspError("WRONG_STATE", detail=f"snapshot {s.key} is a clone of a snapshot's S-VOL: no restore")
         vol = self._volume(s.pvol)
         try:
             vol.check_writable()  # e.g. the P-VOL is the S-VOL of a TrueCopy / UR pair in PAIR
@@ -507,6 +547,7 @@ class Snapshots:
         s.svol, s.epoch = svol, s.epoch + 1
         self._save(s)
         self._attach_svol(s)
+        self._mark(svol)
 
     def unassign(self, s: Snapshot) -> None:
         """The S-VOL goes; bytes a host wrote through it stay with the snapshot (OWN records)."""
@@ -538,10 +579,7 @@ class Snapshots:
         del self.snaps[s.key]
         self._rebuild_chains()
         s.data.remove()
-        if not any(x.pvol == s.pvol for x in self.snaps.values()):
-            pvol = self.system.volumes.get(s.pvol)
-            if pvol is not None:
-                pvol.remove_observer(self)
+        self._rewatch(s.pvol)
 
     def check_clone(self, s: Snapshot) -> None:
         next_status(s.status, CLONE)
@@ -581,6 +619,7 @@ class Snapshots:
         del self.snaps[s.key]
         self._rebuild_chains()
         s.data.remove()
+        self._rewatch(s.pvol)
 
     def background(self, coro: Awaitable[None]) -> None:
         async def run() -> None:
@@ -592,6 +631,14 @@ class Snapshots:
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _read_pvol(vol: Volume, offset: int, view: memoryview) -> None:
+    """A P-VOL's current bytes: its image when it is itself a snapshot's S-VOL (a clone of that S-VOL)."""
+    if vol.read_redirect is not None:
+        vol.read_redirect(offset, view)
+    else:
+        _pread_into(vol.fd, view, offset)
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:

@@ -94,7 +94,8 @@ async def create(request: Request, body: SnapshotCreate, ctx: Ctx, session: Auth
         raise VspError("MISSING_PARAMETER", attribute="snapshotPoolId")
     if body.isClone and body.svolLdevId is None:
         raise VspError("MISSING_PARAMETER", attribute="svolLdevId")
-    snaps.check_create(body.pvolLdevId, body.muNumber, pool_id, body.snapshotGroupName, body.svolLdevId)
+    snaps.check_create(body.pvolLdevId, body.muNumber, pool_id, body.snapshotGroupName, body.svolLdevId,
+                       bool(body.isClone))
     clone_now = bool(body.isClone and body.clonesAutomation)
 
     async def work() -> list[str]:
@@ -116,7 +117,10 @@ def _listing(ctx: StorageContext, pvolLdevId: int | None, svolLdevId: int | None
             continue
         if snapshotGroupName is not None and s.group != snapshotGroupName:
             continue
-        out.append(view(s, ctx.system))
+        item = view(s, ctx.system)
+        if svolLdevId is not None and pvolLdevId is None:
+            item["primaryOrSecondary"] = "S-VOL"  # the array answers as seen from the volume asked about
+        out.append(item)
     return data(out)
 
 
