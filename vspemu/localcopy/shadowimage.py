@@ -68,6 +68,7 @@ class ShadowImages(SiCopier):
         self.runtime: dict[str, SiRuntime] = {}
         self._started = False
         system.ldev_guards.append(self._guard)
+        system.remote_pair_checks.append(self._remote_pair_check)
         for doc in system.store.load(KIND).values():
             pair = SiPair.from_doc(doc)
             if pair.pvol not in system.volumes or pair.svol not in system.volumes:
@@ -204,6 +205,18 @@ class ShadowImages(SiCopier):
             role = "P" if ldev.ldev_id == pair.pvol else "S"
             raise VspError("IN_USE", detail=f"ldev {ldev.ldev_id} is the {role}-VOL of ShadowImage pair "
                                             f"{pair.pair_id}")
+
+    def _remote_pair_check(self, ldev: Ldev, role: str) -> None:
+        """A ShadowImage P-VOL may be a TrueCopy / UR P-VOL or S-VOL; a ShadowImage S-VOL is refused as either
+        (the array refuses it as a TC / UR S-VOL; as a P-VOL it would need the copier's writes mirrored, not
+        modelled); no pair is made on a P-VOL being restored."""
+        for pair in self.pairs_of_ldev(ldev.ldev_id):
+            if pair.svol == ldev.ldev_id:
+                raise VspError("IN_USE", detail=f"ldev {ldev.ldev_id} is the S-VOL of ShadowImage pair {pair.pair_id}:"
+                                                f" it cannot be a TrueCopy / Universal Replicator {role}-VOL")
+            if pair.status == RCPY:
+                raise VspError("WRONG_STATE", detail=f"ShadowImage pair {pair.pair_id} of ldev {ldev.ldev_id} is "
+                                                     "being restored")
 
     # -- create ---------------------------------------------------------------------------------------
     def check_create(self, group: str, name: str, pvol_id: int, svol_id: int, pvol_dg: str | None,

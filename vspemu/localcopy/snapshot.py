@@ -30,6 +30,7 @@ import os
 import time
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 from vspemu.errors import VspError, invalid, not_found
 from vspemu.localcopy.cow import COW, OWN, WRITTEN, Area
@@ -68,8 +69,9 @@ log = logging.getLogger(__name__)
 class Snapshots:
     """Every Thin Image snapshot of one storage system; the change observer of their P-VOLs and S-VOLs."""
 
-    def __init__(self, system: StorageSystem, data_dir: Path) -> None:
+    def __init__(self, system: StorageSystem, data_dir: Path, replication: Any = None) -> None:
         self.system = system
+        self.replication = replication  # TrueCopy / UR pairs (vspemu.replication.engine.Replication) or None
         self.dir = data_dir / "snapshots"
         self.snaps: dict[str, Snapshot] = {}
         self._chains: dict[int, list[Snapshot]] = {}  # P-VOL -> its split snapshots, oldest first
@@ -96,6 +98,7 @@ class Snapshots:
             self._mark(ldev_id)
         system.ldev_guards.append(self._guard)
         system.pool_usage.append(self.pool_used_bytes)
+        system.remote_pair_checks.append(self._remote_pair_check)
 
     # -- bookkeeping -----------------------------------------------------------------------------------
     def _area_path(self, s: Snapshot) -> Path:
@@ -146,6 +149,17 @@ class Snapshots:
         if ldev.ldev_id in self._by_svol:
             raise VspError("IN_USE", detail=f"ldev {ldev.ldev_id} is the S-VOL of snapshot "
                                             f"{self._by_svol[ldev.ldev_id].key}")
+
+    def _remote_pair_check(self, ldev: Ldev, role: str) -> None:
+        """A snapshot's P-VOL may be a TrueCopy / UR P-VOL or S-VOL (the DR test), its S-VOL never (the array
+        shares only Thin Image P-VOLs with TC / UR); no pair is made on a P-VOL being restored."""
+        s = self._by_svol.get(ldev.ldev_id)
+        if s is not None:
+            raise VspError("IN_USE", detail=f"ldev {ldev.ldev_id} is the S-VOL of Thin Image snapshot {s.key}: it "
+                                            f"cannot be a TrueCopy / Universal Replicator {role}-VOL")
+        for s in self.snaps.values():
+            if s.pvol == ldev.ldev_id and s.status == RCPY:
+                raise VspError("WRONG_STATE", detail=f"snapshot {s.key} of ldev {ldev.ldev_id} is being restored")
 
     def _volume(self, ldev_id: int) -> Volume:
         return self.system.volumes[ldev_id]
@@ -449,6 +463,10 @@ class Snapshots:
         next_status(s.status, RESTORE)
         if s.pvol in self._by_svol:
             raise VspError("WRONG_STATE", detail=f"snapshot {s.key} is a clone of a snapshot's S-VOL: no restore")
+        rep = self.replication
+        if rep is not None and any(p.role == "S" for p in rep.pairs_of(s.pvol)):  # in any status, as on the array
+            raise VspError("WRONG_STATE", detail=f"the P-VOL {s.pvol} is a TrueCopy / Universal Replicator S-VOL: "
+                                                 "restore on the primary side, or after a swap")
         vol = self._volume(s.pvol)
         try:
             vol.check_writable()  # e.g. the P-VOL is the S-VOL of a TrueCopy / UR pair in PAIR
