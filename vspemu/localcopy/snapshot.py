@@ -226,24 +226,60 @@ class Snapshots:
         return range(offset // TRACK, last // TRACK + 1)
 
     def _save_old(self, volume: Volume, chain: list[Snapshot], offset: int, length: int) -> None:
-        """Copy on write: the old bytes of each first-changed track go to the newest snapshot, durably."""
+        """Copy on write: the old bytes of each first-changed track go to the newest snapshot, durably (tracks
+        saved by a host write still waiting in :meth:`prepare_change` for its sync are made durable here)."""
+        area = chain[-1].data
+        tracks = self._tracks(volume.size, offset, length)
+        if self._append_old(volume, chain, tracks) or any(
+                t in area.cow and not area.durable(area.cow[t]) for t in tracks):
+            try:
+                area.sync()
+            except OSError as e:
+                self._sync_failed(volume, chain, e)
+
+    def _append_old(self, volume: Volume, chain: list[Snapshot], tracks: range) -> bool:
+        """Append the old bytes of the tracks the newest snapshot lacks (not yet durable); True if any."""
         newest = chain[-1]
         area = newest.data
-        todo = [t for t in self._tracks(volume.size, offset, length) if t not in area.cow]
+        todo = [t for t in tracks if t not in area.cow]
         if not todo:
-            return
+            return False
         start = area.end
         try:
             for t in todo:
                 old = bytearray(min(TRACK, volume.size - t * TRACK))
                 _read_pvol(volume, t * TRACK, memoryview(old))
                 area.append(COW, t, bytes(old))
-            area.sync()
         except OSError as e:  # the pool cannot take it: the snapshots that needed these tracks are lost (PSUE)
             area.rollback(start)
             log.warning("snapshot %s: saving old tracks of LDEV %s failed: %s", newest.key, volume.ldev_id, e)
             self._fail([s for i, s in enumerate(chain)
                         if any(all(t not in x.data.cow for x in chain[i:]) for t in todo)])
+            return False
+        return True
+
+    def _sync_failed(self, volume: Volume, chain: list[Snapshot], e: OSError) -> None:
+        """The saved tracks may not be durable: every snapshot of the chain may lack some (PSUE)."""
+        log.warning("snapshot data of LDEV %s could not be made durable: %s", volume.ldev_id, e)
+        self._fail([s for s in chain if s.status != PSUE])
+
+    async def prepare_change(self, volume: Volume, offset: int, length: int) -> None:
+        """A host write (:meth:`Volume.write`) asks first, before it is written anywhere: the old tracks are
+        appended now and made durable by an ``fdatasync`` in a worker thread that the host writes waiting at the
+        same time share (group commit), so the event loop goes on meanwhile. :meth:`before_change` then finds
+        them saved and durable (or, if a split came in between, saves what the new snapshot lacks itself)."""
+        chain = self._chains.get(volume.ldev_id)
+        if not chain or length <= 0:
+            return
+        area = chain[-1].data
+        tracks = self._tracks(volume.size, offset, length)
+        if self._append_old(volume, chain, tracks) or any(
+                t in area.cow and not area.durable(area.cow[t]) for t in tracks):
+            try:
+                await area.sync_async()
+            except OSError as e:
+                if self._chains.get(volume.ldev_id) == chain:
+                    self._sync_failed(volume, chain, e)
 
     def _fail(self, snaps: list[Snapshot]) -> None:
         for s in snaps:
