@@ -16,7 +16,9 @@ made: :meth:`Volume.add_observer` registers a :class:`ChangeObserver`, and every
 (host writes, writes arriving from a remote P-VOL, UR restore, the copy engine's direct writes, discard and
 format) calls :meth:`Volume.before_change` first, on the event loop thread. An observer preserves what it
 needs (copy-on-write of the old track, a differential mark) synchronously and must have made that durable
-enough before returning; with no observer the cost is one empty-tuple test.
+enough before returning; with no observer the cost is one empty-tuple test. An observer that also has
+``prepare_change`` (a :class:`PreparingObserver`) is awaited by a host write (:meth:`Volume.write`) before
+anything else, so it can do the slow part asynchronously (Thin Image: the shared sync of saved tracks).
 
 Host access is revocable: a host connection (NBD) registers a drop callback with
 :meth:`Volume.attach_host`; :meth:`Volume.drop_hosts` (the LDEV lost its last LU path), :meth:`Volume.close`
