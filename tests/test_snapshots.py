@@ -396,7 +396,6 @@ def test_concurrent_first_writes_after_a_split_keep_the_image(system: SystemProc
     for th in threads:
         th.join(120)
     assert not errors, errors
-    assert count[0] > 300  # most writes came after the second split too
     assert digest(system, sv1, size) == hashlib.sha256(base).hexdigest()
     with nbd(system, sv2) as n:
         image = n.read(0, size)
