@@ -350,3 +350,60 @@ def test_clone_copies_the_image_and_leaves_an_ordinary_volume(system: SystemProc
         assert n.read(0, 4096) == b"\x77" * 4096
     api.delete_lun(f"CL1-A,0,{api.get(f'ldevs/{b}')['ports'][0]['lun']}")
     api.delete_ldev(b)
+
+
+
+def test_concurrent_first_writes_after_a_split_keep_the_image(system: SystemProcess, api: VspClient) -> None:
+    """Eight host connections write 4 KiB blocks all over the P-VOL right after a split, so their first writes
+    to fresh tracks wait for the pool's sync together (group commit), and a second snapshot is split while they
+    write: the first shows the P-VOL at its split, the second a state between its request and its answer (each
+    block a version acknowledged before the request or sent before the answer), every acknowledged write is on
+    the P-VOL."""
+    size = 16 * MiB
+    blocks = size // 4096
+    pvol, sv1, sv2 = volume(api), volume(api), volume(api)
+    fill(system, pvol, size, 70)
+    with nbd(system, pvol) as n:
+        base = n.read(0, size)
+    _, mu1 = snap(api, pvol, "c1", svolLdevId=sv1, autoSplit=True)
+    history: dict[int, list[bytes]] = {b: [base[b * 4096:(b + 1) * 4096]] for b in range(blocks)}
+    acked = dict.fromkeys(range(blocks), 0)  # block -> index in history of the last acknowledged version
+    errors: list[BaseException] = []
+    count = [0]
+
+    def writer(i: int) -> None:
+        rnd = random.Random(i)
+        try:
+            with nbd(system, pvol) as n:
+                for _ in range(150):
+                    b = rnd.randrange(blocks // 8) * 8 + i  # the writers' blocks are disjoint
+                    data = rnd.randbytes(4096)
+                    history[b].append(data)
+                    n.write(b * 4096, data)
+                    acked[b] = len(history[b]) - 1
+                    count[0] += 1
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for th in threads:
+        th.start()
+    while count[0] < 200 and not errors:
+        time.sleep(0.01)
+    before = dict(acked)
+    _, mu2 = snap(api, pvol, "c2", svolLdevId=sv2, autoSplit=True)
+    after = {b: len(h) - 1 for b, h in history.items()}
+    for th in threads:
+        th.join(120)
+    assert not errors, errors
+    assert digest(system, sv1, size) == hashlib.sha256(base).hexdigest()
+    with nbd(system, sv2) as n:
+        image = n.read(0, size)
+    for b in range(blocks):
+        got = image[b * 4096:(b + 1) * 4096]
+        assert got in history[b][before[b]:after[b] + 1], f"block {b} of the second snapshot"
+    with nbd(system, pvol) as n:
+        now = n.read(0, size)
+    for b in range(blocks):
+        assert now[b * 4096:(b + 1) * 4096] == history[b][acked[b]], f"acknowledged write to block {b} lost"
+    assert status(api, pvol, mu1) == status(api, pvol, mu2) == "PSUS"

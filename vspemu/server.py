@@ -86,7 +86,7 @@ def build_context(cfg: ServerConfig) -> StorageContext:
     ctx.remotes = Remotes(system, link, cfg.rest_host, cfg.rest_port, cfg.min_remote_io_timeout)
     ctx.replication = Replication(system, link, ctx.remotes, cfg.data_dir, ctx.journals)
     ctx.faults = Faults(system, link, ctx.replication, ctx.journals)
-    ctx.snapshots = Snapshots(system, cfg.data_dir)
+    ctx.snapshots = Snapshots(system, cfg.data_dir, ctx.replication)
     remotes = ctx.remotes
     ctx.quorum = QuorumDisks(system, lambda serial: (p.storage_type_id if (p := remotes.by_serial(serial)) else None))
     ctx.shadow_images = ShadowImages(system, cfg.data_dir, ctx.replication)

@@ -9,12 +9,14 @@ A snapshot's *area* is a log of records, each a 32-byte header and (for data rec
   the S-VOL's own file.
 
 The header carries a CRC-32 of header and data. Records are only appended and made durable (``fdatasync``)
-before the change they protect is made, so after a crash only the last record can be torn: loading stops at
-the first record that does not check and cuts the file there.
+before the change they protect is made, so the durable records are a prefix of the file and after a crash only
+records appended after the last sync can be torn (their changes were never made): loading stops at the first
+record that does not check and cuts the file there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 import zlib
@@ -36,7 +38,9 @@ class Area:
         self.own: dict[int, int] = {}
         self.written: dict[int, set[int]] = {}  # epoch -> tracks held by that assignment's S-VOL
         self.end = 0
-        self.dirty = False
+        self.synced = 0  # records before this offset are durable
+        self._syncing: asyncio.Future[None] | None = None  # the fdatasync under way (see sync_async)
+        self._rollbacks = 0  # (a sync that started before a rollback says nothing of what was appended after)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._load()
@@ -57,7 +61,7 @@ class Area:
         if pos != size:  # a torn last record (its change never reached the P-VOL): cut it off
             os.ftruncate(self.fd, pos)
             os.fsync(self.fd)
-        self.end = pos
+        self.end = self.synced = pos
 
     def _index(self, kind: int, track: int, epoch: int, at: int) -> None:
         if kind == COW:
@@ -83,7 +87,6 @@ class Area:
             self.rollback(at)
             raise
         self.end = at + HEADER + len(data)
-        self.dirty = True
         self._index(kind, track, epoch, at + HEADER)
 
     def rollback(self, end: int) -> None:
@@ -96,11 +99,43 @@ class Area:
         except OSError:
             pass
         self.end = end
+        self.synced = min(self.synced, end)
+        self._rollbacks += 1
+
+    @property
+    def dirty(self) -> bool:
+        return self.synced < self.end
+
+    def durable(self, at: int) -> bool:
+        """Is the record whose data starts at ``at`` durable?"""
+        return at < self.synced
 
     def sync(self) -> None:
-        if self.dirty:
+        if self.synced < self.end:
+            end = self.end
             os.fdatasync(self.fd)
-            self.dirty = False
+            self.synced = max(self.synced, end)
+
+    async def sync_async(self) -> None:
+        """Make every record appended so far durable without blocking the event loop; the writers waiting at
+        the same time share one ``fdatasync`` (group commit). Raises the ``OSError`` of a failed sync."""
+        want = self.end
+        while self.synced < want and self.fd >= 0:
+            if self._syncing is None:
+                self._syncing = asyncio.ensure_future(self._sync_once())
+            await asyncio.shield(self._syncing)
+
+    async def _sync_once(self) -> None:
+        end, rollbacks = self.end, self._rollbacks
+        try:
+            await asyncio.to_thread(os.fdatasync, self.fd)
+            if rollbacks == self._rollbacks:
+                self.synced = max(self.synced, end)
+        except OSError:
+            if self.fd >= 0:  # (closed meanwhile: the snapshot is gone, nothing to make durable)
+                raise
+        finally:
+            self._syncing = None
 
     def read(self, at: int, length: int) -> bytes:
         return os.pread(self.fd, length, at)

@@ -29,12 +29,19 @@ import logging
 import os
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from vspemu.errors import VspError, invalid, not_found
 from vspemu.localcopy.cow import COW, OWN, WRITTEN, Area
+from vspemu.localcopy.snapshot_model import (
+    AUTO_MU_ORDER,
+    HTI_ATTRIBUTE,
+    KIND,
+    MAX_MU,
+    TRACK,
+    Snapshot,
+)
 from vspemu.localcopy.snapshot_states import (
     ASSIGN,
     CLONE,
@@ -58,75 +65,13 @@ from vspemu.volumes.volume import Volume, VolumeIOError, WriteRefused, punch_hol
 
 log = logging.getLogger(__name__)
 
-TRACK = 256 << 10  # bytes saved per first change of a track (the array's Thin Image granularity)
-MAX_MU = 1023  # mirror units 0-1023: up to 1,024 snapshots per P-VOL, as on the array
-KIND = "snapshots"  # the configuration store's kind
-# muNumber chosen when none is given: from 3 up (0-2 are the mirror units ShadowImage uses on the array, and the
-# Ansible collection takes mirror unit 0 for "not given"), 0-2 last
-AUTO_MU_ORDER = (*range(3, MAX_MU + 1), 0, 1, 2)
-HTI_ATTRIBUTE = "HTI"  # in an LDEV's attributes while it is a snapshot P-VOL or an assigned S-VOL (as on the array)
-
-@dataclass
-class Snapshot:
-    pvol: int
-    mu: int
-    pool_id: int
-    group: str
-    consistency_group: bool = False
-    can_cascade: bool = False
-    is_clone: bool = False
-    svol: int | None = None
-    status: str = PAIR
-    seq: int = 0  # split order (0: not split)
-    split_time: float | None = None
-    epoch: int = 0  # counts S-VOL assignments and resets of host-written data (see cow.WRITTEN)
-    area: Area | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def key(self) -> str:
-        return f"{self.pvol},{self.mu}"
-
-    def doc(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "area"}
-
-    @property
-    def data(self) -> Area:
-        assert self.area is not None
-        return self.area
-
-    def written(self) -> set[int]:
-        """The tracks of the assigned S-VOL that hold host-written bytes."""
-        if self.svol is None or self.area is None:
-            return set()
-        return self.area.written.get(self.epoch, set())
-
-
-def view(s: Snapshot, system: StorageSystem) -> dict[str, Any]:
-    """The snapshot as the array's REST API shows it."""
-    out: dict[str, Any] = {
-        "snapshotGroupName": s.group, "primaryOrSecondary": "P-VOL", "status": s.status,
-        "pvolLdevId": s.pvol, "muNumber": s.mu, "snapshotPoolId": s.pool_id,
-        "concordanceRate": 100 if s.status == PAIR else 0,
-        "isConsistencyGroup": s.consistency_group, "isWrittenInSvol": bool(s.written()) or bool(
-            s.area is not None and s.area.own),
-        "isClone": s.is_clone, "canCascade": s.can_cascade, "isRedirectOnWrite": False,
-        "pvolProcessingStatus": "N", "snapshotId": s.key, "snapshotReplicationId": s.key,
-        "type": "NORMAL",
-    }
-    if s.svol is not None:
-        out["svolLdevId"] = s.svol
-    if s.split_time is not None and s.status != PAIR:
-        out["splitTime"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.split_time))
-    if s.consistency_group:
-        out["consistencyGroupId"] = 0
-    return out
-
 
 class Snapshots:
     """Every Thin Image snapshot of one storage system; the change observer of their P-VOLs and S-VOLs."""
 
-    def __init__(self, system: StorageSystem, data_dir: Path) -> None:
+    def __init__(self, system: StorageSystem, data_dir: Path, replication: Any = None) -> None:
         self.system = system
+        self.replication = replication  # TrueCopy / UR pairs (vspemu.replication.engine.Replication) or None
         self.dir = data_dir / "snapshots"
         self.snaps: dict[str, Snapshot] = {}
         self._chains: dict[int, list[Snapshot]] = {}  # P-VOL -> its split snapshots, oldest first
@@ -153,6 +98,7 @@ class Snapshots:
             self._mark(ldev_id)
         system.ldev_guards.append(self._guard)
         system.pool_usage.append(self.pool_used_bytes)
+        system.remote_pair_checks.append(self._remote_pair_check)
 
     # -- bookkeeping -----------------------------------------------------------------------------------
     def _area_path(self, s: Snapshot) -> Path:
@@ -203,6 +149,17 @@ class Snapshots:
         if ldev.ldev_id in self._by_svol:
             raise VspError("IN_USE", detail=f"ldev {ldev.ldev_id} is the S-VOL of snapshot "
                                             f"{self._by_svol[ldev.ldev_id].key}")
+
+    def _remote_pair_check(self, ldev: Ldev, role: str) -> None:
+        """A snapshot's P-VOL may be a TrueCopy / UR P-VOL or S-VOL (the DR test), its S-VOL never (the array
+        shares only Thin Image P-VOLs with TC / UR); no pair is made on a P-VOL being restored."""
+        s = self._by_svol.get(ldev.ldev_id)
+        if s is not None:
+            raise VspError("IN_USE", detail=f"ldev {ldev.ldev_id} is the S-VOL of Thin Image snapshot {s.key}: it "
+                                            f"cannot be a TrueCopy / Universal Replicator {role}-VOL")
+        for s in self.snaps.values():
+            if s.pvol == ldev.ldev_id and s.status == RCPY:
+                raise VspError("WRONG_STATE", detail=f"snapshot {s.key} of ldev {ldev.ldev_id} is being restored")
 
     def _volume(self, ldev_id: int) -> Volume:
         return self.system.volumes[ldev_id]
@@ -269,24 +226,60 @@ class Snapshots:
         return range(offset // TRACK, last // TRACK + 1)
 
     def _save_old(self, volume: Volume, chain: list[Snapshot], offset: int, length: int) -> None:
-        """Copy on write: the old bytes of each first-changed track go to the newest snapshot, durably."""
+        """Copy on write: the old bytes of each first-changed track go to the newest snapshot, durably (tracks
+        saved by a host write still waiting in :meth:`prepare_change` for its sync are made durable here)."""
+        area = chain[-1].data
+        tracks = self._tracks(volume.size, offset, length)
+        if self._append_old(volume, chain, tracks) or any(
+                t in area.cow and not area.durable(area.cow[t]) for t in tracks):
+            try:
+                area.sync()
+            except OSError as e:
+                self._sync_failed(volume, chain, e)
+
+    def _append_old(self, volume: Volume, chain: list[Snapshot], tracks: range) -> bool:
+        """Append the old bytes of the tracks the newest snapshot lacks (not yet durable); True if any."""
         newest = chain[-1]
         area = newest.data
-        todo = [t for t in self._tracks(volume.size, offset, length) if t not in area.cow]
+        todo = [t for t in tracks if t not in area.cow]
         if not todo:
-            return
+            return False
         start = area.end
         try:
             for t in todo:
                 old = bytearray(min(TRACK, volume.size - t * TRACK))
                 _read_pvol(volume, t * TRACK, memoryview(old))
                 area.append(COW, t, bytes(old))
-            area.sync()
         except OSError as e:  # the pool cannot take it: the snapshots that needed these tracks are lost (PSUE)
             area.rollback(start)
             log.warning("snapshot %s: saving old tracks of LDEV %s failed: %s", newest.key, volume.ldev_id, e)
             self._fail([s for i, s in enumerate(chain)
                         if any(all(t not in x.data.cow for x in chain[i:]) for t in todo)])
+            return False
+        return True
+
+    def _sync_failed(self, volume: Volume, chain: list[Snapshot], e: OSError) -> None:
+        """The saved tracks may not be durable: every snapshot of the chain may lack some (PSUE)."""
+        log.warning("snapshot data of LDEV %s could not be made durable: %s", volume.ldev_id, e)
+        self._fail([s for s in chain if s.status != PSUE])
+
+    async def prepare_change(self, volume: Volume, offset: int, length: int) -> None:
+        """A host write (:meth:`Volume.write`) asks first, before it is written anywhere: the old tracks are
+        appended now and made durable by an ``fdatasync`` in a worker thread that the host writes waiting at the
+        same time share (group commit), so the event loop goes on meanwhile. :meth:`before_change` then finds
+        them saved and durable (or, if a split came in between, saves what the new snapshot lacks itself)."""
+        chain = self._chains.get(volume.ldev_id)
+        if not chain or length <= 0:
+            return
+        area = chain[-1].data
+        tracks = self._tracks(volume.size, offset, length)
+        if self._append_old(volume, chain, tracks) or any(
+                t in area.cow and not area.durable(area.cow[t]) for t in tracks):
+            try:
+                await area.sync_async()
+            except OSError as e:
+                if self._chains.get(volume.ldev_id) == chain:
+                    self._sync_failed(volume, chain, e)
 
     def _fail(self, snaps: list[Snapshot]) -> None:
         for s in snaps:
@@ -506,6 +499,10 @@ class Snapshots:
         next_status(s.status, RESTORE)
         if s.pvol in self._by_svol:
             raise VspError("WRONG_STATE", detail=f"snapshot {s.key} is a clone of a snapshot's S-VOL: no restore")
+        rep = self.replication
+        if rep is not None and any(p.role == "S" for p in rep.pairs_of(s.pvol)):  # in any status, as on the array
+            raise VspError("WRONG_STATE", detail=f"the P-VOL {s.pvol} is a TrueCopy / Universal Replicator S-VOL: "
+                                                 "restore on the primary side, or after a swap")
         vol = self._volume(s.pvol)
         try:
             vol.check_writable()  # e.g. the P-VOL is the S-VOL of a TrueCopy / UR pair in PAIR

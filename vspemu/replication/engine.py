@@ -282,6 +282,7 @@ class Replication(PairRegistry):
         self.check_group_for_new_pair(group_name, group, pair_name, new_group, replication_type, remote_device_id,
                                       local_dg, remote_dg)
         ldev = system.get_ldev(pvol)
+        system.check_remote_pair_volume(ldev, "P")  # e.g. a ShadowImage or Thin Image S-VOL
         self._check_pvol_free(pvol, group_name, replication_type, mu_number if group is None else group.mu_number,
                               pvol_journal if group is None else group.local_journal_id)
         if "JNL" in ldev.extra_attributes:

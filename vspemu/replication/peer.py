@@ -88,6 +88,7 @@ class PeerHandlers:
         if key in self.engine.pairs:
             raise VspError("ALREADY_EXISTS", object_id=f"copy pair {incoming.name},{h['pair']} on the secondary")
         ldev = self.engine.system.get_ldev(svol)
+        self.engine.system.check_remote_pair_volume(ldev, "S")
         if self.engine.pairs_of(svol):
             raise VspError("IN_USE", detail=f"S-VOL {svol} is already a pair volume")
         if "JNL" in ldev.extra_attributes:

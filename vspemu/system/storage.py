@@ -104,6 +104,8 @@ class StorageSystem(UserAccounts):
         self.pool_usage: list[Callable[[int | None], int]] = []
         # LDEV ids other subsystems hold outside self.ldevs (external volumes, vspemu.system.quorum)
         self.ldev_id_claims: list[Callable[[int], bool]] = []
+        # may an LDEV become a TrueCopy / UR pair volume (role "P" or "S") now? (local copies refuse theirs)
+        self.remote_pair_checks: list[Callable[[Ldev, str], None]] = []
 
         self.pools: dict[int, Pool] = {0: Pool(0, DEFAULT_POOL_NAME)}
         for doc in self.store.load("pools").values():
@@ -342,6 +344,11 @@ class StorageSystem(UserAccounts):
         """Ask the subsystems whether an LDEV may be deleted / mapped / expanded now."""
         for guard in self.ldev_guards:
             guard(ldev, action)
+
+    def check_remote_pair_volume(self, ldev: Ldev, role: str) -> None:
+        """Raise the array's refusal if ``ldev`` may not become the ``role`` ("P"/"S") of a TC / UR pair now."""
+        for check in self.remote_pair_checks:
+            check(ldev, role)
 
     def delete_ldev(self, ldev_id: int) -> None:
         ldev = self.get_ldev(ldev_id)

@@ -16,7 +16,9 @@ made: :meth:`Volume.add_observer` registers a :class:`ChangeObserver`, and every
 (host writes, writes arriving from a remote P-VOL, UR restore, the copy engine's direct writes, discard and
 format) calls :meth:`Volume.before_change` first, on the event loop thread. An observer preserves what it
 needs (copy-on-write of the old track, a differential mark) synchronously and must have made that durable
-enough before returning; with no observer the cost is one empty-tuple test.
+enough before returning; with no observer the cost is one empty-tuple test. An observer that also has
+``prepare_change`` (a :class:`PreparingObserver`) is awaited by a host write (:meth:`Volume.write`) before
+anything else, so it can do the slow part asynchronously (Thin Image: the shared sync of saved tracks).
 
 Host access is revocable: a host connection (NBD) registers a drop callback with
 :meth:`Volume.attach_host`; :meth:`Volume.drop_hosts` (the LDEV lost its last LU path), :meth:`Volume.close`
@@ -34,7 +36,7 @@ import errno
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 BLOCK = 512
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
@@ -101,6 +103,14 @@ class ChangeObserver(Protocol):
     def before_change(self, volume: Volume, offset: int, length: int) -> None: ...
 
 
+class PreparingObserver(ChangeObserver, Protocol):
+    """An observer that may also do the slow part of its work before a host write (:meth:`Volume.write`),
+    asynchronously (a Thin Image copy-on-write's sync, shared by concurrent writers); ``before_change`` still
+    follows, synchronously, and must not rely on the preparation (a change may come in between)."""
+
+    async def prepare_change(self, volume: Volume, offset: int, length: int) -> None: ...
+
+
 class InjectedIOError(VolumeIOError, OSError):
     """An I/O error injected on demand (``ldev-eio``): an OSError (EIO) like a failing disk's, so every path
     treats it as one (the host gets EIO, a P-VOL write that fails suspends its pair)."""
@@ -123,6 +133,7 @@ class Volume:
         self.io_fault: str | None = None  # an I/O error injected on demand (vspemu.system.faults); None: none
         self.replicator: Replicator | None = None
         self.observers: tuple[ChangeObserver, ...] = ()  # local copies of this volume (see before_change)
+        self.preparers: tuple[PreparingObserver, ...] = ()  # those of them that prepare host writes
         # host reads come from here instead of the file (a Thin Image S-VOL shows its snapshot's image)
         self.read_redirect: Callable[[int, memoryview], None] | None = None
 
@@ -209,9 +220,12 @@ class Volume:
     def add_observer(self, observer: ChangeObserver) -> None:
         if observer not in self.observers:
             self.observers = (*self.observers, observer)
+            if hasattr(observer, "prepare_change"):
+                self.preparers = (*self.preparers, cast(PreparingObserver, observer))
 
     def remove_observer(self, observer: ChangeObserver) -> None:
         self.observers = tuple(o for o in self.observers if o is not observer)
+        self.preparers = tuple(o for o in self.preparers if o is not observer)
 
     def before_change(self, offset: int, length: int) -> None:
         """Tell the observers that ``length`` bytes at ``offset`` are about to change."""
@@ -238,9 +252,12 @@ class Volume:
             gate(self)
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        """A host write: gate, then the replicator (if paired) or the local write."""
+        """A host write: the observers' preparation, the gate, then the replicator (if paired) or the local
+        write."""
         if self.host_io_refused is not None:
             self.check_host_io()
+        for preparer in self.preparers:
+            await preparer.prepare_change(self, offset, len(data))
         gate = self.write_gate
         if gate is not None:
             gate(self)

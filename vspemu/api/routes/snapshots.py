@@ -17,7 +17,8 @@ from pydantic import Field, ValidationError
 from vspemu.api.common import Auth, Body, Ctx, data, job_response
 from vspemu.context import StorageContext
 from vspemu.errors import VspError, invalid
-from vspemu.localcopy.snapshot import MAX_MU, Snapshot, Snapshots, view
+from vspemu.localcopy.snapshot import Snapshots
+from vspemu.localcopy.snapshot_model import MAX_MU, Snapshot, view
 from vspemu.replication.peer_headers import check_name
 from vspemu.system.pools import MAX_POOL_ID
 from vspemu.system.storage import MAX_LDEV_ID
