@@ -127,10 +127,20 @@ class Gad:
         return None
 
     def background_tasks(self) -> list[Coroutine[Any, Any, None]]:
-        for p in list(self.engine.pairs.values()):  # after a restart: each volume's I/O mode again
-            if self.is_gad(p):
-                self.apply_io_mode(p)
-        return []
+        """At start: each volume's I/O mode again. A P side that was mirroring holds host I/O (Block) until
+        it has read the quorum: the S side may have taken over while this system was down."""
+        held: list[Pair] = []
+        quorum = self.quorum
+        for p in list(self.engine.pairs.values()):
+            if not self.is_gad(p):
+                continue
+            qid = p.extra.get("quorum")
+            if p.role == "P" and p.status in ACTIVE_STATUSES and quorum is not None and isinstance(qid, int) \
+                    and qid in quorum.disks and quorum.disks[qid].ldev_id is not None:
+                p.extra["held"] = True
+                held.append(p)
+            self.apply_io_mode(p)
+        return [self.io.after_restart(held)] if held else []
 
     # -- I/O modes, attributes, virtual ids: kept with the pair records -------------------------------------
     def pair_saved(self, pair: Pair) -> None:

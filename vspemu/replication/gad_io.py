@@ -277,6 +277,33 @@ class GadDataPath:
         except VspError as e:
             return False, f"the quorum cannot be reached: {e}"
 
+    async def after_restart(self, pairs: list[Pair]) -> None:
+        """P-side pairs held (Block) at start: read the quorum (until it answers); if the S side claimed the
+        pairs meanwhile, this side lost (PSUE, Block), else it goes on as it was."""
+        quorum = self.kind.quorum
+        assert quorum is not None
+        for qid in sorted({int(p.extra["quorum"]) for p in pairs}):
+            while True:
+                try:
+                    _, partner = await quorum.slots(qid)
+                    break
+                except VspError as e:
+                    log.warning("GAD quorum disk %s: cannot read it after the restart, host I/O held: %s", qid, e)
+                    await asyncio.sleep(CHECK_INTERVAL)
+            claimed = partner is not None and bool(partner.flags & CLAIM)
+            with self.engine.system.store.transaction():
+                for p in pairs:
+                    if p.extra.get("quorum") != qid or p.key not in self.engine.pairs:
+                        continue
+                    p.extra.pop("held", None)
+                    if claimed:
+                        log.warning("GAD pair %s: the S side claimed the pairs while this system was down: Block",
+                                    p.key)
+                        p.extra["lost"] = True
+                        self.engine.set_status(p, PSUE)
+                    else:
+                        self.engine.save(p)
+
     def back_in_pair(self, pair: Pair) -> None:
         """A pair is in PAIR again: withdraw this side's claim on its quorum disk, if the slot holds one (also a
         claim made before a restart)."""

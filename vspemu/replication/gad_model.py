@@ -9,7 +9,8 @@ side                            I/O mode    host I/O
 PAIR (either side)              Mirror      reads local, writes on both volumes in one order (.gad_io)
 P-VOL in COPY                   Mirror      as in PAIR; the copier carries the writes (the bitmap marks them)
 P-VOL split or suspended        Local       the P side serves alone (split PSUS, or won an arbitration PSUE)
-P-VOL, the S side took over     Block       the other side is SSWS, or this side lost the arbitration
+P-VOL, the S side took over     Block       the other side is SSWS, or this side lost the arbitration (or
+                                            restarted and has not read the quorum yet)
 S-VOL in SSWS                   Local       the S side serves alone (takeover, or won the arbitration)
 S-VOL otherwise                 Block       COPY, SSUS, PSUE: no host reads or writes
 ==============================  ==========  ==================================================================
@@ -41,7 +42,9 @@ def io_mode_of(role: str, status: str, peer_status: str, lost: bool = False) -> 
 
 
 def io_mode(pair: Pair) -> str | None:
-    return io_mode_of(pair.role, pair.status, pair.peer_status, bool(pair.extra.get("lost")))
+    # "held": a P side after a restart, until the quorum shows whether the S side took over meanwhile
+    blocked = bool(pair.extra.get("lost") or pair.extra.get("held"))
+    return io_mode_of(pair.role, pair.status, pair.peer_status, blocked)
 
 
 def view_fields(group: CopyGroup, pair: Pair) -> dict[str, Any]:
