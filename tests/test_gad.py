@@ -231,3 +231,44 @@ def test_create_refusals_change_nothing(glab: GadLab) -> None:
         lab.q.start()
     lab.create(pvol, svol)
     lab.wait("PAIR", "PAIR")
+
+
+def test_takeover_swap_resync_and_restart(glab: GadLab) -> None:
+    """svolOperationMode SSWS on the S side: the S-VOL serves alone (Local), the P-VOL is Block; a swap resync
+    makes the S side the primary (Mirror again, identical volumes); a restarted system keeps its I/O modes."""
+    lab = glab
+    pvol, svol = lab.volumes("16M")
+    with lab.nbd("p", pvol) as c:
+        fill_random(c, 4 * MiB)
+    lab.create(pvol, svol)
+    lab.wait("PAIR", "PAIR")
+    lab.action("split", view="s", svolOperationMode="SSWS")
+    info = lab.wait("PSUS", "SSWS")
+    assert (info["pvolIOMode"], info["svolIOMode"]) == ("Block", "Local")
+    assert_blocked(lab, "p", pvol)
+    with lab.nbd("s", svol) as c:
+        c.write(MiB, os.urandom(MiB))
+        c.flush()
+    refused(lambda: lab.action("resync"), 412, "KART40062-E")  # taken over: only a swap resync goes back
+    lab.action("resync", view="s", doSwapSvol=True)
+    info = lab.wait("PAIR", "PAIR", view="s")
+    assert info["pvolLdevId"] == svol and (info["pvolIOMode"], info["svolIOMode"]) == ("Mirror", "Mirror")
+    assert lab.digest("p", pvol, 16 * MiB) == lab.digest("s", svol, 16 * MiB)
+    # both volumes are written in PAIR whichever side holds the P-VOL now
+    with lab.nbd("p", pvol) as c:
+        c.write(2 * MiB, os.urandom(65536))
+    assert lab.digest("p", pvol, 16 * MiB) == lab.digest("s", svol, 16 * MiB)
+
+    # a split from the new P side (s): s Local, p Block; then p restarted keeps Block, s keeps serving
+    lab.action("split", view="s")
+    info = lab.wait("PSUS", "SSUS", view="s")
+    assert (info["pvolIOMode"], info["svolIOMode"]) == ("Local", "Block")
+    lab.p.restart()
+    lab.pc.close()
+    lab.pc = lab.p.client()
+    assert_blocked(lab, "p", pvol)
+    with lab.nbd("s", svol) as c:
+        c.write(3 * MiB, os.urandom(65536))
+    lab.action("resync", view="s")
+    lab.wait("PAIR", "PAIR", view="s")
+    assert lab.digest("p", pvol, 16 * MiB) == lab.digest("s", svol, 16 * MiB)
