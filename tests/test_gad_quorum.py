@@ -175,3 +175,27 @@ def test_quorum_less_the_primary_wins(make_system: MakeSystem) -> None:
         assert lab.digest("p", pvol, 16 * MiB) == lab.digest("s", svol, 16 * MiB)
     finally:
         lab.close()
+
+
+def test_link_and_quorum_lost_neither_side_serves(glab: GadLab) -> None:  # noqa: F811
+    """The quorum system and the link both gone: neither side can make sure the other does not serve, so both
+    go Block (the plan's rule: never both Local); back, a resync from the P side restores Mirror."""
+    lab = glab
+    pvol, svol = lab.volumes("16M")
+    lab.create(pvol, svol)
+    lab.wait("PAIR", "PAIR")
+    lab.q.stop()
+    try:
+        faults = cut(lab)
+        with pytest.raises((NbdError, OSError)), lab.nbd("p", pvol) as c:
+            c.write(0, os.urandom(4096))
+        wait_local(lab, "p", ("PSUE", "Block"))
+        wait_local(lab, "s", ("PSUE", "Block"))
+        assert_blocked(lab, "s", svol)
+    finally:
+        lab.q.start()
+    repair(faults)
+    lab.action("resync")
+    info = lab.wait("PAIR", "PAIR", timeout=120)
+    assert (info["pvolIOMode"], info["svolIOMode"]) == ("Mirror", "Mirror")
+    assert lab.digest("p", pvol, 16 * MiB) == lab.digest("s", svol, 16 * MiB)

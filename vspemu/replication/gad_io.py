@@ -283,7 +283,8 @@ class GadDataPath:
         quorum = self.kind.quorum
         assert quorum is not None
         for qid in sorted({int(p.extra["quorum"]) for p in pairs}):
-            while True:
+            partner = None
+            while qid in quorum.disks:  # (a quorum disk deleted meanwhile: nothing to wait for)
                 try:
                     _, partner = await quorum.slots(qid)
                     break
