@@ -93,6 +93,12 @@ class GadLab:
     def delete(self, name: str = "p1") -> dict[str, Any]:
         return self.pc.invoke("DELETE", f"remote-mirror-copypairs/{self.pair_id(name)}", remote=self.sc)
 
+    def wait_paths(self) -> None:
+        """Every remote path of both systems works (after a restart or a repaired link)."""
+        for c in (self.pc, self.sc):
+            for g in c.get("remotepath-groups")["data"]:
+                c.wait_path_status(g["remotepathGroupId"], timeout=60)
+
     def digest(self, side: str, ldev: int, size: int) -> str:
         return volume_digest((self.p if side == "p" else self.s).nbd_port, ldev, size)
 
@@ -269,6 +275,7 @@ def test_takeover_swap_resync_and_restart(glab: GadLab) -> None:
     assert_blocked(lab, "p", pvol)
     with lab.nbd("s", svol) as c:
         c.write(3 * MiB, os.urandom(65536))
+    lab.wait_paths()
     lab.action("resync", view="s")
     lab.wait("PAIR", "PAIR", view="s")
     assert lab.digest("p", pvol, 16 * MiB) == lab.digest("s", svol, 16 * MiB)

@@ -32,13 +32,11 @@ def cut(lab: GadLab) -> list[tuple[Any, int]]:
             for c, other in ((lab.pc, lab.s), (lab.sc, lab.p))]
 
 
-def repair(faults: list[tuple[Any, int]]) -> None:
+def repair(lab: GadLab, faults: list[tuple[Any, int]]) -> None:
     """Clear the faults and wait until every path works again."""
     for c, fid in faults:
         c.clear_fault(fid)
-    for c, _ in faults:
-        for g in c.get("remotepath-groups")["data"]:
-            c.wait_path_status(g["remotepathGroupId"], timeout=60)
+    lab.wait_paths()
 
 
 def slot(lab: GadLab, qldev: int, who: str) -> QuorumSlot | None:
@@ -102,7 +100,7 @@ def test_link_cut_one_side_serves(glab: GadLab) -> None:  # noqa: F811
         c.write(2 * MiB, os.urandom(MiB))
         c.flush()
 
-    repair(faults)
+    repair(lab, faults)
     lab.action("resync")
     info = lab.wait("PAIR", "PAIR", timeout=120)
     assert (info["pvolIOMode"], info["svolIOMode"]) == ("Mirror", "Mirror")
@@ -143,6 +141,7 @@ def test_primary_system_lost_the_secondary_takes_over(glab: GadLab) -> None:  # 
     # the P system back: it sees the S side's claim and stays Block; it never serves beside the S side
     wait_local(lab, "p", ("PSUE", "Block"))
     assert_blocked(lab, "p", pvol)
+    lab.wait_paths()
     # the way back: a swap resync issued on the S side (it becomes the primary and copies its differences)
     lab.action("resync", view="s", doSwapSvol=True)
     deadline = time.monotonic() + 120
@@ -169,7 +168,7 @@ def test_quorum_less_the_primary_wins(make_system: MakeSystem) -> None:
         wait_local(lab, "s", ("PSUE", "Block"))
         with lab.nbd("p", pvol) as c:
             c.write(0, os.urandom(MiB))
-        repair(faults)
+        repair(lab, faults)
         lab.action("resync")
         lab.wait("PAIR", "PAIR", timeout=120)
         assert lab.digest("p", pvol, 16 * MiB) == lab.digest("s", svol, 16 * MiB)
@@ -194,7 +193,7 @@ def test_link_and_quorum_lost_neither_side_serves(glab: GadLab) -> None:  # noqa
         assert_blocked(lab, "s", svol)
     finally:
         lab.q.start()
-    repair(faults)
+    repair(lab, faults)
     lab.action("resync")
     info = lab.wait("PAIR", "PAIR", timeout=120)
     assert (info["pvolIOMode"], info["svolIOMode"]) == ("Mirror", "Mirror")
