@@ -170,16 +170,15 @@ def test_virtual_storage_and_virtual_ldev_ids(make_system: MakeSystem) -> None:
         assert len(sc.get("virtual-storages")["data"]) == 2
 
 
-def test_gad_pairs_refused_with_a_clear_message(api: VspClient) -> None:
-    """The body hv_gad sends (vsp_gad_pair_gateway.create_gad_pair): refused, saying GAD is not available yet,
-    not as an unknown parameter or an invalid replicationType."""
+def test_gad_create_body_is_understood(api: VspClient) -> None:
+    """The body hv_gad sends (vsp_gad_pair_gateway.create_gad_pair) is understood (no unknown parameter or
+    invalid replicationType): like any pair create it needs Remote-Authorization (GAD pairs: tests/test_gad.py)."""
     pvol = api.create_ldev("16M")
     body = {"copyGroupName": "gadg", "copyPairName": "gadp", "replicationType": "GAD",
             "remoteStorageDeviceId": "900000499999", "pvolLdevId": pvol, "svolLdevId": pvol,
             "isNewGroupCreation": True, "fenceLevel": "NEVER", "copyPace": 3, "doInitialCopy": True,
             "isDataReductionForceCopy": True, "quorumDiskId": 0, "muNumber": 0}
-    err = refused(lambda: api.invoke("POST", "remote-mirror-copypairs", body), 400, "KART40033-E")
-    assert "GAD (global-active device) pairs are not available yet" in err["message"]
+    refused(lambda: api.invoke("POST", "remote-mirror-copypairs", body), 400, "KART40060-E")
     assert api.get("remote-copypairs")["data"] == [] and api.get("remote-mirror-copygroups")["data"] == []
     # a quorum disk id on a TC pair is refused too
     tc = {**body, "replicationType": "TC"}

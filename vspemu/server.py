@@ -89,6 +89,7 @@ def build_context(cfg: ServerConfig) -> StorageContext:
     ctx.snapshots = Snapshots(system, cfg.data_dir, ctx.replication)
     remotes = ctx.remotes
     ctx.quorum = QuorumDisks(system, lambda serial: (p.storage_type_id if (p := remotes.by_serial(serial)) else None))
+    ctx.replication.gad.attach_quorum(ctx.quorum)  # GAD pairs use the quorum disks
     ctx.shadow_images = ShadowImages(system, cfg.data_dir, ctx.replication)
     return ctx
 

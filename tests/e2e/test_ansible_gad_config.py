@@ -1,7 +1,6 @@
 """The real collection's hv_resource_group and hv_quorum_disk modules make the configuration GAD needs, on
-three vspemu systems: p and s (the systems of future GAD pairs) and q, whose LDEV is the quorum volume that p
-and s reach over NBD (issue 18). GAD pairs themselves are not available yet: the collection's create request
-is refused with a clear message (tests/test_resource_groups.py)."""
+three vspemu systems: p and s (the systems of GAD pairs) and q, whose LDEV is the quorum volume that p and s
+reach over NBD (issue 18). The pairs themselves with hv_gad: tests/e2e/test_ansible_gad_pair.py."""
 
 from __future__ import annotations
 

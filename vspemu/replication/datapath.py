@@ -212,6 +212,8 @@ class PairVolume:
             mode = self.engine.write_mode(pair)
             if mode == "forward":
                 await self.engine.forward_flush(pair)
+            elif mode == "active":
+                await self.engine.active_flush(pair)
             elif mode == "journal":
                 journaled = pair
         if journaled is not None:
@@ -313,6 +315,9 @@ class PairVolume:
                 # the write waited for journal room, and a mirror was suspended to make some: if it was this
                 # one, the write is now "local" (a mark); if another one sharing the journal, journal it now
                 mode = self.engine.write_mode(pair)
+            if mode == "active":  # GAD in PAIR (see gad_io): the kind orders, marks and mirrors the write
+                await self.engine.active_write(pair, self, volume, offset, length, data, fua)
+                return
             if mode == "forward":
                 extents = self._touch_activity(offset, length)
                 if extents is not None:

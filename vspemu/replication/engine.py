@@ -22,6 +22,7 @@ from vspemu.errors import VspError, invalid, not_found
 from vspemu.replication import states
 from vspemu.replication.copier import Copier
 from vspemu.replication.datapath import PairVolume, Target
+from vspemu.replication.gad import Gad
 from vspemu.replication.kinds import ReplicationKind
 from vspemu.replication.link import Link, PathGroup
 from vspemu.replication.model import (
@@ -75,7 +76,9 @@ class Replication(PairRegistry):
         self.copier = Copier(self)
         self.tc = TrueCopy(self)
         self.ur = UniversalReplicator(self, journals)
-        self.kinds: dict[str, ReplicationKind] = {k.replication_type: k for k in (self.tc, self.ur)}
+        self.gad = Gad(self)  # GAD (see .gad): its write path in PAIR is active_write / active_flush
+        self.kinds: dict[str, ReplicationKind] = {k.replication_type: k for k in (self.tc, self.ur, self.gad)}
+        self.active_write, self.active_flush = self.gad.active_write, self.gad.active_flush
         self.forward_write = self.tc.forward_write  # (the write path calls these: no extra frame per write)
         self.forward_flush = self.tc.forward_flush
         self.verifier = Verifier(self)  # online verify; serves verify.sums (see .verify)

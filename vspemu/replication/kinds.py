@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 FORWARD = "forward"  # TrueCopy in PAIR: sent to the S-VOL before the host is answered
 JOURNAL = "journal"  # UR in PAIR/PFUL: appended to the master journal, pulled by the secondary
 LOCAL = "local"  # written here only, the bitmap marks it (suspended, copying, or the S side)
+ACTIVE = "active"  # GAD in PAIR, either side: one order set by the P side, both volumes before the answer (.gad_io)
 
 
 class ReplicationKind(Protocol):
@@ -205,3 +206,8 @@ class WritePathHost(Protocol):
                             data: bytes | memoryview | None, fua: bool, write_local: Callable[[], None]) -> None: ...
 
     async def forward_flush(self, pair: Pair) -> None: ...
+
+    async def active_write(self, pair: Pair, rep: Any, volume: Volume, offset: int, length: int,
+                           data: bytes | memoryview | None, fua: bool) -> None: ...
+
+    async def active_flush(self, pair: Pair) -> None: ...

@@ -44,7 +44,7 @@ class PeerGroup(_Strict):
     remote_dg: str = Field(min_length=1, max_length=31)
     remote_device_id: str = ""  # ignored: replaced by the authenticated peer's id
     remote_serial: StrictInt = 0  # ignored: replaced by the registered peer's serial
-    replication_type: Literal["TC", "UR"]
+    replication_type: Literal["TC", "UR", "GAD"]
     role: Literal["P", "S"]
     path_group_id: StrictInt = Field(default=0, ge=0, le=255)
     mu_number: StrictInt = Field(default=0, ge=0, le=3)

@@ -36,6 +36,10 @@ class PairRegistry:
         self.bitmaps: dict[str, DirtyBitmap] = {}  # pair key -> the differential bitmap of its local volume
         self.runtime: dict[str, PairRuntime] = {}
         self.barriers: dict[str, WriteBarrier] = {}
+        # told of every pair record saved (before it is stored) and of every pair forgotten: GAD keeps its
+        # volumes' I/O modes with them (vspemu.replication.gad)
+        self.on_save: list[Callable[[Pair], None]] = []
+        self.on_detach: list[Callable[[Pair], None]] = []
         system.ldev_guards.append(self._guard_ldev)
 
     def make_replicator(self, targets: list[Target]) -> PairVolume:
@@ -95,6 +99,8 @@ class PairRegistry:
             self.system.set_ldev_attribute(ldev, "HORC", bool(pairs))
 
     def _detach(self, pair: Pair) -> None:
+        for hook in self.on_detach:
+            hook(pair)
         pairs = self.ldev_pairs.get(pair.local_ldev, [])
         pairs[:] = [x for x in pairs if x is not pair]
         if not pairs:
@@ -108,6 +114,11 @@ class PairRegistry:
     def _gate(pairs: list[Pair]) -> Callable[[Volume], None]:
         def gate(volume: Volume) -> None:
             for pair in pairs:
+                io_mode = pair.extra.get("io_mode")  # GAD: the volume's I/O mode decides (Mirror / Local / Block)
+                if io_mode is not None:
+                    if io_mode == "Block":
+                        raise WriteRefused(f"LDEV {volume.ldev_id} is in I/O mode Block (GAD pair {pair.key})")
+                    continue
                 if pair.role == "P":
                     if pair.fenced:
                         raise WriteRefused(f"P-VOL {volume.ldev_id} is fenced ({pair.fence}) after a failure")
@@ -119,6 +130,8 @@ class PairRegistry:
         return gate
 
     def save(self, pair: Pair) -> None:
+        for hook in self.on_save:
+            hook(pair)
         self.system.store.put("pairs", pair.key, pair.doc())
 
     def save_group(self, group: CopyGroup) -> None:
@@ -141,6 +154,9 @@ class PairRegistry:
         A cascade (an S-VOL that is also a P-VOL) is not supported."""
         for other in self.pairs_of(pvol):
             og = self.groups[other.group]
+            if "GAD" in (replication_type, og.replication_type):
+                raise VspError("IN_USE", detail=f"ldev {pvol} is already a pair volume (pair {other.key}); vspemu "
+                                                "does not combine GAD with other pairs of a volume (3DC with GAD)")
             if other.role != "P":
                 raise VspError("IN_USE", detail=f"ldev {pvol} is already a pair volume ({other.role}-VOL of "
                                                 f"pair {other.key})")

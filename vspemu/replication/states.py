@@ -155,7 +155,12 @@ TRUECOPY = StateTable("TC", _remote_copy_cells(), _REMOTE_COPY_CONDITIONS)
 # mirrors, a group rule of the engine
 UNIVERSAL_REPLICATOR = StateTable("UR", _remote_copy_cells(), _REMOTE_COPY_CONDITIONS)
 
-TABLES: dict[str, StateTable] = {t.replication_type: t for t in (TRUECOPY, UNIVERSAL_REPLICATOR)}
+# GAD (global-active device): the same transitions as TrueCopy (split: PSUS/SSUS, SSWS: the S side takes over,
+# swap resync after a takeover); what differs is the I/O mode each status gives the volumes (vspemu.replication
+# .gad_model.io_mode: Mirror in PAIR, Local for the side that serves alone, Block for the other)
+GAD = StateTable("GAD", _remote_copy_cells(), _REMOTE_COPY_CONDITIONS)
+
+TABLES: dict[str, StateTable] = {t.replication_type: t for t in (TRUECOPY, UNIVERSAL_REPLICATOR, GAD)}
 
 
 def register(table: StateTable) -> StateTable:

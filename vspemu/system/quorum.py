@@ -148,6 +148,7 @@ class QuorumDisks:
         self.states: dict[int, QuorumState] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._task: asyncio.Task[None] | None = None
+        self.users: list[Callable[[int], str | None]] = []  # who uses a quorum disk (None: nobody)
         system.ldev_id_claims.append(lambda i: i in self.externals)
 
     # -- external volumes --------------------------------------------------------------------------
@@ -244,7 +245,12 @@ class QuorumDisks:
         return disk
 
     def check_delete(self, quorum_disk_id: int) -> QuorumDisk:
-        return self.get(quorum_disk_id)  # GAD pairs using it will refuse here once they exist
+        disk = self.get(quorum_disk_id)
+        for user in self.users:  # the GAD pairs that use it (vspemu.replication.gad)
+            what = user(quorum_disk_id)
+            if what is not None:
+                raise VspError("IN_USE", detail=f"quorum disk {quorum_disk_id} is used by {what}")
+        return disk
 
     def delete(self, quorum_disk_id: int) -> None:
         self.check_delete(quorum_disk_id)
@@ -305,6 +311,43 @@ class QuorumDisks:
                 log.warning("quorum disk %s: %s -> %s %s", quorum_disk_id, st.status, new, st.error)
             st.status, st.checked_at = new, time.monotonic()
         return st
+
+    # -- arbitration (the GAD engine, vspemu.replication.gad_io): claims in this system's slot ----------
+    def _slots(self, disk: QuorumDisk, flags: int | None) -> tuple[QuorumSlot | None, QuorumSlot | None]:
+        """Blocking: read this system's and the partner's slots; with ``flags``, first write this system's slot
+        with those flags and the next epoch (above both slots' epochs), FUA, and read it back."""
+        assert disk.ldev_id is not None
+        ev = self.get_external(disk.ldev_id)
+        mine = slot_of(self.system.serial, disk.remote_serial)
+        with NbdClient(ev.host, ev.port, str(ev.external_ldev_id), timeout=self.io_timeout) as c:
+            if c.read(0, SLOT_SIZE)[:len(HEADER_MAGIC)] != HEADER_MAGIC:
+                raise ConnectionError("the external volume holds no quorum record")
+            own = QuorumSlot.unpack(c.read(slot_offset(mine), SLOT_SIZE))
+            partner = QuorumSlot.unpack(c.read(slot_offset(1 - mine), SLOT_SIZE))
+            if flags is None:
+                return own, partner
+            epoch = max(own.epoch if own else 0, partner.epoch if partner else 0) + 1
+            slot = QuorumSlot(self.system.serial, disk.remote_serial, disk.quorum_disk_id,
+                              (own.sequence + 1) if own else 1, time.time(), epoch, flags)
+            packed = slot.pack()
+            c.write(slot_offset(mine), packed, fua=True)
+            if c.read(slot_offset(mine), SLOT_SIZE) != packed:
+                raise ConnectionError("the quorum slot does not read back as written")
+            return slot, partner
+
+    async def slots(self, quorum_disk_id: int, flags: int | None = None
+                    ) -> tuple[QuorumSlot | None, QuorumSlot | None]:
+        """(own slot, partner slot) read from the quorum volume, under the lock the heartbeat takes; with
+        ``flags`` this system's slot is written first (a claim; see :meth:`_slots`). Raises on any I/O failure."""
+        disk = self.get(quorum_disk_id)
+        if disk.ldev_id is None:
+            raise VspError("WRONG_STATE", detail=f"quorum disk {quorum_disk_id} has no volume")
+        lock = self._locks.setdefault(quorum_disk_id, asyncio.Lock())
+        async with lock:
+            try:
+                return await asyncio.to_thread(self._slots, disk, flags)
+            except (OSError, NbdError, NbdOptionError, ConnectionError) as e:
+                raise VspError("REMOTE_UNREACHABLE", detail=f"quorum disk {quorum_disk_id}: {e}") from None
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(i) for i in list(self.disks)), return_exceptions=True)

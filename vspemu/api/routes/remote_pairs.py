@@ -24,6 +24,7 @@ from vspemu.api.common import Auth, Body, Ctx, data, job_response
 from vspemu.api.routes.remote_storages import check_remote_auth
 from vspemu.context import StorageContext
 from vspemu.errors import VspError
+from vspemu.replication import gad_model
 from vspemu.replication.engine import Replication
 from vspemu.replication.model import NOT_SPECIFIED, CopyGroup, Pair, group_view, pair_view
 from vspemu.replication.peer_headers import check_name
@@ -36,7 +37,7 @@ NOWAIT = "job-mode-wait-configuration-change"
 class PairCreate(Body):
     copyGroupName: str = Field(min_length=1, max_length=29)
     copyPairName: str = Field(min_length=1, max_length=31)
-    replicationType: Literal["TC", "UR", "GAD"]  # GAD: refused with a clear message (refuse_gad)
+    replicationType: Literal["TC", "UR", "GAD"]
     remoteStorageDeviceId: str = Field(min_length=12, max_length=12)
     pvolLdevId: int = Field(ge=0, le=MAX_LDEV_ID)
     svolLdevId: int = Field(ge=0, le=MAX_LDEV_ID)
@@ -152,10 +153,12 @@ def pair_url(group: CopyGroup, pair: Pair) -> str:
 # -- create -----------------------------------------------------------------------------------------------
 @router.post("/remote-mirror-copypairs")
 async def create_pair(request: Request, body: PairCreate, ctx: Ctx, session: Auth) -> JSONResponse:
-    refuse_gad(body.replicationType)
-    if body.quorumDiskId is not None:
+    gad = body.replicationType == "GAD"
+    if body.quorumDiskId is not None and not gad:
         raise VspError("INVALID_VALUE", attribute="quorumDiskId", value=body.quorumDiskId,
                        cause="A quorum disk is for GAD pairs only.")
+    if gad:
+        check_gad_create(body)
     eng = engine_of(ctx)
     check_name("copyGroupName", body.copyGroupName, 29)  # "," or "/" would make two pair keys collide
     check_name("copyPairName", body.copyPairName)
@@ -181,6 +184,16 @@ async def create_pair(request: Request, body: PairCreate, ctx: Ctx, session: Aut
     nowait = wants_nowait(request)
 
     async def work() -> list[str]:
+        if gad:
+            assert body.quorumDiskId is not None
+            group, pair = await eng.gad.create(
+                quorum_disk_id=body.quorumDiskId, group_name=body.copyGroupName, pair_name=body.copyPairName,
+                remote_device_id=body.remoteStorageDeviceId, pvol=body.pvolLdevId, svol=body.svolLdevId,
+                new_group=body.isNewGroupCreation, local_dg=body.localDeviceGroupName,
+                remote_dg=body.remoteDeviceGroupName, fence="NEVER", copy_pace=body.copyPace or 3, ctg_id=ctg,
+                path_group_id=body.pathGroupId, initial_copy=body.doInitialCopy is not False,
+                mu_number=body.muNumber, wait=not nowait)
+            return [pair_url(group, pair)]
         group, pair = await eng.create_pair(
             group_name=body.copyGroupName, pair_name=body.copyPairName, replication_type=body.replicationType,
             remote_device_id=body.remoteStorageDeviceId, pvol=body.pvolLdevId, svol=body.svolLdevId,
@@ -204,7 +217,7 @@ async def get_pair(pairId: str, request: Request, ctx: Ctx, _s: Auth) -> dict[st
     pair = engine_of(ctx).pairs.get(f"{group.name}/{name}")
     if pair is None:
         raise VspError("INSTANCE_CANNOT_OPERATE", object_id=f"copy pair {pairId}")
-    return pair_view(group, pair, ctx.system.storage_device_id)
+    return {**pair_view(group, pair, ctx.system.storage_device_id), **gad_model.view_fields(group, pair)}
 
 
 @router.get("/remote-mirror-copygroups")
@@ -225,7 +238,11 @@ async def get_group(groupId: str, request: Request, ctx: Ctx, _s: Auth,
     if remote:
         await remote_auth(request, ctx, group.remote_device_id)
     eng = engine_of(ctx)
-    return group_view(group, eng.group_pairs(group.name), ctx.system.storage_device_id)
+    pairs = eng.group_pairs(group.name)
+    view = group_view(group, pairs, ctx.system.storage_device_id)
+    for item, pair in zip(view["copyPairs"], pairs, strict=True):
+        item.update(gad_model.view_fields(group, pair))  # GAD: quorumDiskId, the I/O modes
+    return view
 
 
 @router.get("/remote-copypairs")
@@ -307,18 +324,19 @@ async def _takeover(request: Request, ctx: StorageContext, session: Any, object_
     return await job_response(request, session, work)
 
 
-def refuse_gad(replication_type: str) -> None:
-    """GAD (global-active device) pairs: the configuration exists (quorum disks, resource groups, virtual LDEV
-    ids: docs/gad.md), the pair engine does not yet."""
-    if replication_type == "GAD":
-        raise VspError("API_NOT_SUPPORTED", detail="GAD (global-active device) pairs are not available yet in "
-                                                   "vspemu; TrueCopy (TC) and Universal Replicator (UR) pairs are. "
-                                                   "Quorum disks, resource groups and virtual LDEV ids are "
-                                                   "(docs/gad.md)")
+def check_gad_create(body: PairCreate) -> None:
+    """A GAD create names its quorum disk; its fence level is NEVER (the array shows no other)."""
+    if body.quorumDiskId is None:
+        raise VspError("MISSING_PARAMETER", attribute="quorumDiskId")
+    if body.fenceLevel not in (None, "NEVER"):
+        raise VspError("INVALID_VALUE", attribute="fenceLevel", value=body.fenceLevel,
+                       cause="A GAD pair has fence level NEVER.")
+    if body.pvolJournalId is not None or body.svolJournalId is not None:
+        raise VspError("INVALID_VALUE", attribute="pvolJournalId", value=body.pvolJournalId,
+                       cause="A GAD pair has no journals.")
 
 
 def _check_type(group: CopyGroup, replication_type: str) -> None:
-    refuse_gad(replication_type)
     if group.replication_type != replication_type:
         raise VspError("INVALID_VALUE", attribute="replicationType", value=replication_type,
                        cause=f"copy group {group.name} is a {group.replication_type} group")
