@@ -345,6 +345,7 @@ class PairVolume:
 
 
 SendChunk = Callable[[int, "bytes | memoryview | None", int], Awaitable[None]]  # (offset, data / None, length)
+SendRuns = Callable[[list[tuple[int, int]], memoryview], Awaitable[None]]  # ([(offset, length)], their data)
 
 MAX_RUN_TRACKS = 32  # at copyPace 15: 8 MiB per request
 MAX_WINDOW = 16
@@ -409,7 +410,8 @@ def _is_hole(volume: Volume, offset: int, length: int) -> bool:
 
 
 async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChunk, pace: Callable[[], int],
-                             progress: Callable[[int], None], window: int | None = None) -> None:
+                             progress: Callable[[int], None], window: int | None = None,
+                             send_runs: SendRuns | None = None) -> None:
     """Copy every marked track to the other side, until none is marked.
 
     Runs of up to :func:`run_tracks` ``(pace())`` adjacent marked tracks go in one request, up to
@@ -419,6 +421,11 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
     data, or as a zero range when it reads as zeros. A bit is cleared before its track is read, so a host
     write that lands during the copy marks it again and the track is sent once more. Raises whatever
     ``send`` raises (the link failed).
+
+    With ``send_runs``, runs that are not adjacent (the scattered tracks of a resync) are gathered into one
+    request of up to :func:`run_tracks` tracks in all: their data one after the other, sent with their
+    ``(offset, length)`` list. A resync of 1 % of the tracks then costs a few round trips instead of one per
+    track (each request costs both sides far more than its 256 KiB of data).
     """
     failures: list[BaseException] = []
     tasks: set[asyncio.Task[None]] = set()
@@ -453,22 +460,72 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
             if budget:
                 COPY_BUDGET.release(budget)
 
+    async def several(runs: list[tuple[int, int]], ntracks: int) -> None:
+        """Runs of tracks that are not adjacent, in one request (``send_runs``); holes go as zero ranges."""
+        assert send_runs is not None
+        budget = 0
+        buf = None
+        try:
+            data_runs: list[tuple[int, int]] = []
+            for offset, length in runs:
+                if _is_hole(volume, offset, length):
+                    await send(offset, None, length)
+                else:
+                    data_runs.append((offset, length))
+            total = sum(length for _, length in data_runs)
+            if total:
+                budget = await COPY_BUDGET.acquire(total)
+                buf = BUFFERS.get(total)
+                view = memoryview(buf)[:total]
+                at = 0
+                for offset, length in data_runs:
+                    _pread(volume, view[at:at + length], offset)
+                    at += length
+                await send_runs(data_runs, view)
+                del view
+            progress(ntracks)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            failures.append(e)
+        finally:
+            if buf is not None:
+                BUFFERS.put(buf)
+            if budget:
+                COPY_BUDGET.release(budget)
+
     def done(task: asyncio.Task[None]) -> None:
         tasks.discard(task)
         if len(tasks) < current_window():
             slots_free.set()
 
-    async def launch(first: int, n: int) -> None:
+    async def launch(batch: list[tuple[int, int]]) -> None:
+        """One request for the runs (first track, tracks) of ``batch`` (usually one run)."""
         while len(tasks) >= current_window():
             slots_free.clear()
             await slots_free.wait()
-        for t in range(first, first + n):
-            bitmap.clear(t)
-        offset = first * TRACK
-        length = min(n * TRACK, volume.size - offset)
-        task = asyncio.get_running_loop().create_task(one(offset, length, n))
+        runs: list[tuple[int, int]] = []
+        ntracks = 0
+        for first, n in batch:
+            for t in range(first, first + n):
+                bitmap.clear(t)
+            offset = first * TRACK
+            runs.append((offset, min(n * TRACK, volume.size - offset)))
+            ntracks += n
+        batch.clear()
+        coro = one(runs[0][0], runs[0][1], ntracks) if len(runs) == 1 else several(runs, ntracks)
+        task = asyncio.get_running_loop().create_task(coro)
         tasks.add(task)
         task.add_done_callback(done)
+
+    batch: list[tuple[int, int]] = []  # runs gathered for one request (send_runs): (first track, tracks)
+    batched = 0
+
+    async def add(first: int, n: int, limit: int) -> None:
+        nonlocal batched
+        if batch and (send_runs is None or batched + n > limit):
+            await launch(batch)
+            batched = 0
+        batch.append((first, n))
+        batched += n
 
     try:
         while bitmap.count() and not failures:
@@ -481,11 +538,15 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
                     run_len += 1
                     continue
                 if run_len > 0:
-                    await launch(run_start, run_len)
+                    await add(run_start, run_len, limit)
                     limit = run_tracks(pace())
                 run_start, run_len = t, 1
             if run_len > 0 and not failures:
-                await launch(run_start, run_len)
+                await add(run_start, run_len, limit)
+            if batch and not failures:
+                await launch(batch)
+            batch.clear()
+            batched = 0
             if tasks:
                 await asyncio.gather(*tasks)
             bitmap.sync()
