@@ -1,6 +1,6 @@
 """TrueCopy and Universal Replicator 1 MiB PAIR writes against the floor of their design, in the same run.
 
-Usage: python bench/mirror_ratio.py [--repeat 3] [--runtime 6] [--floor-gib 2] [--dir DIR]
+Usage: python bench/mirror_ratio.py [--repeat 3] [--runtime 6] [--floor-gib 2] [--cipher none] [--dir DIR]
 
 Issue 20's target: a 1 MiB sequential write (iodepth 8) on a PAIR P-VOL reaches at least 0.9x of what
 ``bench/mirror_floor.py`` measures for the same design on the same machine in the same run:
@@ -14,12 +14,14 @@ Issue 20's target: a 1 MiB sequential write (iodepth 8) on a PAIR P-VOL reaches 
 Each round measures the three floor chains and the three fio runs one after the other (the floor's processes
 and the two storage systems are never busy at the same time); the figures are the medians over the rounds,
 with the range. The measured regions of every volume are written once first (cached pages: steady state),
-and the UR journal is drained before each UR run.
+and the UR journal is drained before each UR run. The floor's link is in clear; vspemu's is sealed
+(AES-256-GCM) unless ``--cipher none``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -55,8 +57,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=6, help="seconds of each fio run")
     ap.add_argument("--floor-gib", type=float, default=2.0, help="GiB written by each floor chain")
+    ap.add_argument("--cipher", default=None, help="VSPEMU_LINK_CIPHER of both systems (default: theirs, sealed)")
     ap.add_argument("--dir", type=Path, default=None)
     args = ap.parse_args()
+    if args.cipher:
+        os.environ["VSPEMU_LINK_CIPHER"] = args.cipher
     base = args.dir or Path(tempfile.mkdtemp(prefix="vspemu-ratio-"))
     p, s, pc, sc = start_linked(base / "sys", (483001, 483002))
     floor_dir = base / "floor"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 from vspemu.replication.bitmap import TRACK, DirtyBitmap
@@ -76,3 +77,29 @@ def test_without_send_runs_every_run_is_a_request_as_before(tmp_path: Path) -> N
     for offset, data in received.items():
         assert data == vol.read(offset, len(data))
     vol.close()
+
+
+def test_a_write_that_marks_its_activity_extent_marks_the_next_ones_too(tmp_path: Path) -> None:
+    """Issue 20: a TrueCopy write in PAIR that has to mark its 16 MiB activity extent (one bitmap sync, which
+    holds every write of the volume) marks the following extents with it, so a sequential stream syncs the
+    bitmap once per ACTIVITY_AHEAD + 1 extents instead of once per extent; never beyond the volume."""
+    from types import SimpleNamespace
+
+    from vspemu.replication.datapath import ACTIVITY_AHEAD, ACTIVITY_EXTENT, PairVolume, WriteBarrier
+    from vspemu.replication.model import Pair
+
+    size = 20 * ACTIVITY_EXTENT
+    bm = DirtyBitmap.open(tmp_path / "v.bmp", size)
+    pair = Pair(group="g", name="p", role="P", local_ldev=1, remote_ldev=2, status="PAIR", peer_status="PAIR")
+    rep = PairVolume(SimpleNamespace(), [(pair, bm, WriteBarrier())])  # type: ignore[arg-type]
+    syncs = 0
+    for offset in range(0, size, MiB):  # a sequential stream of 1 MiB writes over the whole volume
+        marked = rep._touch_activity(offset, MiB)
+        if marked is not None:
+            assert marked[0] == offset and marked[0] + marked[1] <= size
+            bm.mark_sync(*marked)
+            syncs += 1
+    assert syncs == -(-20 // (ACTIVITY_AHEAD + 1)) < 20
+    assert bm.count() == bm.ntracks and sorted(rep.activity) == list(range(20))
+    # an extent marked ahead and never written is cleared when idle, like any other
+    assert rep.activity_victims(time.monotonic() + 3600) == list(rep.activity)
