@@ -276,14 +276,9 @@ class PairVolume:
 
     def _touch_activity(self, offset: int, length: int) -> tuple[int, int] | None:
         """A TrueCopy write in PAIR: the activity extents it touches become the most recently written; returns
-        the range the bitmap must mark (durably, before the write) if it is not marked yet.
-
-        A write that has to mark marks the :data:`ACTIVITY_AHEAD` extents after its own too (one bitmap sync
-        for them all), when they are not in the hot set: a sequential stream then syncs the bitmap once per
-        ``ACTIVITY_AHEAD + 1`` extents, not once per 16 MiB. Each sync holds every write of the volume until
-        it is on disk (see ``DirtyBitmap.mark``); on a busy disk it took tens of milliseconds. The extents
-        marked ahead join the hot set as written now (cleared like any other when idle or beyond the limit);
-        a crash then copies at most those extents more."""
+        the range the bitmap must mark (durably, before the write) if it is not marked yet. That range also
+        covers the :data:`ACTIVITY_AHEAD` next extents not in the hot set (they join it as written now): a
+        sync holds every write of the volume (``DirtyBitmap.mark``), so a stream syncs once per 128 MiB."""
         first = offset // ACTIVITY_EXTENT
         last = (offset + max(length, 1) - 1) // ACTIVITY_EXTENT
         now = time.monotonic()
@@ -437,10 +432,9 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
     write that lands during the copy marks it again and the track is sent once more. Raises whatever
     ``send`` raises (the link failed).
 
-    With ``send_runs``, runs that are not adjacent (the scattered tracks of a resync) are gathered into one
-    request of up to :func:`run_tracks` tracks in all: their data one after the other, sent with their
-    ``(offset, length)`` list. A resync of 1 % of the tracks then costs a few round trips instead of one per
-    track (each request costs both sides far more than its 256 KiB of data).
+    With ``send_runs``, runs that are not adjacent (a resync's scattered tracks) go together, up to
+    :func:`run_tracks` tracks per request, with their ``(offset, length)`` list: a few round trips, not one
+    per track (a request costs both sides far more than its 256 KiB).
     """
     failures: list[BaseException] = []
     tasks: set[asyncio.Task[None]] = set()
@@ -475,8 +469,7 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
             if budget:
                 COPY_BUDGET.release(budget)
 
-    async def several(runs: list[tuple[int, int]], ntracks: int) -> None:
-        """Runs of tracks that are not adjacent, in one request (``send_runs``); holes go as zero ranges."""
+    async def several(runs: list[tuple[int, int]], ntracks: int) -> None:  # (holes go as zero ranges)
         assert send_runs is not None
         budget = 0
         buf = None
@@ -512,8 +505,7 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
         if len(tasks) < current_window():
             slots_free.set()
 
-    async def launch(batch: list[tuple[int, int]]) -> None:
-        """One request for the runs (first track, tracks) of ``batch`` (usually one run)."""
+    async def launch(batch: list[tuple[int, int]]) -> None:  # one request: runs (first track, tracks)
         while len(tasks) >= current_window():
             slots_free.clear()
             await slots_free.wait()
@@ -578,9 +570,9 @@ _direct_refused: set[str] = set()  # files whose filesystem refused O_DIRECT (e.
 _direct_pool: ThreadPoolExecutor | None = None
 
 
-def _direct_ok(data: bytes | memoryview, offset: int) -> bool:
+def _direct_ok(data: bytes | memoryview, offset: int, minimum: int = DIRECT_MIN) -> bool:
     view = memoryview(data)
-    if view.nbytes < DIRECT_MIN or offset % DIRECT_ALIGN or view.nbytes % DIRECT_ALIGN or view.readonly or \
+    if view.nbytes < minimum or offset % DIRECT_ALIGN or view.nbytes % DIRECT_ALIGN or view.readonly or \
             not view.c_contiguous:
         return False
     return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0
@@ -621,11 +613,30 @@ async def write_copy_chunk(volume: Volume, offset: int, data: bytes | memoryview
     if not _direct_ok(data, offset) or str(volume.path) in _direct_refused or volume.observers:
         volume.write_local(offset, data)  # observed (a local copy): told and written in one go, on the loop
         return
-    if volume.observers:  # told here, on the loop thread: the direct write runs in a worker thread
-        volume.before_change(offset, memoryview(data).nbytes)
     if _direct_pool is None:
         _direct_pool = ThreadPoolExecutor(4, thread_name_prefix="vspemu-direct-io")
     await asyncio.get_running_loop().run_in_executor(_direct_pool, _pwrite_direct, volume, offset, data)
+
+
+async def write_copy_runs(volume: Volume, runs: list[tuple[int, int]], data: memoryview) -> None:
+    """The runs of a ``data.writev`` (``data`` holds them one after the other) on the S side: aligned runs of
+    a track or more with O_DIRECT in the worker threads, all at once (see :func:`write_copy_chunk`: the
+    ``data.flush`` that ends the copy then has little left to write back), the others as usual."""
+    global _direct_pool
+    direct = str(volume.path) not in _direct_refused and not volume.observers
+    pieces: list[tuple[int, memoryview]] = []
+    at = 0
+    for offset, length in runs:
+        piece, at = data[at:at + length], at + length
+        if direct and _direct_ok(piece, offset, TRACK):
+            pieces.append((offset, piece))
+        else:
+            volume.write_local(offset, piece)
+    if _direct_pool is None:
+        _direct_pool = ThreadPoolExecutor(4, thread_name_prefix="vspemu-direct-io")
+    loop = asyncio.get_running_loop()
+    await asyncio.gather(*(loop.run_in_executor(_direct_pool, _pwrite_direct, volume, offset, piece)
+                           for offset, piece in pieces))
 
 
 def _pread(volume: Volume, view: memoryview, offset: int) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from vspemu.errors import VspError, invalid, not_found
 from vspemu.replication import peer_headers
-from vspemu.replication.datapath import write_copy_chunk
+from vspemu.replication.datapath import write_copy_chunk, write_copy_runs
 from vspemu.replication.kinds import PeerCore
 from vspemu.replication.link import Link
 from vspemu.replication.model import COPY, PAIR, PSUS, SMPL, SSUS, SSWS, CopyGroup, Pair, status_digest
@@ -239,10 +239,7 @@ class PeerHandlers:
             ranges.append((run[0], run[1]))
         if sum(n for _, n in ranges) != len(payload):
             raise invalid("runs", len(payload), "the lengths of the runs add up to the data sent")
-        view, at = memoryview(payload), 0
-        for offset, length in ranges:
-            vol.write_local(offset, view[at:at + length])
-            at += length
+        await write_copy_runs(vol, ranges, memoryview(payload))  # O_DIRECT where aligned (see datapath)
         return {}, b""
 
     async def h_flush(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
