@@ -327,3 +327,41 @@ def test_hung_remote_detected_within_timeout(two: tuple[SystemProcess, SystemPro
     finally:
         s.resume()
     cp.wait_path_status(gid, timeout=15)
+
+
+def _storages_served(system: SystemProcess, client: VspClient) -> float:
+    """GET storages answered by ``system`` so far (its /metrics): how often another system checked a token."""
+    import ssl
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    trust = ssl.create_default_context(cafile=str(system.cert_path))
+    r = httpx.get(f"{system.rest_url}/metrics", headers=client.headers(), verify=trust)
+    assert r.status_code == 200, r.text
+    return sum(s.value for family in text_string_to_metric_families(r.text) for s in family.samples
+               if s.name == "vspemu_rest_requests_total" and s.labels.get("method") == "GET"
+               and s.labels.get("route", "").endswith("/v1/objects/storages"))
+
+
+def test_an_accepted_remote_token_is_not_asked_about_again_at_once(
+        linked: tuple[SystemProcess, SystemProcess, VspClient, VspClient]) -> None:
+    """Issue 20: every Remote-Authorization check cost a TLS connection and a REST call to the remote (about 10
+    ms); a client sends the same token with each call of a sequence (a resync, then status polls), so a token
+    the remote accepted is remembered for a few seconds. A refused token is never remembered."""
+    p, s, pc, sc = linked
+    pc.get("remote-mirror-copygroups", remote=sc, remoteStorageDeviceId=s.storage_device_id)  # checked here
+    before = _storages_served(s, sc)
+    for _ in range(5):
+        assert pc.get("remote-mirror-copygroups", remote=sc, remoteStorageDeviceId=s.storage_device_id)["data"] == []
+    assert _storages_served(s, sc) == before  # the remote was not asked again
+    with s.client() as other:  # another session's token is checked (once)
+        before = _storages_served(s, sc)
+        for _ in range(2):
+            pc.get("remote-mirror-copygroups", remote=other, remoteStorageDeviceId=s.storage_device_id)
+        assert _storages_served(s, sc) == before + 1
+    headers = {**pc.headers(), "Remote-Authorization": "Session not-a-token"}
+    for _ in range(2):  # refused each time: a refusal is not remembered
+        r = pc.raw("GET", pc.objects_path("remote-mirror-copygroups"), headers=headers,
+                   params={"remoteStorageDeviceId": s.storage_device_id})
+        assert_error(r, 401, "KART40061-E")
+    assert _storages_served(s, sc) == before + 3  # (metrics scrapes are not GET storages)

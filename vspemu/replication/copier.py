@@ -73,6 +73,14 @@ class Copier:
                           b"" if data is None else data)
             rt.bytes_sent += 0 if data is None else length
 
+        async def send_runs(runs: list[tuple[int, int]], data: memoryview) -> None:
+            pg = self.engine.peer(group)
+            if pg is None:
+                raise LinkError("no path group")
+            await pg.call("data.writev", {"ldev": pair.remote_ldev, "runs": [[o, n] for o, n in runs],
+                                          "from": self.engine.system.serial}, data)
+            rt.bytes_sent += len(data)
+
         def progress(n: int) -> None:
             pair.copy_done += n
             rt.tracks_sent += n
@@ -80,7 +88,7 @@ class Copier:
         try:
             await self.wait_peer(group, RESTART_PATH_WAIT)
             while pair.status == COPY and pair.role == "P":
-                await copy_marked_tracks(vol, bm, send, lambda: pair.copy_pace, progress)
+                await copy_marked_tracks(vol, bm, send, lambda: pair.copy_pace, progress, send_runs=send_runs)
                 await barrier.hold()
                 try:
                     if bm.count() or pair.status != COPY:

@@ -51,6 +51,7 @@ ACTIVITY_EXTENT = 64 * TRACK  # in PAIR, writes mark whole 16 MiB extents (DRBD'
 ACTIVITY_MAX_EXTENTS = 256  # per P-VOL: a hot set of up to 4 GiB stays marked (DRBD: al-extents)...
 ACTIVITY_LOW_EXTENTS = 192  # ...when it grows beyond, the least recently written are cleared down to this
 ACTIVITY_MAX_AGE = 60.0  # seconds: an extent not written for this long is cleared at the next check
+ACTIVITY_AHEAD = 7  # a write that marks its extent marks up to this many following extents with it
 
 
 class WriteBarrier:
@@ -277,7 +278,9 @@ class PairVolume:
 
     def _touch_activity(self, offset: int, length: int) -> tuple[int, int] | None:
         """A TrueCopy write in PAIR: the activity extents it touches become the most recently written; returns
-        the range the bitmap must mark (durably, before the write) if it is not marked yet."""
+        the range the bitmap must mark (durably, before the write) if it is not marked yet. That range also
+        covers the :data:`ACTIVITY_AHEAD` next extents not in the hot set (they join it as written now): a
+        sync holds every write of the volume (``DirtyBitmap.mark``), so a stream syncs once per 128 MiB."""
         first = offset // ACTIVITY_EXTENT
         last = (offset + max(length, 1) - 1) // ACTIVITY_EXTENT
         now = time.monotonic()
@@ -286,7 +289,14 @@ class PairVolume:
             act.pop(ext, None)
             act[ext] = now  # most recently written last
         marked = first * ACTIVITY_EXTENT, (last + 1 - first) * ACTIVITY_EXTENT
-        return None if self.bitmap.is_marked(*marked) else marked
+        if self.bitmap.is_marked(*marked):
+            return None
+        end = last + 1
+        limit = -(-self.bitmap.ntracks * TRACK // ACTIVITY_EXTENT)  # extents of the volume
+        while end < limit and end <= last + ACTIVITY_AHEAD and end not in act:
+            act[end] = now
+            end += 1
+        return first * ACTIVITY_EXTENT, (end - first) * ACTIVITY_EXTENT
 
     async def _again(self, volume: Volume, offset: int, length: int, data: bytes | memoryview | None, fua: bool,
                      entered: list[WriteBarrier]) -> None:
@@ -350,6 +360,7 @@ class PairVolume:
 
 
 SendChunk = Callable[[int, "bytes | memoryview | None", int], Awaitable[None]]  # (offset, data / None, length)
+SendRuns = Callable[[list[tuple[int, int]], memoryview], Awaitable[None]]  # ([(offset, length)], their data)
 
 MAX_RUN_TRACKS = 32  # at copyPace 15: 8 MiB per request
 MAX_WINDOW = 16
@@ -414,7 +425,8 @@ def _is_hole(volume: Volume, offset: int, length: int) -> bool:
 
 
 async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChunk, pace: Callable[[], int],
-                             progress: Callable[[int], None], window: int | None = None) -> None:
+                             progress: Callable[[int], None], window: int | None = None,
+                             send_runs: SendRuns | None = None) -> None:
     """Copy every marked track to the other side, until none is marked.
 
     Runs of up to :func:`run_tracks` ``(pace())`` adjacent marked tracks go in one request, up to
@@ -424,6 +436,10 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
     data, or as a zero range when it reads as zeros. A bit is cleared before its track is read, so a host
     write that lands during the copy marks it again and the track is sent once more. Raises whatever
     ``send`` raises (the link failed).
+
+    With ``send_runs``, runs that are not adjacent (a resync's scattered tracks) go together, up to
+    :func:`run_tracks` tracks per request, with their ``(offset, length)`` list: a few round trips, not one
+    per track (a request costs both sides far more than its 256 KiB).
     """
     failures: list[BaseException] = []
     tasks: set[asyncio.Task[None]] = set()
@@ -458,22 +474,70 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
             if budget:
                 COPY_BUDGET.release(budget)
 
+    async def several(runs: list[tuple[int, int]], ntracks: int) -> None:  # (holes go as zero ranges)
+        assert send_runs is not None
+        budget = 0
+        buf = None
+        try:
+            data_runs: list[tuple[int, int]] = []
+            for offset, length in runs:
+                if _is_hole(volume, offset, length):
+                    await send(offset, None, length)
+                else:
+                    data_runs.append((offset, length))
+            total = sum(length for _, length in data_runs)
+            if total:
+                budget = await COPY_BUDGET.acquire(total)
+                buf = BUFFERS.get(total)
+                view = memoryview(buf)[:total]
+                at = 0
+                for offset, length in data_runs:
+                    _pread(volume, view[at:at + length], offset)
+                    at += length
+                await send_runs(data_runs, view)
+                del view
+            progress(ntracks)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            failures.append(e)
+        finally:
+            if buf is not None:
+                BUFFERS.put(buf)
+            if budget:
+                COPY_BUDGET.release(budget)
+
     def done(task: asyncio.Task[None]) -> None:
         tasks.discard(task)
         if len(tasks) < current_window():
             slots_free.set()
 
-    async def launch(first: int, n: int) -> None:
+    async def launch(batch: list[tuple[int, int]]) -> None:  # one request: runs (first track, tracks)
         while len(tasks) >= current_window():
             slots_free.clear()
             await slots_free.wait()
-        for t in range(first, first + n):
-            bitmap.clear(t)
-        offset = first * TRACK
-        length = min(n * TRACK, volume.size - offset)
-        task = asyncio.get_running_loop().create_task(one(offset, length, n))
+        runs: list[tuple[int, int]] = []
+        ntracks = 0
+        for first, n in batch:
+            for t in range(first, first + n):
+                bitmap.clear(t)
+            offset = first * TRACK
+            runs.append((offset, min(n * TRACK, volume.size - offset)))
+            ntracks += n
+        batch.clear()
+        coro = one(runs[0][0], runs[0][1], ntracks) if len(runs) == 1 else several(runs, ntracks)
+        task = asyncio.get_running_loop().create_task(coro)
         tasks.add(task)
         task.add_done_callback(done)
+
+    batch: list[tuple[int, int]] = []  # runs gathered for one request (send_runs): (first track, tracks)
+    batched = 0
+
+    async def add(first: int, n: int, limit: int) -> None:
+        nonlocal batched
+        if batch and (send_runs is None or batched + n > limit):
+            await launch(batch)
+            batched = 0
+        batch.append((first, n))
+        batched += n
 
     try:
         while bitmap.count() and not failures:
@@ -486,11 +550,15 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
                     run_len += 1
                     continue
                 if run_len > 0:
-                    await launch(run_start, run_len)
+                    await add(run_start, run_len, limit)
                     limit = run_tracks(pace())
                 run_start, run_len = t, 1
             if run_len > 0 and not failures:
-                await launch(run_start, run_len)
+                await add(run_start, run_len, limit)
+            if batch and not failures:
+                await launch(batch)
+            batch.clear()
+            batched = 0
             if tasks:
                 await asyncio.gather(*tasks)
             bitmap.sync()
@@ -507,9 +575,9 @@ _direct_refused: set[str] = set()  # files whose filesystem refused O_DIRECT (e.
 _direct_pool: ThreadPoolExecutor | None = None
 
 
-def _direct_ok(data: bytes | memoryview, offset: int) -> bool:
+def _direct_ok(data: bytes | memoryview, offset: int, minimum: int = DIRECT_MIN) -> bool:
     view = memoryview(data)
-    if view.nbytes < DIRECT_MIN or offset % DIRECT_ALIGN or view.nbytes % DIRECT_ALIGN or view.readonly or \
+    if view.nbytes < minimum or offset % DIRECT_ALIGN or view.nbytes % DIRECT_ALIGN or view.readonly or \
             not view.c_contiguous:
         return False
     return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0
@@ -550,11 +618,30 @@ async def write_copy_chunk(volume: Volume, offset: int, data: bytes | memoryview
     if not _direct_ok(data, offset) or str(volume.path) in _direct_refused or volume.observers:
         volume.write_local(offset, data)  # observed (a local copy): told and written in one go, on the loop
         return
-    if volume.observers:  # told here, on the loop thread: the direct write runs in a worker thread
-        volume.before_change(offset, memoryview(data).nbytes)
     if _direct_pool is None:
         _direct_pool = ThreadPoolExecutor(4, thread_name_prefix="vspemu-direct-io")
     await asyncio.get_running_loop().run_in_executor(_direct_pool, _pwrite_direct, volume, offset, data)
+
+
+async def write_copy_runs(volume: Volume, runs: list[tuple[int, int]], data: memoryview) -> None:
+    """The runs of a ``data.writev`` (``data`` holds them one after the other) on the S side: aligned runs of
+    a track or more with O_DIRECT in the worker threads, all at once (see :func:`write_copy_chunk`: the
+    ``data.flush`` that ends the copy then has little left to write back), the others as usual."""
+    global _direct_pool
+    direct = str(volume.path) not in _direct_refused and not volume.observers
+    pieces: list[tuple[int, memoryview]] = []
+    at = 0
+    for offset, length in runs:
+        piece, at = data[at:at + length], at + length
+        if direct and _direct_ok(piece, offset, TRACK):
+            pieces.append((offset, piece))
+        else:
+            volume.write_local(offset, piece)
+    if _direct_pool is None:
+        _direct_pool = ThreadPoolExecutor(4, thread_name_prefix="vspemu-direct-io")
+    loop = asyncio.get_running_loop()
+    await asyncio.gather(*(loop.run_in_executor(_direct_pool, _pwrite_direct, volume, offset, piece)
+                           for offset, piece in pieces))
 
 
 def _pread(volume: Volume, view: memoryview, offset: int) -> None:

@@ -12,6 +12,8 @@ path.
                    ``pairs``, the bitmaps of several pairs in one reply (a group resync: one round trip)
 ``pair.swap``      reverse the roles of pairs (swap resync)
 ``data.write``     write (or zero) a range of an S-VOL: host writes in PAIR and copy chunks
+``data.writev``    write several ranges of an S-VOL, their data one after the other (the scattered tracks
+                   of a resync in one request)
 ``data.flush``     make the S-VOL durable
 ``data.extents``   the ranges of an S-VOL that hold data (an initial copy must zero them too)
 ``verify.sums``    per-track digests of an S-VOL (online verify, :mod:`.verify`)
@@ -28,7 +30,7 @@ from typing import Any
 
 from vspemu.errors import VspError, invalid, not_found
 from vspemu.replication import peer_headers
-from vspemu.replication.datapath import write_copy_chunk
+from vspemu.replication.datapath import write_copy_chunk, write_copy_runs
 from vspemu.replication.kinds import PeerCore
 from vspemu.replication.link import Link
 from vspemu.replication.model import COPY, PAIR, PSUS, SMPL, SSUS, SSWS, CopyGroup, Pair, status_digest
@@ -46,7 +48,8 @@ class PeerHandlers:
         for msg, handler in (("pair.create", self.h_create), ("pair.set", self.h_set),
                              ("pair.state", self.h_state), ("pair.delete", self.h_delete),
                              ("pair.bitmap", self.h_bitmap), ("pair.swap", self.h_swap),
-                             ("data.write", self.h_write), ("data.flush", self.h_flush),
+                             ("data.write", self.h_write), ("data.writev", self.h_writev),
+                             ("data.flush", self.h_flush),
                              ("data.extents", self.h_extents)):
             engine.link.register_handler(msg, handler)
 
@@ -219,6 +222,25 @@ class PeerHandlers:
             vol.write_local(offset, payload)
         if h.get("fua"):
             await vol.flush_local()
+        return {}, b""
+
+    async def h_writev(self, peer: PeerInfo, h: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+        """Copy chunks of several ranges in one request: every range is checked before any is written."""
+        ldev_id = int(h["ldev"])
+        self.svol_for_peer(peer, ldev_id)
+        vol = self.engine.system.volumes[ldev_id]
+        runs = h.get("runs")
+        if not isinstance(runs, list) or not runs:
+            raise invalid("runs", runs, "a list of [offset, length]")
+        ranges: list[tuple[int, int]] = []
+        for run in runs:
+            if not (isinstance(run, list) and len(run) == 2 and all(type(x) is int and x >= 0 for x in run)) or \
+                    not vol.check_range(run[0], run[1]):
+                raise invalid("runs", run, "[offset, length] within the S-VOL")
+            ranges.append((run[0], run[1]))
+        if sum(n for _, n in ranges) != len(payload):
+            raise invalid("runs", len(payload), "the lengths of the runs add up to the data sent")
+        await write_copy_runs(vol, ranges, memoryview(payload))  # O_DIRECT where aligned (see datapath)
         return {}, b""
 
     async def h_flush(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:

@@ -1,0 +1,140 @@
+"""TrueCopy and Universal Replicator 1 MiB PAIR writes against the floor of their design, in the same run.
+
+Usage: python bench/mirror_ratio.py [--repeat 3] [--runtime 6] [--floor-gib 2] [--cipher none] [--dir DIR]
+
+Issue 20's target: a 1 MiB sequential write (iodepth 8) on a PAIR P-VOL reaches at least 0.9x of what
+``bench/mirror_floor.py`` measures for the same design on the same machine in the same run:
+
+- TrueCopy: ``mirror_floor``'s "mirrored, with copies" chain (client -> primary -> secondary, blocking
+  sockets, no vspemu code) as a share of its "primary alone"; vspemu: fio on a TC PAIR P-VOL as a share of
+  fio on an unpaired volume of the same system.
+- Universal Replicator: ``mirror_floor``'s "primary writing a journal copy too" chain as a share of "primary
+  alone"; vspemu: fio on a UR PAIR P-VOL (one mirror) as a share of the unpaired volume.
+
+Each round measures the three floor chains and the three fio runs one after the other (the floor's processes
+and the two storage systems are never busy at the same time); the figures are the medians over the rounds,
+with the range. The measured regions of every volume are written once first (cached pages: steady state),
+and the UR journal is drained before each UR run. The floor's link is in clear; vspemu's is sealed
+(AES-256-GCM) unless ``--cipher none``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import mirror_floor
+from benchlib import fio, print_table, start_linked
+
+from vspemu.client import VspClient
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def _drained(pc: VspClient, group: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = pc.raw("GET", "vspemu/v1/replication/stats", headers=pc.headers()).json()["mirrors"][group]
+        if not st["qCount"]:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(group)
+        time.sleep(0.05)
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--runtime", type=int, default=6, help="seconds of each fio run")
+    ap.add_argument("--floor-gib", type=float, default=2.0, help="GiB written by each floor chain")
+    ap.add_argument("--cipher", default=None, help="VSPEMU_LINK_CIPHER of both systems (default: theirs, sealed)")
+    ap.add_argument("--dir", type=Path, default=None)
+    args = ap.parse_args()
+    if args.cipher:
+        os.environ["VSPEMU_LINK_CIPHER"] = args.cipher
+    base = args.dir or Path(tempfile.mkdtemp(prefix="vspemu-ratio-"))
+    p, s, pc, sc = start_linked(base / "sys", (483001, 483002))
+    floor_dir = base / "floor"
+    floor_dir.mkdir()
+    runs: dict[str, list[float]] = {}
+    cpu: dict[str, list[dict[str, float]]] = {}
+    try:
+        for c in (pc, sc):
+            c.create_journal(1, [c.create_ldev("5G")])
+        solo = pc.create_ldev("4G")
+        tp, ts = pc.create_ldev("4G"), sc.create_ldev("4G")
+        up, us = pc.create_ldev("4G"), sc.create_ldev("4G")
+        for ldev in (solo, tp, up):
+            pc.add_lun(ldev)
+        common = {"remoteStorageDeviceId": sc.storage_device_id, "isNewGroupCreation": True}
+        pc.invoke("POST", "remote-mirror-copypairs", {
+            **common, "copyGroupName": "tc", "copyPairName": "t", "replicationType": "TC", "pvolLdevId": tp,
+            "svolLdevId": ts, "fenceLevel": "NEVER", "copyPace": 15}, remote=sc, timeout=3600)
+        pc.invoke("POST", "remote-mirror-copypairs", {
+            **common, "copyGroupName": "ur", "copyPairName": "u", "replicationType": "UR", "pvolLdevId": up,
+            "svolLdevId": us, "fenceLevel": "ASYNC", "muNumber": 0, "pvolJournalId": 1, "svolJournalId": 1},
+            remote=sc, timeout=3600)
+        for ldev in (solo, tp, up):  # every measured region written once: all runs overwrite cached pages
+            fio(p.nbd_port, ldev, "write", "1M", 8, "2G", runtime=0)
+        _drained(pc, "ur")
+        pids = {"P": p.proc.pid, "S": s.proc.pid}
+        total = int(args.floor_gib * GiB)
+        for _ in range(args.repeat):
+            for mode in ("alone", "copy", "journal"):
+                r = mirror_floor.run(mode, total, MiB, 8, floor_dir)
+                runs.setdefault(f"floor {mode}", []).append(r["MiBps"])
+            for name, ldev in (("unpaired", solo), ("TC", tp), ("UR", up)):
+                if name == "UR":
+                    _drained(pc, "ur")
+                r = fio(p.nbd_port, ldev, "write", "1M", 8, "2G", runtime=args.runtime, pids=pids)
+                runs.setdefault(name, []).append(r["MiBps"])
+                cpu.setdefault(name, []).append(r["cpu"])
+            _drained(pc, "ur")
+            a, f = runs["floor alone"][-1], runs["unpaired"][-1]
+            for key, ratio in (("floor TC", runs["floor copy"][-1] / a), ("floor UR", runs["floor journal"][-1] / a),
+                               ("TC ratio", runs["TC"][-1] / f), ("UR ratio", runs["UR"][-1] / f)):
+                runs.setdefault(key, []).append(ratio)
+            for kind in ("TC", "UR"):
+                runs.setdefault(f"{kind} of floor", []).append(runs[f"{kind} ratio"][-1] / runs[f"floor {kind}"][-1])
+            print(" ".join(f"{k}={v[-1]:.2f}" for k, v in runs.items()), flush=True)
+        pc.close()
+        sc.close()
+    finally:
+        p.stop()
+        s.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+    def med(key: str) -> float:
+        return statistics.median(runs[key])
+
+    def cpu_text(name: str) -> str:
+        keys = cpu[name][0].keys()
+        return ", ".join(f"{k} {statistics.median(c[k] for c in cpu[name]) * 1000:.2f}" for k in keys)
+
+    rows: list[tuple[str, ...]] = []
+    for kind, floor_mode, label in (("TC", "copy", "mirrored, with copies"),
+                                    ("UR", "journal", "primary writing a journal copy too")):
+        fk, rk, ok = f"floor {kind}", f"{kind} ratio", f"{kind} of floor"
+        rows.append((f"floor ({label}) vs primary alone",
+                     f"{med('floor ' + floor_mode):.0f} vs {med('floor alone'):.0f} MiB/s",
+                     f"{med(fk):.2f}x ({_spread(runs[fk])})", ""))
+        rows.append((f"{kind} PAIR P-VOL vs unpaired, 1 MiB iodepth 8",
+                     f"{med(kind):.0f} vs {med('unpaired'):.0f} MiB/s", f"{med(rk):.2f}x ({_spread(runs[rk])})",
+                     f"{med(ok):.2f}x of the floor ({_spread(runs[ok])}); target >= 0.9x"))
+        rows.append((f"{kind}: CPU ms per MiB (median)", cpu_text(kind), f"unpaired: {cpu_text('unpaired')}", ""))
+    print_table(f"Mirrored 1 MiB writes against the floor of their design, median of {args.repeat} rounds",
+                ("measure", "MiB/s", "ratio (range)", "against the floor (range)"), rows)
+
+
+if __name__ == "__main__":
+    main()
