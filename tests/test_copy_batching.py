@@ -110,7 +110,7 @@ def test_the_runs_of_a_writev_land_where_they_belong(tmp_path: Path) -> None:
     unaligned one through the page cache; every run lands at its own offset, nothing else changes."""
     import mmap
 
-    from vspemu.replication.datapath import write_copy_runs
+    from vspemu.replication.direct_write import write_copy_runs
 
     vol = Volume.create(2, tmp_path / "s.img", 16 * MiB)
     vol.write_local(0, b"\x01" * (16 * MiB))

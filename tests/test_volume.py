@@ -125,7 +125,7 @@ def test_change_observers_see_every_change_first_and_can_refuse_it(tmp_path: Pat
     """The hook local copies (snapshots, ShadowImage) build on: told before the bytes change, on every path."""
     import asyncio
 
-    from vspemu.replication.datapath import write_copy_chunk
+    from vspemu.replication.direct_write import write_copy_chunk
 
     vol = Volume.create(1, tmp_path / "v.img", 4 << 20)
     seen: list[tuple[int, int, bytes]] = []

@@ -30,7 +30,7 @@ from typing import Any
 
 from vspemu.errors import VspError, invalid, not_found
 from vspemu.replication import peer_headers
-from vspemu.replication.datapath import write_copy_chunk, write_copy_runs
+from vspemu.replication.direct_write import write_copy_chunk, write_copy_runs
 from vspemu.replication.kinds import PeerCore
 from vspemu.replication.link import Link
 from vspemu.replication.model import COPY, PAIR, PSUS, SMPL, SSUS, SSWS, CopyGroup, Pair, status_digest
@@ -217,7 +217,7 @@ class PeerHandlers:
         if h.get("zero"):
             vol.discard_local(offset, length)
         elif h.get("copy") and len(payload) >= 1 << 20:
-            await write_copy_chunk(vol, offset, payload)  # O_DIRECT in a worker thread (see datapath)
+            await write_copy_chunk(vol, offset, payload)  # O_DIRECT in a worker thread (see direct_write)
         else:
             vol.write_local(offset, payload)
         if h.get("fua"):
@@ -240,7 +240,7 @@ class PeerHandlers:
             ranges.append((run[0], run[1]))
         if sum(n for _, n in ranges) != len(payload):
             raise invalid("runs", len(payload), "the lengths of the runs add up to the data sent")
-        await write_copy_runs(vol, ranges, memoryview(payload))  # O_DIRECT where aligned (see datapath)
+        await write_copy_runs(vol, ranges, memoryview(payload))  # O_DIRECT where aligned (see direct_write)
         return {}, b""
 
     async def h_flush(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
