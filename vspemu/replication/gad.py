@@ -26,7 +26,7 @@ from vspemu.errors import VspError, invalid, not_found
 from vspemu.replication import states
 from vspemu.replication.gad_io import GadCore, GadDataPath
 from vspemu.replication.gad_model import BLOCK, GAD, io_mode
-from vspemu.replication.kinds import ACTIVE, LOCAL
+from vspemu.replication.kinds import ACTIVE, LOCAL, QuietHooks
 from vspemu.replication.model import ACTIVE as ACTIVE_STATUSES, PAIR, CopyGroup, Pair
 from vspemu.replication.wire import PeerInfo
 from vspemu.system.quorum import NORMAL, QuorumDisks
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 GAD_ATTRIBUTE = "GAD"
 
 
-class Gad:
+class Gad(QuietHooks):
     """The GAD :class:`~vspemu.replication.kinds.ReplicationKind`."""
 
     replication_type = GAD
@@ -87,26 +87,8 @@ class Gad:
         if not any(k.startswith(f"{group.name}/") for k in self.pending):
             raise VspError("WRONG_STATE", detail="the GAD S-VOL was not prepared (gad.prepare) for this pair")
 
-    def group_created(self, group: CopyGroup) -> None:
-        return None
-
-    def secondary_created(self, group: CopyGroup) -> None:
-        return None
-
-    def group_forgotten(self, group: CopyGroup) -> None:
-        return None
-
-    def became_primary(self, group: CopyGroup) -> None:
-        return None
-
-    def before_swap(self, group: CopyGroup) -> None:
-        return None
-
     def before_suspend(self, group: CopyGroup, pair: Pair) -> bool:
         return False  # the I/O mode, not a fence, decides about host I/O
-
-    def copy_starting(self, group: CopyGroup) -> None:
-        return None
 
     def copy_after_restart(self, pair: Pair, marked: int) -> bool:
         return pair.status == PAIR and marked > 0  # as TrueCopy: marked tracks may differ after a crash
@@ -116,15 +98,6 @@ class Gad:
         for p in pairs:
             if p.status == PAIR:
                 await self.io.arbitrate(p, "the remote storage system does not answer")
-
-    async def before_split(self, group: CopyGroup) -> None:
-        return None
-
-    async def split_on_secondary(self, group: CopyGroup, rw: bool) -> bool:
-        return False
-
-    def mirror_stats(self, group: CopyGroup) -> dict[str, Any] | None:
-        return None
 
     def background_tasks(self) -> list[Coroutine[Any, Any, None]]:
         """At start: each volume's I/O mode again. A P side that was mirroring holds host I/O (Block) until

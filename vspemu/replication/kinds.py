@@ -108,6 +108,38 @@ class ReplicationKind(Protocol):
         ...
 
 
+class QuietHooks:
+    """The hooks of :class:`ReplicationKind` a synchronous type (TrueCopy, GAD) has nothing to do in: a kind
+    inherits these no-ops and writes only the hooks it needs."""
+
+    def group_created(self, group: CopyGroup) -> None:
+        return None
+
+    def secondary_created(self, group: CopyGroup) -> None:
+        return None
+
+    def group_forgotten(self, group: CopyGroup) -> None:
+        return None
+
+    def became_primary(self, group: CopyGroup) -> None:
+        return None
+
+    def before_swap(self, group: CopyGroup) -> None:
+        return None
+
+    def copy_starting(self, group: CopyGroup) -> None:
+        return None
+
+    async def before_split(self, group: CopyGroup) -> None:
+        return None
+
+    async def split_on_secondary(self, group: CopyGroup, rw: bool) -> bool:
+        return False
+
+    def mirror_stats(self, group: CopyGroup) -> dict[str, Any] | None:
+        return None
+
+
 class Journaler(Protocol):
     """What the write path asks of Universal Replicator."""
 

@@ -16,7 +16,7 @@ from typing import Any
 from vspemu.errors import VspError, invalid
 from vspemu.replication import states
 from vspemu.replication.datapath import PairVolume
-from vspemu.replication.kinds import FORWARD, LOCAL, EngineCore
+from vspemu.replication.kinds import FORWARD, LOCAL, EngineCore, QuietHooks
 from vspemu.replication.model import FENCE_LEVELS, PAIR, CopyGroup, Pair
 from vspemu.replication.wire import LinkError
 from vspemu.volumes.volume import VolumeIOError
@@ -28,7 +28,7 @@ class _LocalWriteFailed(Exception):
     """A mirrored write's local write failed (its OSError is the cause), after the data went to the S side."""
 
 
-class TrueCopy:
+class TrueCopy(QuietHooks):
     """The TrueCopy :class:`~vspemu.replication.kinds.ReplicationKind`."""
 
     replication_type = "TC"
@@ -52,27 +52,9 @@ class TrueCopy:
     def check_create_secondary(self, group: CopyGroup) -> None:
         return None
 
-    def group_created(self, group: CopyGroup) -> None:
-        return None
-
-    def secondary_created(self, group: CopyGroup) -> None:
-        return None
-
-    def group_forgotten(self, group: CopyGroup) -> None:
-        return None
-
-    def became_primary(self, group: CopyGroup) -> None:
-        return None
-
-    def before_swap(self, group: CopyGroup) -> None:
-        return None
-
     def before_suspend(self, group: CopyGroup, pair: Pair) -> bool:
         # DATA and STATUS fence host writes of the P-VOL after a failure
         return pair.role == "P" and pair.fence in ("DATA", "STATUS")
-
-    def copy_starting(self, group: CopyGroup) -> None:
-        return None
 
     def copy_after_restart(self, pair: Pair, marked: int) -> bool:
         return pair.status == PAIR and marked > 0  # tracks marked while PAIR may differ after a restart
@@ -82,15 +64,6 @@ class TrueCopy:
         for p in pairs:
             if p.role == "P" and p.status == PAIR:
                 await self.engine.suspend_on_error(p, "the remote storage system does not answer")
-
-    async def before_split(self, group: CopyGroup) -> None:
-        return None
-
-    async def split_on_secondary(self, group: CopyGroup, rw: bool) -> bool:
-        return False
-
-    def mirror_stats(self, group: CopyGroup) -> dict[str, Any] | None:
-        return None
 
     def background_tasks(self) -> list[Coroutine[Any, Any, None]]:
         return [self.activity_loop()]
