@@ -161,9 +161,11 @@ def test_create_copy_split_resync_delete(glab: GadLab) -> None:
     with lab.nbd("p", pvol) as c:
         fill_random(c, 8 * MiB)
         c.flush()
-    lab.create(pvol, svol)
+    lab.create(pvol, svol, isAluaEnabled=True)  # hv_gad's set_alua_mode
     info = lab.wait("PAIR", "PAIR")
     assert info["replicationType"] == "GAD" and info["quorumDiskId"] == 0 and info["fenceLevel"] == "NEVER"
+    assert info["isAluaEnabled"] is True and lab.pair(view="s")["isAluaEnabled"] is True
+    assert lab.pc.get(f"ldevs/{pvol}")["isAluaEnabled"] is True and lab.sc.get(f"ldevs/{svol}")["isAluaEnabled"]
     assert (info["pvolIOMode"], info["svolIOMode"]) == ("Mirror", "Mirror")
     assert (info["pvolLdevId"], info["svolLdevId"]) == (pvol, svol)
     sview = lab.pair(view="s")
@@ -217,6 +219,8 @@ def test_create_refusals_change_nothing(glab: GadLab) -> None:
 
     refused(lambda: lab.create(pvol, svol, quorumDiskId=None), 400, "KART40037-E")  # no quorum disk
     refused(lambda: lab.create(pvol, svol, fenceLevel="DATA"), 400, "KART40039-E")
+    refused(lambda: lab.create(pvol, svol, replicationType="TC", quorumDiskId=None, isAluaEnabled=True),
+            400, "KART40039-E")  # ALUA is for GAD pairs
     failed(lambda: lab.create(pvol, svol, quorumDiskId=3), "KART30013-E")  # unknown quorum disk
     err = failed(lambda: lab.create(pvol, plain), "KART40062-E")  # the S-VOL is not in the VSM
     assert "virtual storage machine" in err["message"]

@@ -49,6 +49,7 @@ class Gad(QuietHooks):
         self.io = GadDataPath(engine, self)
         self.creating: dict[str, int] = {}  # P side: pair key -> quorum disk id, while its create runs
         self.pending: dict[str, dict[str, Any]] = {}  # S side: pair key -> what gad.prepare checked
+        self.alua: dict[str, bool] = {}  # P side: pair key -> isAluaEnabled of the create, while it runs
         engine.on_save.append(self.pair_saved)
         engine.on_detach.append(self.pair_detached)
         engine.link.register_handler("gad.prepare", self.h_prepare)
@@ -132,14 +133,20 @@ class Gad(QuietHooks):
         ldev = system.ldevs.get(pair.local_ldev)
         if pair.role == "P":
             pair.extra["quorum"] = self.creating.get(pair.key, -1)
+            alua = self.alua.get(pair.key, False)
         else:
             prep = self.pending.pop(pair.key, {})
             pair.extra["quorum"] = prep.get("quorum", -1)
+            alua = bool(prep.get("alua", False))
             if ldev is not None and "pvid" in prep:
                 # the S-VOL answers with the P-VOL's identity: its virtual id (the VSM gives the serial)
                 ldev.virtual_ldev_id = int(prep["pvid"])
                 pair.extra["vid_assigned"] = True
                 system.save_ldev(ldev)
+        pair.extra["alua"] = alua
+        if ldev is not None and alua and not ldev.is_alua_enabled:
+            ldev.is_alua_enabled = True  # the LDEV's ALUA attribute (its GET shows it), kept after a delete
+            system.save_ldev(ldev)
         if ldev is not None:
             system.set_ldev_attribute(ldev, GAD_ATTRIBUTE, True)
 
@@ -191,7 +198,8 @@ class Gad(QuietHooks):
                                                         f"{st.error}")
 
     async def create(self, *, quorum_disk_id: int, group_name: str, pair_name: str, remote_device_id: str,
-                     pvol: int, svol: int, path_group_id: int | None, **kwargs: Any) -> tuple[CopyGroup, Pair]:
+                     pvol: int, svol: int, path_group_id: int | None, alua: bool = False,
+                     **kwargs: Any) -> tuple[CopyGroup, Pair]:
         """A GAD pair: the checks of both sides, then the engine's create (its initial copy, COPY -> PAIR)."""
         system = self.engine.system
         remote = self.engine.remotes.get(remote_device_id)
@@ -211,15 +219,17 @@ class Gad(QuietHooks):
                                       path_group_id=path_group_id or 0)
         await self.engine.call(probe, "gad.prepare", {
             "group": group_name, "pair": pair_name, "svol": svol, "quorum": quorum_disk_id,
-            "pvid": vid, "vserial": vsm.serial, "vmodel": vsm.model})
+            "pvid": vid, "vserial": vsm.serial, "vmodel": vsm.model, "alua": alua})
         key = f"{group_name}/{pair_name}"
         self.creating[key] = quorum_disk_id
+        self.alua[key] = alua
         try:
             return await self.engine.create_pair(group_name=group_name, pair_name=pair_name, replication_type=GAD,
                                                  remote_device_id=remote_device_id, pvol=pvol, svol=svol,
                                                  path_group_id=path_group_id, **kwargs)
         finally:
             self.creating.pop(key, None)
+            self.alua.pop(key, None)
 
     async def h_prepare(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
         """The secondary's checks of a GAD create, before the engine's pair.create: the quorum disk (naming
@@ -256,7 +266,7 @@ class Gad(QuietHooks):
                     vsm.virtual_storage_id:
                 raise VspError("ALREADY_EXISTS", object_id=f"virtual LDEV id {pvid} in virtual storage "
                                                            f"{vsm.virtual_storage_id} (ldev {other.ldev_id})")
-        self.pending[f"{group}/{name}"] = {"quorum": qid, "pvid": pvid}
+        self.pending[f"{group}/{name}"] = {"quorum": qid, "pvid": pvid, "alua": h.get("alua") is True}
         return {}, b""
 
     # -- the data path (called by PairVolume through the engine) --------------------------------------------

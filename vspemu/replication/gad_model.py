@@ -56,6 +56,7 @@ def view_fields(group: CopyGroup, pair: Pair) -> dict[str, Any]:
     other = io_mode_of("S" if pair.role == "P" else "P", pair.peer_status, pair.status)
     pmode, smode = (own, other) if pair.role == "P" else (other, own)
     out: dict[str, Any] = {"fenceLevel": "NEVER", "pvolIOMode": pmode or "Block", "svolIOMode": smode or "Block"}
+    out["isAluaEnabled"] = pair.extra.get("alua") is True  # as the create asked (both sides know it)
     if isinstance(pair.extra.get("quorum"), int):
         out["quorumDiskId"] = pair.extra["quorum"]
     return out

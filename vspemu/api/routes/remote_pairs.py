@@ -56,6 +56,7 @@ class PairCreate(Body):
     isDataReductionForceCopy: bool | None = None
     doDeltaResyncSuspend: bool | None = None
     quorumDiskId: int | None = Field(default=None, ge=0, le=31)  # GAD only
+    isAluaEnabled: bool | None = None  # GAD only: the ALUA attribute of both volumes (hv_gad's set_alua_mode)
 
 
 class SplitParameters(Body):
@@ -154,6 +155,9 @@ def pair_url(group: CopyGroup, pair: Pair) -> str:
 @router.post("/remote-mirror-copypairs")
 async def create_pair(request: Request, body: PairCreate, ctx: Ctx, session: Auth) -> JSONResponse:
     gad = body.replicationType == "GAD"
+    if body.isAluaEnabled and not gad:
+        raise VspError("INVALID_VALUE", attribute="isAluaEnabled", value=True,
+                       cause="The ALUA attribute is set by GAD pairs only.")
     if body.quorumDiskId is not None and not gad:
         raise VspError("INVALID_VALUE", attribute="quorumDiskId", value=body.quorumDiskId,
                        cause="A quorum disk is for GAD pairs only.")
@@ -192,7 +196,7 @@ async def create_pair(request: Request, body: PairCreate, ctx: Ctx, session: Aut
                 new_group=body.isNewGroupCreation, local_dg=body.localDeviceGroupName,
                 remote_dg=body.remoteDeviceGroupName, fence="NEVER", copy_pace=body.copyPace or 3, ctg_id=ctg,
                 path_group_id=body.pathGroupId, initial_copy=body.doInitialCopy is not False,
-                mu_number=body.muNumber, wait=not nowait)
+                mu_number=body.muNumber, wait=not nowait, alua=body.isAluaEnabled is True)
             return [pair_url(group, pair)]
         group, pair = await eng.create_pair(
             group_name=body.copyGroupName, pair_name=body.copyPairName, replication_type=body.replicationType,
