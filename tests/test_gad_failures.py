@@ -38,9 +38,10 @@ class Writer:
     ldev: int
     base: int  # the region's first byte
     seed: int
-    image: bytearray = field(default_factory=lambda: bytearray(REGION))  # the acknowledged content
+    image: bytearray = field(default_factory=lambda: bytearray(REGION), repr=False)  # the acknowledged content
     acks: list[float] = field(default_factory=list)  # monotonic time of each acknowledgement
-    unknown: tuple[int, bytes] | None = None  # the write in flight when the writer failed (offset, data)
+    # the write in flight when the writer failed (offset, data)
+    unknown: tuple[int, bytes] | None = field(default=None, repr=False)
     error: BaseException | None = None
 
     def run(self, lab: GadLab, stop: threading.Event) -> None:
