@@ -6,7 +6,9 @@ Three server processes as in tests/test_gad.py: q (the quorum volume), p and s l
 on q's LDEV, the S-VOL in a VSM with p's identity. fio (ioengine=nbd) on:
 - the GAD P-VOL (a write goes to the P-VOL and the S-VOL before it is acknowledged);
 - the GAD S-VOL (a write is sent to the P side, which writes both volumes in its order, then acknowledged);
-- an unpaired volume of the same size on the same system as the baseline of each (measured in the same run).
+- an unpaired volume of the same size on the same system as the baseline of each (measured in the same run);
+- for context, a TrueCopy P-VOL between the same two systems (the synchronous mirror the GAD P side does),
+  next to the P system's unpaired volume measured again right after it.
 Workloads: 4 KiB random write at iodepth 1 (mean latency), 1 MiB sequential write at iodepth 8 (throughput).
 Every measured region is written once first, so all runs overwrite cached pages (steady state).
 """
@@ -72,6 +74,22 @@ def gad_pair(p: SystemProcess, s: SystemProcess, pc: VspClient, sc: VspClient, s
     return pv, sv
 
 
+def tc_pair(s: SystemProcess, pc: VspClient, sc: VspClient, size: str) -> int:
+    """A TrueCopy pair in PAIR between the same systems: its P-VOL."""
+    pv, sv = pc.create_ldev(size), sc.create_ldev(size)
+    pc.add_lun(pv)
+    pc.invoke("POST", "remote-mirror-copypairs", {
+        "copyGroupName": "tc", "copyPairName": "t1", "replicationType": "TC",
+        "remoteStorageDeviceId": s.storage_device_id, "pvolLdevId": pv, "svolLdevId": sv,
+        "isNewGroupCreation": True, "fenceLevel": "NEVER", "copyPace": 15}, remote=sc, timeout=600)
+    deadline = time.monotonic() + 600
+    pid = f"{s.storage_device_id},tc,tcP_,tcS_,t1"
+    while (info := pc.get(f"remote-mirror-copypairs/{pid}", remote=sc))["pvolStatus"] != "PAIR":
+        assert time.monotonic() < deadline, info
+        time.sleep(0.2)
+    return pv
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-gib", type=float, default=1.0)
@@ -89,11 +107,13 @@ def main() -> None:
         solo_p, solo_s = pc.create_ldev(size), sc.create_ldev(size)
         pc.add_lun(solo_p)
         sc.add_lun(solo_s)
+        tc = tc_pair(s, pc, sc, size)
         # (system, GAD volume, the unpaired baseline on the same system)
         sides = (("P-VOL", p, pv, solo_p), ("S-VOL", s, sv, solo_s))
         for _, sp, vol, solo in sides:
             for v in (solo, vol):
                 fio(sp.nbd_port, v, "write", "1M", 8, size, runtime=0)
+        fio(p.nbd_port, tc, "write", "1M", 8, size, runtime=0)
         pids = {"P": p.proc.pid, "S": s.proc.pid} if p.proc and s.proc else {}
         for label, rw, bs, depth in (("4 KiB rand write, iodepth 1", "randwrite", "4k", 1),
                                      ("1 MiB seq write, iodepth 8", "write", "1M", 8)):
@@ -109,6 +129,16 @@ def main() -> None:
                                  f"unpaired {base_r['MiBps']:.0f} MiB/s",
                                  f"{gad_r['MiBps'] / base_r['MiBps']:.2f}x"))
                     rows.append(cpu_row(f"{label}, GAD {name}", base_r, gad_r))
+            # context: a TrueCopy P-VOL between the same two systems (the synchronous mirror GAD's P side is)
+            tc_r = fio(p.nbd_port, tc, rw, bs, depth, size, runtime=args.runtime)
+            base_r = fio(p.nbd_port, solo_p, rw, bs, depth, size, runtime=args.runtime)
+            if bs == "4k":
+                rows.append((f"{label}, TrueCopy P-VOL (context)", f"{tc_r['lat_us']:.0f} us",
+                             f"unpaired {base_r['lat_us']:.0f} us",
+                             f"{tc_r['lat_us'] / base_r['lat_us']:.2f}x latency"))
+            else:
+                rows.append((f"{label}, TrueCopy P-VOL (context)", f"{tc_r['MiBps']:.0f} MiB/s",
+                             f"unpaired {base_r['MiBps']:.0f} MiB/s", f"{tc_r['MiBps'] / base_r['MiBps']:.2f}x"))
         pid = f"{s.storage_device_id},bench,benchP_,benchS_,g1"
         info = pc.get(f"remote-mirror-copypairs/{pid}", remote=sc)
         assert (info["pvolStatus"], info["svolStatus"]) == ("PAIR", "PAIR"), info  # still mirrored throughout
