@@ -1,13 +1,14 @@
 """GAD failures under write load (issue 18): link cut, kill -9 of the P system, kill -9 of the S system.
 
 Hosts write on both sides at once (two NBD writers per side, each on its own 2 MiB region, random 4 KiB-64 KiB
-blocks at 4 KiB offsets, every write with FUA) and record each acknowledged write. Mid-load the link is cut or
-one system is killed (SIGKILL: nothing flushed or closed). Then:
+blocks at 4 KiB offsets, half with FUA, the others acknowledged by a flush after every few) and record each
+acknowledged write. Mid-load the link is cut or one system is killed (SIGKILL: nothing flushed or closed).
+Then:
 
 * exactly one side keeps accepting writes (the other side's writers fail: Block, or their system is gone);
 * every write acknowledged on either side before the failure, and every write the survivor acknowledged after
-  it, reads back from the survivor's volume (per block the last acknowledged write wins). The one write a
-  writer had in flight when it failed is unknown: each of its 4 KiB blocks may hold the old or the new data.
+  it, reads back from the survivor's volume (per block the last acknowledged write wins). The writes a writer
+  had not seen acknowledged when it failed are unknown: each of their 4 KiB blocks may hold old or new data.
 * after the repair (or the restart) a resync (a swap resync when the S side took over) makes both volumes
   identical byte for byte.
 """
@@ -40,11 +41,13 @@ class Writer:
     seed: int
     image: bytearray = field(default_factory=lambda: bytearray(REGION), repr=False)  # the acknowledged content
     acks: list[float] = field(default_factory=list)  # monotonic time of each acknowledgement
-    # the write in flight when the writer failed (offset, data)
-    unknown: tuple[int, bytes] | None = field(default=None, repr=False)
+    # the writes not acknowledged yet (in flight, or waiting for the flush) when the writer failed: (offset, data)
+    unknown: list[tuple[int, bytes]] = field(default_factory=list, repr=False)
     error: BaseException | None = None
 
     def run(self, lab: GadLab, stop: threading.Event) -> None:
+        """Half the writes with FUA (acknowledged by their reply); the others plain, acknowledged by the flush
+        that follows every few of them."""
         rng = random.Random(self.seed)
         try:
             with lab.nbd(self.side, self.ldev) as c:
@@ -52,10 +55,16 @@ class Writer:
                     length = rng.randrange(1, 17) * BLOCK
                     offset = rng.randrange(0, (REGION - length) // BLOCK + 1) * BLOCK
                     data = rng.randbytes(length)
-                    self.unknown = (offset, data)
-                    c.write(self.base + offset, data, fua=True)
-                    self.unknown = None
-                    self.image[offset:offset + length] = data
+                    fua = rng.random() < 0.5
+                    self.unknown.append((offset, data))
+                    c.write(self.base + offset, data, fua=fua)
+                    if not fua and len(self.unknown) < 4:
+                        continue
+                    if not fua:
+                        c.flush()
+                    for off, d in self.unknown:
+                        self.image[off:off + len(d)] = d
+                    self.unknown.clear()
                     self.acks.append(time.monotonic())
         except BaseException as e:  # noqa: BLE001 - looked at by the test
             self.error = e
@@ -65,8 +74,7 @@ class Writer:
         with lab.nbd(side, ldev) as c:
             got = c.read(self.base, REGION)
         want = bytearray(self.image)
-        if self.unknown is not None:
-            offset, data = self.unknown
+        for offset, data in self.unknown:  # not acknowledged: each block old, or new from any of them
             for b in range(0, len(data), BLOCK):
                 if got[offset + b:offset + b + BLOCK] == data[b:b + BLOCK]:
                     want[offset + b:offset + b + BLOCK] = data[b:b + BLOCK]
