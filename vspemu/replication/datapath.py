@@ -32,7 +32,7 @@ import errno
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -422,6 +422,21 @@ def _is_hole(volume: Volume, offset: int, length: int) -> bool:
         return e.errno == errno.ENXIO  # no data after offset
 
 
+@contextlib.asynccontextmanager
+async def _copy_buffer(n: int) -> AsyncIterator[memoryview]:
+    """``n`` bytes of the copy budget and a pooled buffer for them, both given back however the copy ends."""
+    budget = await COPY_BUDGET.acquire(n)
+    buf = None
+    try:
+        buf = BUFFERS.get(n)
+        yield memoryview(buf)[:n]
+    finally:
+        if buf is not None:
+            BUFFERS.put(buf)
+        if budget:
+            COPY_BUDGET.release(budget)
+
+
 async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChunk, pace: Callable[[], int],
                              progress: Callable[[int], None], window: int | None = None,
                              send_runs: SendRuns | None = None) -> None:
@@ -448,34 +463,19 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
         return max(1, window) if window is not None else copy_window(pace())
 
     async def one(offset: int, length: int, ntracks: int) -> None:
-        budget = 0
-        buf = None
         try:
             if _is_hole(volume, offset, length):
                 await send(offset, None, length)
             else:
-                budget = await COPY_BUDGET.acquire(length)
-                buf = BUFFERS.get(length)
-                view = memoryview(buf)[:length]
-                _pread(volume, view, offset)
-                if _all_zero(view):
-                    await send(offset, None, length)
-                else:
-                    await send(offset, view, length)
-                del view
+                async with _copy_buffer(length) as view:
+                    _pread(volume, view, offset)
+                    await send(offset, None if _all_zero(view) else view, length)
             progress(ntracks)
         except BaseException as e:  # noqa: BLE001 - handed to the caller below
             failures.append(e)
-        finally:
-            if buf is not None:
-                BUFFERS.put(buf)
-            if budget:
-                COPY_BUDGET.release(budget)
 
     async def several(runs: list[tuple[int, int]], ntracks: int) -> None:  # (holes go as zero ranges)
         assert send_runs is not None
-        budget = 0
-        buf = None
         try:
             data_runs: list[tuple[int, int]] = []
             for offset, length in runs:
@@ -485,23 +485,15 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
                     data_runs.append((offset, length))
             total = sum(length for _, length in data_runs)
             if total:
-                budget = await COPY_BUDGET.acquire(total)
-                buf = BUFFERS.get(total)
-                view = memoryview(buf)[:total]
-                at = 0
-                for offset, length in data_runs:
-                    _pread(volume, view[at:at + length], offset)
-                    at += length
-                await send_runs(data_runs, view)
-                del view
+                async with _copy_buffer(total) as view:
+                    at = 0
+                    for offset, length in data_runs:
+                        _pread(volume, view[at:at + length], offset)
+                        at += length
+                    await send_runs(data_runs, view)
             progress(ntracks)
         except BaseException as e:  # noqa: BLE001 - handed to the caller below
             failures.append(e)
-        finally:
-            if buf is not None:
-                BUFFERS.put(buf)
-            if budget:
-                COPY_BUDGET.release(budget)
 
     def done(task: asyncio.Task[None]) -> None:
         tasks.discard(task)
