@@ -319,3 +319,12 @@ def test_a_system_that_cannot_start_fails_the_lab(lab_dir: Path) -> None:
     assert not [line for line in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
                 .splitlines() if str(lab_dir) in line and "serve" in line]
     assert vspemu("up", "--model", "VSP Z99", "--free-ports", "--detach", "--data-dir", str(lab_dir)).returncode == 2
+
+
+def test_a_system_is_ready_only_when_it_answers_with_its_own_certificate(make_system: Any) -> None:
+    """Two pytest runs on one machine can pick the same free port: a system whose REST port another system
+    holds must not be taken as ready because the other one answers (its clients then fail certificate checks
+    far from the cause); its start fails on its own bind and says so."""
+    other = make_system()
+    with pytest.raises(RuntimeError, match="exited"):
+        make_system(rest_port=other.rest_port)

@@ -102,11 +102,15 @@ class SystemProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"storage {self.serial} exited ({self.proc.returncode}); see {self.log_path}:\n"
                                    + self.log_path.read_text()[-3000:])
-            try:
-                if httpx.get(url, verify=False, timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            # Ready means: this system answers with its own certificate. A server of another process that took
+            # the same port between free_port() and our bind (parallel test runs) fails verification and does
+            # not count; our process then exits on its bind and the poll above says so.
+            if self.cert_path.exists():
+                try:
+                    if httpx.get(url, verify=str(self.cert_path), timeout=1.0).status_code == 200:
+                        return
+                except (httpx.HTTPError, OSError):
+                    pass
             time.sleep(0.05)
         raise TimeoutError(f"storage {self.serial} not ready after {timeout} s; see {self.log_path}")
 
