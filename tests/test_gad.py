@@ -283,3 +283,35 @@ def test_takeover_swap_resync_and_restart(glab: GadLab) -> None:
     lab.action("resync", view="s")
     lab.wait("PAIR", "PAIR", view="s")
     assert lab.digest("p", pvol, 16 * MiB) == lab.digest("s", svol, 16 * MiB)
+
+
+def test_consistency_group_id_and_swap_split_again(glab: GadLab) -> None:
+    """A GAD pair in no consistency group answers without consistencyGroupId (the collection's hv_gad
+    swap_split refuses a pair whose answer has one, -1 included); a pair created in one shows its id. A
+    second swap split (svolOperationMode SSWS on an S-VOL in SSWS) is accepted and changes nothing."""
+    lab = glab
+    pvol, svol = lab.volumes("8M")
+    lab.create(pvol, svol)
+    lab.wait("PAIR", "PAIR")
+    group = lab.pc.get(f"remote-mirror-copygroups/{lab.s.storage_device_id},{CG},{CG}P_,{CG}S_", remote=lab.sc)
+    for view in (lab.pair(), lab.pair(view="s"), group["copyPairs"][0]):
+        assert "consistencyGroupId" not in view, view
+    pv2, sv2 = lab.volumes("8M")
+    lab.pc.invoke("POST", "remote-mirror-copypairs", {
+        "copyGroupName": "gadctg", "copyPairName": "c1", "replicationType": "GAD",
+        "remoteStorageDeviceId": lab.s.storage_device_id, "pvolLdevId": pv2, "svolLdevId": sv2,
+        "isNewGroupCreation": True, "fenceLevel": "NEVER", "quorumDiskId": 0, "muNumber": 0,
+        "isConsistencyGroup": True, "consistencyGroupId": 3}, remote=lab.sc)
+    ctg = lab.pc.get(f"remote-mirror-copypairs/{lab.s.storage_device_id},gadctg,gadctgP_,gadctgS_,c1",
+                     remote=lab.sc)
+    assert ctg["consistencyGroupId"] == 3
+
+    lab.action("split", view="s", svolOperationMode="SSWS")
+    info = lab.wait("PSUS", "SSWS")
+    lab.action("split", view="s", svolOperationMode="SSWS")  # again: accepted, nothing changes
+    again = lab.pair()
+    assert (again["pvolStatus"], again["svolStatus"], again["pvolIOMode"], again["svolIOMode"]) == \
+        (info["pvolStatus"], info["svolStatus"], "Block", "Local")
+    with lab.nbd("s", svol) as c:
+        c.write(0, os.urandom(65536))
+        c.flush()

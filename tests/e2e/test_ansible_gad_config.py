@@ -4,6 +4,7 @@ reach over NBD (issue 18). The pairs themselves with hv_gad: tests/e2e/test_ansi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -62,8 +63,10 @@ def test_gad_configuration_with_the_collection(glab: tuple[AnsibleLab, SystemPro
     for c in (lab.pc, lab.sc):
         assert [(d["quorumDiskId"], d["ldevId"], d["status"]) for d in c.get("quorum-disks")["data"]] == \
             [(0, EXT, "NORMAL")]
+    assert quorum_facts(lab) == [(0, EXT, "NORMAL", str(lab.s.serial))]
     q.stop()
     assert lab.pc.get("quorum-disks/0")["status"] == "BLOCKED"
+    assert quorum_facts(lab) == [(0, EXT, "BLOCKED", str(lab.s.serial))]  # hv_quorum_disk_facts sees it too
     q.start()
     assert lab.pc.get("quorum-disks/0")["status"] == "NORMAL"
 
@@ -73,3 +76,12 @@ def test_gad_configuration_with_the_collection(glab: tuple[AnsibleLab, SystemPro
     assert lab.pc.get("quorum-disks")["data"] == [] and lab.sc.get("quorum-disks")["data"] == []
     assert [g["resourceGroupId"] for g in lab.sc.get("resource-groups")["data"]] == [0]
     assert [v["virtualSerialNumber"] for v in lab.sc.get("virtual-storages")["data"]] == [str(lab.s.serial)]
+
+
+def quorum_facts(lab: AnsibleLab) -> list[tuple[int, int, str, str]]:
+    """hv_quorum_disk_facts without a spec (every quorum disk of p): id, LDEV, status, remote serial."""
+    out = lab.scratch / "qfacts.json"
+    out.unlink(missing_ok=True)
+    lab.play("gad_config.yml", phase="qfacts", svol=0, ext_ldev=EXT, out=str(out))
+    disks = json.loads(out.read_text())["ansible_facts"]["quorum_disk"]
+    return [(d["quorum_disk_id"], d["ldev_id"], d["status"], d["remote_serial_number"]) for d in disks]

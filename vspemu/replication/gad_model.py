@@ -60,3 +60,16 @@ def view_fields(group: CopyGroup, pair: Pair) -> dict[str, Any]:
     if isinstance(pair.extra.get("quorum"), int):
         out["quorumDiskId"] = pair.extra["quorum"]
     return out
+
+
+def complete_view(group: CopyGroup, pair: Pair, view: dict[str, Any]) -> dict[str, Any]:
+    """A pair's REST view with the GAD fields (``view_fields``); a GAD pair in no consistency group has no
+    ``consistencyGroupId`` at all (choice: the collection's hv_gad swap_split refuses any pair whose
+    answer carries an int consistencyGroupId, -1 included, as "in a consistency group"; the array must
+    leave it out for swap_split to work). TC and UR views are left as they are."""
+    if group.replication_type != GAD:
+        return view
+    view.update(view_fields(group, pair))
+    if view.get("consistencyGroupId", -1) < 0:
+        view.pop("consistencyGroupId", None)
+    return view

@@ -221,7 +221,7 @@ async def get_pair(pairId: str, request: Request, ctx: Ctx, _s: Auth) -> dict[st
     pair = engine_of(ctx).pairs.get(f"{group.name}/{name}")
     if pair is None:
         raise VspError("INSTANCE_CANNOT_OPERATE", object_id=f"copy pair {pairId}")
-    return {**pair_view(group, pair, ctx.system.storage_device_id), **gad_model.view_fields(group, pair)}
+    return gad_model.complete_view(group, pair, pair_view(group, pair, ctx.system.storage_device_id))
 
 
 @router.get("/remote-mirror-copygroups")
@@ -245,7 +245,7 @@ async def get_group(groupId: str, request: Request, ctx: Ctx, _s: Auth,
     pairs = eng.group_pairs(group.name)
     view = group_view(group, pairs, ctx.system.storage_device_id)
     for item, pair in zip(view["copyPairs"], pairs, strict=True):
-        item.update(gad_model.view_fields(group, pair))  # GAD: quorumDiskId, the I/O modes
+        gad_model.complete_view(group, pair, item)  # GAD: quorumDiskId, the I/O modes
     return view
 
 
