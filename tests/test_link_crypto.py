@@ -18,13 +18,14 @@ from typing import Any
 import pytest
 
 from vspemu.buffers import BufferPool
-from vspemu.replication import connection as C, link as L, wire as W
+from vspemu.replication import connection as C, link as L, receiver as R, wire as W
 from vspemu.replication.link import Link, PathGroup
 from vspemu.replication.wire import ECHO, LinkDown, PeerInfo
 
 A_ID, B_ID = "900000000011", "900000000012"
 SECRET = bytes(range(32, 64))
 MARKER = b"KNOWN-PLAINTEXT-MARKER:"
+SMALL = R.SMALL_PAYLOAD
 TYPE_AT, FLAGS_AT, REQUEST, FLAG_DATA = 4, 5, 16, 1  # frame prefix: u32 length, u8 type, u8 flags, ...
 
 # called with (direction "ab" or "ba", frame); returns the frames to send on instead (none: dropped)
@@ -212,7 +213,12 @@ def flip(at: Callable[[bytes], int]) -> Tamper:
 
 @pytest.mark.parametrize("size", [4096, 1 << 20])
 @pytest.mark.parametrize("where", ["payload", "header", "request id"])
-def test_a_flipped_bit_in_transit_closes_the_connection_and_nothing_is_written(size: int, where: str) -> None:
+@pytest.mark.parametrize("in_place", [True, False], ids=["in place", "into a second buffer"])
+def test_a_flipped_bit_in_transit_closes_the_connection_and_nothing_is_written(
+        size: int, where: str, in_place: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if in_place and not R.IN_PLACE_DECRYPT:
+        pytest.skip("this cryptography refuses in-place decryption")
+    monkeypatch.setattr(R, "IN_PLACE_DECRYPT", in_place)
     at = {"payload": lambda f: len(f) - 100,  # in the payload (near its end: the tag comes last)
           "header": lambda f: 20 + 3,  # in the data.write header (the ldev), just after the 20-byte prefix
           "request id": lambda f: 15}[where]  # the prefix is in clear but authenticated
@@ -382,3 +388,49 @@ def test_a_payload_and_its_sealed_copy_share_a_buffer_size_class() -> None:
     del reads, buf
     sealed = pool.get((8 << 20) + W.TAG)  # ...hands one of them out for a sealed copy: no fresh mmap
     assert id(sealed) in kept
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in place", "into a second buffer"])
+def test_large_sealed_payloads_arrive_intact_whether_or_not_in_place_decryption_is_allowed(
+        in_place: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cryptography 51 refuses ``decrypt_into`` with overlapping buffers ("data and buf must not overlap"): a
+    receiver that decrypts in place there closes its connection on every sealed data frame, so TC pairs go PSUE
+    and UR journals never drain. The receiver probes this once and then decrypts into a second pooled buffer;
+    both ways the payload arrives intact and the pool does not grow (a tampered one is refused: the flipped-bit
+    test runs both ways too)."""
+    if in_place and not R.IN_PLACE_DECRYPT:
+        pytest.skip("this cryptography refuses in-place decryption")
+    monkeypatch.setattr(R, "IN_PLACE_DECRYPT", in_place)
+    sizes = [SMALL + 1, 1 << 20, (4 << 20) + 123]  # received into pooled buffers (over SMALL_PAYLOAD)
+
+    async def body() -> None:
+        a, b, group, proxy = await through_proxy()
+        written = recording_writes(b)
+        try:
+            for _ in range(3):
+                for size in sizes:
+                    data = os.urandom(size)
+                    header = {"ldev": 7, "offset": 0, "length": size}
+                    assert await group.call(W.DATA_WRITE, header, data) == ({}, b"")
+                    assert written[-1] == (header, data)
+            held = R.BUFFERS._bytes
+            for size in sizes * 3:  # the same sizes again: buffers come back to the pool, none are leaked
+                await group.call(W.DATA_WRITE, {"ldev": 7, "offset": 0, "length": size}, os.urandom(size))
+            assert R.BUFFERS._bytes == held
+        finally:
+            await close_all(a, b, proxy)
+
+    run(body)
+
+
+def test_the_in_place_probe_agrees_with_the_installed_cryptography() -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    aead, nonce = AESGCM(bytes(range(16))), bytes(range(12))
+    sealed = bytearray(aead.encrypt(nonce, b"p" * 4096, b""))
+    view = memoryview(sealed)
+    try:
+        aead.decrypt_into(nonce, view, b"", view[:4096])
+        works = bytes(sealed[:4096]) == b"p" * 4096
+    except ValueError:
+        works = False
+    assert R.IN_PLACE_DECRYPT is works

@@ -5,7 +5,9 @@ A :class:`FrameReceiver` is fed by the transport's :class:`asyncio.BufferedProto
 in place out of one receive buffer, a payload over :data:`SMALL_PAYLOAD` is received directly into a pooled,
 page-aligned buffer of :data:`BUFFERS` (one copy from the socket), and a sealed frame (see :mod:`.wire`) is
 checked and decrypted there (``decrypt`` for a header or a small payload, ``decrypt_into`` in place for a
-large one). Any failed check closes the connection. Each frame is handed to ``_frame``, which
+large one). cryptography 51 refuses an in-place ``decrypt_into`` ("data and buf must not overlap"); where it
+does (:data:`IN_PLACE_DECRYPT`, probed once), a large payload is decrypted into a second pooled buffer instead
+and the first goes back to the pool. Any failed check closes the connection. Each frame is handed to ``_frame``, which
 :class:`.connection.Connection` implements (replies, requests, pings).
 """
 
@@ -20,6 +22,7 @@ import time
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vspemu.buffers import BufferPool
 from vspemu.replication.spinner import Spinner
@@ -44,6 +47,21 @@ SMALL_PAYLOAD = 64 << 10  # larger payloads are received in place into a pooled 
 POOL_LIMIT = 64 << 20  # process-wide: free payload buffers kept for reuse
 
 BUFFERS = BufferPool(POOL_LIMIT)  # process-wide: link receive buffers and the copier's read buffers
+
+
+def _in_place_decrypt_works() -> bool:
+    """Whether this cryptography decrypts in place (50 does; 51 raises ValueError on overlapping buffers)."""
+    aead, nonce = AESGCM(bytes(16)), bytes(12)
+    sealed = bytearray(aead.encrypt(nonce, bytes(64), b"probe"))
+    view = memoryview(sealed)
+    try:
+        aead.decrypt_into(nonce, view, b"probe", view[:64])
+    except ValueError:
+        return False
+    return bytes(sealed[:64]) == bytes(64)
+
+
+IN_PLACE_DECRYPT = _in_place_decrypt_works()
 
 
 class FrameReceiver:
@@ -144,16 +162,26 @@ class FrameReceiver:
             ftype, request_id, header = self._payload_frame
             self._payload_frame = (0, 0, {})
             seal, self._payload_seal = self._payload_seal, None
-            if seal is not None and self._rx_cipher is not None:  # decrypted in place, then checked
-                sealed, view = view, view[:len(view) - TAG]
+            if seal is not None and self._rx_cipher is not None:  # decrypted (in place if allowed), then checked
+                sealed, n = view, len(view) - TAG
+                sealed_buf: mmap.mmap | None = None
+                if IN_PLACE_DECRYPT:
+                    view = sealed[:n]
+                else:  # into a second pooled buffer; the sealed one goes back to the pool
+                    sealed_buf, buf = buf, BUFFERS.get(n)
+                    view = memoryview(buf)[:n]
                 try:
                     self._rx_cipher.aead.decrypt_into(seal[0], sealed, seal[1], view)
                 except InvalidTag:
+                    del view
                     self.close(PATH_COMMUNICATION_FAILED, "integrity check failed: a payload was altered, "
                                                           "replayed or out of order")
                     return
                 finally:
                     del sealed
+                    if sealed_buf is not None:
+                        BUFFERS.put(sealed_buf)
+                        del sealed_buf
             self._frame(ftype, request_id, header, view, buf)
             del view, buf
         else:
