@@ -53,8 +53,9 @@ The nonce is the per-direction record counter (starting at 0, never sent), and t
 records is the prefix, so a frame that is altered, replayed, reordered, dropped or cut short fails the next tag
 check, and any failed check closes the connection (its requests fail with :class:`LinkDown` and nothing of the
 frame is handed to a handler). Header and payload are separate records so that a large payload is still received
-in place into a pooled buffer and decrypted there (``AESGCM.decrypt_into``), and encrypted straight from the
-caller's buffer into a pooled one (``encrypt_into``): one pass over the payload on each side, no extra copy (see
+in place into a pooled buffer and decrypted there (``AESGCM.decrypt_into``; into a second pooled buffer with
+cryptography 51, which refuses overlapping buffers), and encrypted straight from the caller's buffer into a
+pooled one (``encrypt_into``): one pass over the payload on each side, no extra copy (see
 :class:`.receiver.FrameReceiver` and :class:`.connection.Connection`). What is visible on the wire: frame types,
 request ids and sizes. Environment ``VSPEMU_LINK_CIPHER=none`` turns the protection off (raw speed for a lab);
 both sides announce their cipher in the handshake and a system refuses a peer whose cipher differs (ERR_04), so
