@@ -110,6 +110,10 @@ class Area:
         """Is the record whose data starts at ``at`` durable?"""
         return at < self.synced
 
+    def unsaved(self, tracks: range) -> bool:
+        """Does any of the tracks lack a durable saved copy here?"""
+        return any(not self.durable(self.cow.get(t, self.end)) for t in tracks)
+
     def sync(self) -> None:
         if self.synced < self.end:
             end = self.end

@@ -12,12 +12,9 @@ split snapshots of a P-VOL form a chain ordered by split time (``seq``); snapsho
 So 64 snapshots of a P-VOL cost what changed between their splits, not 64 copies. Dropping a snapshot from the
 chain (delete, resync, the end of a restore) hands each saved track the next older snapshot still needs to it.
 
-Crash safety: the observer (:meth:`Snapshots.before_change`, called by every path that changes a P-VOL's bytes
-before the change) appends the old tracks to the snapshot's area and ``fdatasync``s it before returning, so the
-new bytes can never be on disk while the old ones are not; a split is committed to the configuration store
-(synchronously, on the event loop) before any later write is seen. What it costs: the first write to a track
-after a split reads the track, appends it and waits for one ``fdatasync`` of the area (one per host write, for
-all the tracks that write touches); later writes to the same track cost one dictionary look-up.
+Crash safety: the observer (:meth:`Snapshots.before_change`, called before every change of a P-VOL's bytes)
+makes the old tracks durable in the area first; a split is committed before any later write is seen; a host's
+first writes wait in a pending log meanwhile (:mod:`vspemu.volumes.writebehind`, docs/snapshots.md).
 
 Statuses and what each operation does to them are a table: :mod:`vspemu.localcopy.snapshot_states`.
 """
@@ -62,6 +59,7 @@ from vspemu.localcopy.snapshot_states import (
 )
 from vspemu.system.storage import JOURNAL_ATTRIBUTE, Ldev, StorageSystem
 from vspemu.volumes.volume import Volume, VolumeIOError, WriteRefused, punch_hole
+from vspemu.volumes.writebehind import attach, detach, pread_into, read_under
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +94,8 @@ class Snapshots:
         self._rebuild_chains()
         for ldev_id in {x for s in self.snaps.values() for x in (s.pvol, s.svol) if x is not None}:
             self._mark(ldev_id)
+            if (vol := system.volumes.get(ldev_id)) is not None:
+                self._behind(vol)  # (replays a pending log a crash left)
         system.ldev_guards.append(self._guard)
         system.pool_usage.append(self.pool_used_bytes)
         system.remote_pair_checks.append(self._remote_pair_check)
@@ -176,7 +176,19 @@ class Snapshots:
                 vol.add_observer(self)
             else:
                 vol.remove_observer(self)
+            self._behind(vol)
         self._mark(ldev_id)
+
+    def _behind(self, vol: Volume) -> None:
+        """A P-VOL's first host writes go through a pending log (:mod:`vspemu.volumes.writebehind`)."""
+        if any(s.pvol == vol.ldev_id for s in self.snaps.values()):
+            attach(vol, self.dir / f"{vol.ldev_id:05d}.wal", lambda o, n: self._unsaved(vol, o, n))
+        else:
+            detach(vol)
+
+    def _unsaved(self, vol: Volume, offset: int, length: int) -> bool:
+        chain = self._chains.get(vol.ldev_id)
+        return chain is not None and chain[-1].data.unsaved(self._tracks(vol.size, offset, length))
 
     def _mark(self, ldev_id: int) -> None:
         ldev = self.system.ldevs.get(ldev_id)
@@ -248,7 +260,7 @@ class Snapshots:
         try:
             for t in todo:
                 old = bytearray(min(TRACK, volume.size - t * TRACK))
-                _read_pvol(volume, t * TRACK, memoryview(old))
+                read_under(volume, t * TRACK, memoryview(old))
                 area.append(COW, t, bytes(old))
         except OSError as e:  # the pool cannot take it: the snapshots that needed these tracks are lost (PSUE)
             area.rollback(start)
@@ -326,7 +338,7 @@ class Snapshots:
             n = min(total - done, (t + 1) * TRACK - pos)
             part = view[done:done + n]
             if t in written and s.svol is not None:
-                _pread_into(self._volume(s.svol).fd, part, pos)
+                pread_into(self._volume(s.svol).fd, part, pos)
             elif t in own:
                 s.data.read_into(own[t] + pos - t * TRACK, part)
             else:
@@ -336,7 +348,7 @@ class Snapshots:
                         x.data.read_into(at + pos - t * TRACK, part)
                         break
                 else:
-                    _read_pvol(pvol, pos, part)
+                    read_under(pvol, pos, part)
             done += n
 
     def image_tracks(self, s: Snapshot) -> set[int]:
@@ -475,6 +487,9 @@ class Snapshots:
     def split(self, snaps: list[Snapshot]) -> None:
         """One point in time for all of them (nothing else runs on the event loop meanwhile)."""
         self.check_split(snaps)
+        for vol in {self._volume(s.pvol) for s in snaps}:
+            if vol.behind is not None:  # every write acknowledged before the split is in its image
+                vol.behind.drain_sync()
         seq = max((x.seq for x in self.snaps.values()), default=0)
         now = time.time()
         for s in snaps:
@@ -520,6 +535,8 @@ class Snapshots:
         self._save(s)
         vol = self._volume(s.pvol)
         try:
+            if vol.behind is not None:
+                await vol.behind.drain()
             for t in sorted(self.image_tracks(s)):
                 lo, hi = t * TRACK, min((t + 1) * TRACK, vol.size)
                 buf = bytearray(hi - lo)
@@ -629,19 +646,3 @@ class Snapshots:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-
-def _read_pvol(vol: Volume, offset: int, view: memoryview) -> None:
-    """A P-VOL's current bytes: its image when it is itself a snapshot's S-VOL (a clone of that S-VOL)."""
-    if vol.read_redirect is not None:
-        vol.read_redirect(offset, view)
-    else:
-        _pread_into(vol.fd, view, offset)
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            raise VolumeIOError(f"short read at {offset + got}")
-        got += n

@@ -416,6 +416,8 @@ def _all_zero(view: memoryview) -> bool:
 
 def _is_hole(volume: Volume, offset: int, length: int) -> bool:
     """True if the range holds no data at all (SEEK_DATA finds none): it is sent as zeros without reading."""
+    if volume.behind is not None and volume.behind.overlaps(offset, length):
+        return False  # host writes not yet in the file (read with the overlay)
     try:
         return os.lseek(volume.fd, offset, SEEK_DATA) >= offset + length
     except OSError as e:
@@ -567,3 +569,4 @@ def _pread(volume: Volume, view: memoryview, offset: int) -> None:
             view[got:] = bytes(length - got)
             return
         got += n
+    volume.overlay(offset, view)  # host writes a Thin Image P-VOL has not written to its file yet

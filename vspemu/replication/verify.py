@@ -167,6 +167,8 @@ class Verifier:
         if algo not in ALGOS or first < 0 or count < 0 or count > MAX_COUNT or first + count > ntracks:
             raise VspError("INVALID_VALUE", attribute="verify.sums", value=f"{algo} {first}+{count}",
                            cause=f"the S-VOL has {ntracks} tracks; at most {MAX_COUNT} per request")
+        if vol.behind is not None:  # host writes not yet in the file: in it first (hashing reads the file)
+            vol.behind.drain_sync()
         sums = await asyncio.get_running_loop().run_in_executor(
             _executor(), hash_tracks, vol.fd, vol.size, first, count, algo)
         return {"count": count}, sums
@@ -237,6 +239,8 @@ class Verifier:
 
     async def _sums(self, group: CopyGroup, pair: Pair, first: int, count: int, algo: str) -> tuple[bytes, bytes]:
         vol = self.engine.system.volumes[pair.local_ldev]
+        if vol.behind is not None:
+            vol.behind.drain_sync()
         loop = asyncio.get_running_loop()
         local = loop.run_in_executor(_executor(), hash_tracks, vol.fd, vol.size, first, count, algo)
         remote = self.engine.call(group, MSG, {"ldev": pair.remote_ldev, "from_track": first, "count": count,

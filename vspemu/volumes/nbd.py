@@ -304,7 +304,7 @@ class _Connection(ConnectionBase):
         header = _REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
         sent = 0  # of header + data, sent straight to the socket
         if (length >= SENDFILE_MIN and self._sock is not None and not transport.get_write_buffer_size()
-                and volume.read_redirect is None):
+                and volume.read_redirect is None and not (volume.behind and volume.behind.overlaps(offset, length))):
             # Nothing is queued in the transport, so we may write to the socket ourselves: the data goes from
             # the page cache to the socket without a copy through our memory.
             try:

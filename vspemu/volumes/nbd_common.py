@@ -93,6 +93,8 @@ def _pread(volume: Volume, view: memoryview, offset: int) -> None:
         if n == 0:  # the file is shorter than the volume: truncated or removed under us
             raise VolumeIOError(f"LDEV {volume.ldev_id}: short read at {offset + got}")
         got += n
+    if volume.behind is not None:  # host writes not yet in the file (a Thin Image P-VOL's first writes)
+        volume.behind.overlay(offset, view)
 
 
 def _nbd_errno(exc: BaseException) -> int:

@@ -111,6 +111,24 @@ class PreparingObserver(ChangeObserver, Protocol):
     async def prepare_change(self, volume: Volume, offset: int, length: int) -> None: ...
 
 
+class PendingWrites(Protocol):
+    """Host writes acknowledged but not yet in the file (:class:`vspemu.volumes.writebehind.WriteBehind`)."""
+
+    def overlaps(self, offset: int, length: int) -> bool: ...
+
+    def overlay(self, offset: int, view: memoryview) -> None: ...
+
+    def must_drain(self, offset: int, length: int) -> bool: ...
+
+    def drain_sync(self) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    async def host_write(self, offset: int, data: bytes | memoryview, fua: bool) -> bool: ...
+
+    async def flush(self) -> None: ...
+
+
 class InjectedIOError(VolumeIOError, OSError):
     """An I/O error injected on demand (``ldev-eio``): an OSError (EIO) like a failing disk's, so every path
     treats it as one (the host gets EIO, a P-VOL write that fails suspends its pair)."""
@@ -136,6 +154,8 @@ class Volume:
         self.preparers: tuple[PreparingObserver, ...] = ()  # those of them that prepare host writes
         # host reads come from here instead of the file (a Thin Image S-VOL shows its snapshot's image)
         self.read_redirect: Callable[[int, memoryview], None] | None = None
+        # a Thin Image P-VOL's pending first writes, not yet in the file (vspemu.volumes.writebehind)
+        self.behind: PendingWrites | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @classmethod
@@ -242,7 +262,17 @@ class Volume:
             buf = bytearray(length)
             redirect(offset, memoryview(buf))
             return bytes(buf)
-        return os.pread(self.fd, length, offset)
+        data = os.pread(self.fd, length, offset)
+        if self.behind is not None and self.behind.overlaps(offset, length):
+            buf = bytearray(data)
+            self.behind.overlay(offset, memoryview(buf))
+            return bytes(buf)
+        return data
+
+    def overlay(self, offset: int, view: memoryview) -> None:
+        """Put host writes not yet in the file over ``view`` (read from the file at ``offset``)."""
+        if self.behind is not None:
+            self.behind.overlay(offset, view)
 
     def check_writable(self) -> None:
         if self.host_io_refused is not None:
@@ -256,6 +286,8 @@ class Volume:
         write."""
         if self.host_io_refused is not None:
             self.check_host_io()
+        if self.behind is not None and await self.behind.host_write(offset, data, fua):
+            return
         for preparer in self.preparers:
             await preparer.prepare_change(self, offset, len(data))
         gate = self.write_gate
@@ -288,6 +320,9 @@ class Volume:
         """Write the bytes here (no gate, no replicator); ``observed``: the observers were already told."""
         fd = self.fd
         total = len(data)
+        behind = self.behind
+        if behind is not None and behind.must_drain(offset, total):
+            behind.drain_sync()  # a change that is not a logged host write keeps the log's order
         if self.observers and not observed:
             self.before_change(offset, total)
         n = os.pwrite(fd, data, offset) if total <= WRITE_PIECE else 0
@@ -299,6 +334,8 @@ class Volume:
 
     def discard_local(self, offset: int, length: int) -> None:
         fd = self.fd
+        if self.behind is not None and self.behind.must_drain(offset, length):
+            self.behind.drain_sync()
         if self.observers:
             self.before_change(offset, length)
         punch_hole(fd, offset, length)
@@ -310,6 +347,8 @@ class Volume:
         """A host FLUSH: this volume's data is durable (and, in a pair, the other side's too)."""
         if self.host_io_refused is not None:
             self.check_host_io()
+        if self.behind is not None:
+            await self.behind.flush()
         rep = self.replicator
         if rep is None:
             await self.flush_local()
@@ -328,6 +367,8 @@ class Volume:
 
     def data_extents(self, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
         """The (offset, length) ranges that hold data, found with SEEK_DATA / SEEK_HOLE."""
+        if self.behind is not None:  # pending host writes may fill holes: in the file first
+            self.behind.drain_sync()
         end = self.size if end is None else min(end, self.size)
         out: list[tuple[int, int]] = []
         fd = self.fd

@@ -1,0 +1,193 @@
+"""Thin Image first writes go through a pending log (vspemu.volumes.writebehind): the host does not wait for
+the pool's sync. Real storage-system processes, real bytes over NBD. The system runs with the drainer held
+back (``VSPEMU_WRITEBEHIND_HOLD_MS``, a test hook) so the writes are still pending when the test looks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import MakeSystem
+
+from vspemu.client import VspClient
+from vspemu.client.nbd import NbdClient
+from vspemu.lab import SystemProcess, link_systems
+
+MiB = 1 << 20
+TRACK = 256 << 10
+SIZE = 8 * MiB
+
+
+def nbd(system: SystemProcess, ldev: int) -> NbdClient:
+    return NbdClient("127.0.0.1", system.nbd_port, str(ldev))
+
+
+def volume(c: VspClient, size: str = "8M") -> int:
+    ldev = c.create_ldev(size)
+    c.add_lun(ldev)
+    return ldev
+
+
+def snap(c: VspClient, pvol: int, group: str, **extra: object) -> int:
+    body = {"pvolLdevId": pvol, "snapshotPoolId": 0, "snapshotGroupName": group, **extra}
+    return int(c.resource_id(c.invoke("POST", "snapshots", body)).split(",")[1])
+
+
+def fill(system: SystemProcess, ldev: int, seed: int) -> bytes:
+    data = random.Random(seed).randbytes(SIZE)
+    with nbd(system, ldev) as n:
+        n.write(0, data)
+        n.flush()
+    return data
+
+
+def h(data: bytes | bytearray) -> str:
+    """What the assertions compare (a digest: a failure does not print megabytes)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def ldev_file(system: SystemProcess, ldev: int) -> Path:
+    return system.data_dir / "ldevs" / f"{ldev:05d}.img"
+
+
+def pending_log(system: SystemProcess, ldev: int) -> Path:
+    return system.data_dir / "snapshots" / f"{ldev:05d}.wal"
+
+
+def first_writes(system: SystemProcess, pvol: int, image: bytearray, seed: int, count: int) -> dict[int, bytes]:
+    """4 KiB non-FUA writes, each to a different track (all first writes after the split); no flush."""
+    rnd = random.Random(seed)
+    tracks = rnd.sample(range(SIZE // TRACK), count)
+    written: dict[int, bytes] = {}
+    with nbd(system, pvol) as n:
+        for t in tracks:
+            off = t * TRACK + rnd.randrange(TRACK // 4096) * 4096
+            data = rnd.randbytes(4096)
+            n.write(off, data)
+            written[off] = data
+            image[off:off + 4096] = data
+    return written
+
+
+@pytest.fixture
+def held(make_system: MakeSystem, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[SystemProcess, VspClient]]:
+    monkeypatch.setenv("VSPEMU_WRITEBEHIND_HOLD_MS", "3000")
+    system = make_system()
+    with system.client() as c:
+        yield system, c
+
+
+def test_pending_first_writes_are_read_back_and_the_snapshot_keeps_the_old_bytes(
+        held: tuple[SystemProcess, VspClient]) -> None:
+    system, c = held
+    pvol, sv = volume(c), volume(c)
+    base = fill(system, pvol, 1)
+    snap(c, pvol, "wb", svolLdevId=sv, autoSplit=True)
+    image = bytearray(base)
+    written = first_writes(system, pvol, image, 2, 12)
+    # still pending: the P-VOL's file has the old bytes, every read of the P-VOL sees the new ones
+    raw = ldev_file(system, pvol).read_bytes()
+    assert all(raw[off:off + 4096] == base[off:off + 4096] for off in written), "written to the file at once"
+    assert pending_log(system, pvol).stat().st_size > len(written) * 4096
+    with nbd(system, pvol) as n:
+        assert h(n.read(0, SIZE)) == h(image)
+        for off, data in written.items():  # small reads inside and across the pending bytes
+            assert n.read(off, 4096) == data
+            assert n.read(off - 512, 1024) == base[off - 512:off] + data[:512]
+    with nbd(system, sv) as n:  # the snapshot: the P-VOL at the split (the file under the pending bytes)
+        assert h(n.read(0, SIZE)) == h(base)
+    with nbd(system, pvol) as n:
+        n.flush()  # waits for the drain
+    assert h(ldev_file(system, pvol).read_bytes()) == h(image)
+    assert pending_log(system, pvol).stat().st_size <= 32
+    with nbd(system, sv) as n:
+        assert h(n.read(0, SIZE)) == h(base)
+
+
+def test_kill_9_with_pending_first_writes_loses_none(held: tuple[SystemProcess, VspClient]) -> None:
+    system, c = held
+    pvol, sv = volume(c), volume(c)
+    base = fill(system, pvol, 3)
+    mu = snap(c, pvol, "wb", svolLdevId=sv, autoSplit=True)
+    image = bytearray(base)
+    first_writes(system, pvol, image, 4, 20)  # acknowledged, not flushed, still in the pending log
+    with nbd(system, pvol) as n:  # a second write over pending bytes keeps the order
+        off = 5 * TRACK
+        n.write(off, b"\x01" * 8192)
+        n.write(off + 4096, b"\x02" * 4096)
+        image[off:off + 4096] = b"\x01" * 4096
+        image[off + 4096:off + 8192] = b"\x02" * 4096
+    assert pending_log(system, pvol).stat().st_size > 20 * 4096
+    system.kill()
+    system.start()
+    c = system.client()
+    assert c.get(f"snapshots/{pvol},{mu}")["status"] == "PSUS"
+    with nbd(system, sv) as n:
+        assert h(n.read(0, SIZE)) == h(base)
+    with nbd(system, pvol) as n:
+        assert h(n.read(0, SIZE)) == h(image), "an acknowledged write was lost"
+    assert h(ldev_file(system, pvol).read_bytes()) == h(image)  # replayed into the file before any I/O
+    # and a split now shows it
+    sv2 = volume(c)
+    snap(c, pvol, "wb2", svolLdevId=sv2, autoSplit=True)
+    with nbd(system, sv2) as n:
+        assert h(n.read(0, SIZE)) == h(image)
+    c.close()
+
+
+def test_split_and_truecopy_pair_made_while_writes_are_pending(
+        make_system: MakeSystem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split sees every earlier acknowledged write; a TrueCopy pair created while first writes are pending
+    copies them (the copy engine reads through the overlay), and the S-VOL equals the P-VOL after more writes
+    (FUA, flush and plain) on the paired P-VOL with its snapshot."""
+    monkeypatch.setenv("VSPEMU_WRITEBEHIND_HOLD_MS", "3000")
+    p, s = make_system(), make_system()
+    with p.client() as pc, s.client() as sc:
+        link_systems(pc, sc)
+        pv, sv, snap1, snap2 = volume(pc), volume(sc), volume(pc), volume(pc)
+        base = fill(p, pv, 5)
+        snap(pc, pv, "a", svolLdevId=snap1, autoSplit=True)
+        image = bytearray(base)
+        first_writes(p, pv, image, 6, 10)
+        snap(pc, pv, "b", svolLdevId=snap2, autoSplit=True)  # the split drains first
+        with nbd(p, snap2) as n:
+            assert h(n.read(0, SIZE)) == h(image)
+        first_writes(p, pv, image, 7, 10)  # pending again (first writes for the second snapshot)
+        assert h(ldev_file(p, pv).read_bytes()) != h(image)
+        pc.invoke("POST", "remote-mirror-copypairs", {
+            "copyGroupName": "tcw", "copyPairName": "p1", "replicationType": "TC",
+            "remoteStorageDeviceId": s.storage_device_id, "pvolLdevId": pv, "svolLdevId": sv,
+            "isNewGroupCreation": True, "fenceLevel": "NEVER", "copyPace": 15}, remote=sc)
+        rnd = random.Random(8)
+        with nbd(p, pv) as n:
+            for i in range(30):
+                off = rnd.randrange(SIZE // 4096) * 4096
+                data = rnd.randbytes(4096)
+                n.write(off, data, fua=(i % 3 == 0))
+                image[off:off + 4096] = data
+            n.flush()
+        with nbd(p, pv) as n:
+            assert h(n.read(0, SIZE)) == h(image)
+        with nbd(s, sv) as n:
+            assert h(n.read(0, SIZE)) == h(image), "the TrueCopy S-VOL differs from the P-VOL"
+        with nbd(p, snap1) as n:
+            assert h(n.read(0, SIZE)) == h(base)
+
+
+def test_pending_log_file_is_removed_with_the_last_snapshot(held: tuple[SystemProcess, VspClient]) -> None:
+    system, c = held
+    pvol = volume(c)
+    base = fill(system, pvol, 9)
+    mu = snap(c, pvol, "wb", autoSplit=True)
+    image = bytearray(base)
+    first_writes(system, pvol, image, 10, 5)
+    c.invoke("DELETE", f"snapshots/{pvol},{mu}")  # applies what is pending, then the log goes
+    assert not pending_log(system, pvol).exists()
+    with nbd(system, pvol) as n:
+        assert h(n.read(0, SIZE)) == h(image)
+    assert h(ldev_file(system, pvol).read_bytes()) == h(image)
+    assert not os.path.exists(pending_log(system, pvol))
