@@ -20,6 +20,7 @@ import asyncio
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 MAGIC = b"VTIS"
@@ -110,6 +111,18 @@ class Area:
         """Is the record whose data starts at ``at`` durable?"""
         return at < self.synced
 
+    def append_built(self, track: int, head: bytes, data: bytes) -> None:
+        """Append a COW record whose header (CRC included) :func:`build_cow` made."""
+        at = self.end
+        try:
+            if os.pwritev(self.fd, [head, data], at) != HEADER + len(data):
+                raise OSError(f"{self.path}: short write")
+        except BaseException:
+            self.rollback(at)
+            raise
+        self.end = at + HEADER + len(data)
+        self._index(COW, track, 0, at + HEADER)
+
     def unsaved(self, tracks: range) -> bool:
         """Does any of the tracks lack a durable saved copy here?"""
         return any(not self.durable(self.cow.get(t, self.end)) for t in tracks)
@@ -166,3 +179,28 @@ class Area:
     def remove(self) -> None:
         self.close()
         self.path.unlink(missing_ok=True)
+
+
+def build_cow(fd: int, size: int, track: int, track_size: int) -> tuple[bytes, bytes]:
+    """The COW record of a track of the file ``fd``: (header with its CRC, the track's bytes)."""
+    data = os.pread(fd, min(track_size, size - track * track_size), track * track_size)
+    head = _HDR.pack(MAGIC, COW, track, 0, len(data), 0)[:_HDR.size - 4]
+    return head + struct.pack(">I", zlib.crc32(data, zlib.crc32(head))) + _PAD, data
+
+
+async def save_ahead(newest: Callable[[], Area | None], fd: int, size: int, track_size: int,
+                     tracks: list[int]) -> None:
+    """Append the old bytes of ``tracks`` of the P-VOL file ``fd`` to the area ``newest()`` names, read and
+    checksummed in a worker thread (the event loop serves hosts meanwhile); not synced. A track saved meanwhile,
+    or another newest area by then (a split, a resync), is left to the observer's ``before_change``: the
+    track can only have changed after being saved in the newest area, so what was read is its old bytes."""
+    area = newest()
+    todo = [t for t in tracks if area is not None and t not in area.cow]
+    if area is None or not todo:
+        return
+    built = await asyncio.to_thread(lambda: [(t, *build_cow(fd, size, t, track_size)) for t in todo])
+    if newest() is not area or area.fd < 0:
+        return
+    for t, head, data in built:
+        if t not in area.cow and len(data) == min(track_size, size - t * track_size):
+            area.append_built(t, head, data)

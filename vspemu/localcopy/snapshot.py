@@ -14,9 +14,8 @@ chain (delete, resync, the end of a restore) hands each saved track the next old
 
 Crash safety: the observer (:meth:`Snapshots.before_change`, called before every change of a P-VOL's bytes)
 makes the old tracks durable in the area first; a split is committed before any later write is seen; a host's
-first writes wait in a pending log meanwhile (:mod:`vspemu.volumes.writebehind`, docs/snapshots.md).
-
-Statuses and what each operation does to them are a table: :mod:`vspemu.localcopy.snapshot_states`.
+first writes wait in a pending log meanwhile (:mod:`vspemu.volumes.writebehind`, docs/snapshots.md). Statuses
+and what each operation does to them are a table: :mod:`vspemu.localcopy.snapshot_states`.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vspemu.errors import VspError, invalid, not_found
-from vspemu.localcopy.cow import COW, OWN, WRITTEN, Area
+from vspemu.localcopy.cow import COW, OWN, WRITTEN, Area, save_ahead
 from vspemu.localcopy.snapshot_model import (
     AUTO_MU_ORDER,
     HTI_ATTRIBUTE,
@@ -182,13 +181,16 @@ class Snapshots:
     def _behind(self, vol: Volume) -> None:
         """A P-VOL's first host writes go through a pending log (:mod:`vspemu.volumes.writebehind`)."""
         if any(s.pvol == vol.ldev_id for s in self.snaps.values()):
-            attach(vol, self.dir / f"{vol.ldev_id:05d}.wal", lambda o, n: self._unsaved(vol, o, n))
+            attach(vol, self.dir / f"{vol.ldev_id:05d}.wal",
+                   lambda o, n: (a := self._newest(vol)) is not None and a.unsaved(self._tracks(vol.size, o, n)),
+                   lambda ranges: save_ahead(lambda: self._newest(vol), vol.fd, vol.size, TRACK, sorted(
+                       {t for o, n in ranges for t in self._tracks(vol.size, o, n)})))
         else:
             detach(vol)
 
-    def _unsaved(self, vol: Volume, offset: int, length: int) -> bool:
+    def _newest(self, vol: Volume) -> Area | None:
         chain = self._chains.get(vol.ldev_id)
-        return chain is not None and chain[-1].data.unsaved(self._tracks(vol.size, offset, length))
+        return chain[-1].data if chain and vol.read_redirect is None else None
 
     def _mark(self, ldev_id: int) -> None:
         ldev = self.system.ldevs.get(ldev_id)

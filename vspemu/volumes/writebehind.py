@@ -30,7 +30,7 @@ import os
 import struct
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from vspemu.volumes.volume import Volume, VolumeIOError
@@ -59,10 +59,12 @@ class _Record:
 class WriteBehind:
     """The pending log and overlay of one volume (see the module docstring)."""
 
-    def __init__(self, volume: Volume, path: Path, unsaved: Callable[[int, int], bool]) -> None:
+    def __init__(self, volume: Volume, path: Path, unsaved: Callable[[int, int], bool],
+                 save_ahead: Callable[[list[tuple[int, int]]], Awaitable[None]] | None = None) -> None:
         self.volume = volume
         self.path = path
         self.unsaved = unsaved  # (offset, length) -> must an old track be saved before these bytes change?
+        self.save_ahead = save_ahead  # saves the old tracks of these ranges, the heavy part off the event loop
         self.records: deque[_Record] = deque()
         self.regions: dict[int, int] = {}  # region -> how many pending records touch it
         self.bytes = 0
@@ -180,6 +182,11 @@ class WriteBehind:
                 await asyncio.sleep(HOLD)
             batch = list(self.records)
             ranges = {(r.offset, len(r.data)) for r in batch}
+            if self.save_ahead is not None:
+                try:
+                    await self.save_ahead(sorted(ranges))
+                except Exception as e:  # noqa: BLE001 - only a head start: prepare_change saves what is missing
+                    log.warning("LDEV %s: saving old tracks ahead failed: %s", v.ldev_id, e)
             for preparer in v.preparers:  # old tracks appended; one shared sync
                 await asyncio.gather(*(preparer.prepare_change(v, o, n) for o, n in ranges))
             self._apply(batch[-1].seq)
@@ -231,10 +238,11 @@ class WriteBehind:
             await asyncio.to_thread(os.fdatasync, self.fd)
 
 
-def attach(volume: Volume, path: Path, unsaved: Callable[[int, int], bool]) -> None:
+def attach(volume: Volume, path: Path, unsaved: Callable[[int, int], bool],
+           save_ahead: Callable[[list[tuple[int, int]]], Awaitable[None]] | None = None) -> None:
     """Give the volume its pending log (first replaying what a crash left in it)."""
     if volume.behind is None:
-        wb = WriteBehind(volume, path, unsaved)
+        wb = WriteBehind(volume, path, unsaved, save_ahead)
         if wb.recover():
             log.info("LDEV %s: pending host writes replayed from %s", volume.ldev_id, path)
         volume.behind = wb
