@@ -98,7 +98,7 @@ class WriteBehind:
                     data = os.pread(self.fd, length, pos + HEADER)
                     if zlib.crc32(data, zlib.crc32(raw[:_REC.size])) != struct.unpack_from(">I", raw, _REC.size)[0]:
                         break  # torn (only a power loss tears a record; it was never acknowledged durable)
-                    if seq > applied:
+                    if seq > applied:  # (older records left behind newer ones are skipped)
                         self.volume.before_change(offset, length)
                         self.volume.write_local(offset, data, observed=True)
                         applied, done = seq, done + 1
@@ -214,9 +214,9 @@ class WriteBehind:
         if self.fd < 0:
             return
         self._put_header()
-        if not self.records:
-            os.ftruncate(self.fd, HEADER)
-            self.end = HEADER
+        if not self.records:  # the next records overwrite the file from the start; it is not truncated (a
+            self.end = HEADER  # truncate waits for pages under writeback): the older records left behind the
+            # new ones have sequences at most the header's, so a replay skips them (or stops at a torn one)
 
     def drain_sync(self) -> None:
         """Apply every pending write now, on this thread (a split, a non-host change of pending bytes)."""
