@@ -2,8 +2,11 @@
 
 Usage: python bench/snapshot_bench.py [--size-gib 1] [--runtime 8] [--repeat 5] [--dir DIR] [--qd1-only]
 
-``--qd1-only``: only the three queue-depth-1 rows (no snapshot, 8 fresh splits, tracks saved), to compare
-two versions run alternately on a noisy machine.
+``--qd1-only``: only queue depth 1, to compare two versions run alternately on a noisy machine: random
+writes with no snapshot; 4 KiB writes one per 256 KiB track (a 4 KiB write, 252 KiB skipped: fio
+``zonesize``/``zoneskip``) with no snapshot, then right after 8 splits, where *every* write is a first write
+(the random run after a split mixes first writes and writes to tracks saved already, in a proportion that
+depends on how fast it goes); random writes again with every track saved.
 
 One storage system. Measured:
 - create + split (``autoSplit``) of a snapshot of a sparse 1 TiB P-VOL and of a ``--size-gib`` P-VOL, as the
@@ -21,10 +24,12 @@ One storage system. Measured:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -55,6 +60,17 @@ def timed_snapshot(c: VspClient, pvol: int, group: str) -> tuple[float, str]:
     dt = time.perf_counter() - t
     assert job["state"] == "Succeeded", job
     return dt, c.resource_id(job)
+
+
+def first_writes(port: int, ldev: int, size: int) -> dict[str, float]:
+    """fio at queue depth 1: one 4 KiB write at the start of each 256 KiB track, in order (4 KiB written,
+    252 KiB skipped), over the whole volume: mean latency (us) and IOPS."""
+    out = subprocess.run(["fio", "--name=f", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}/{ldev}",
+                          "--rw=write", "--bs=4k", "--iodepth=1", f"--size={size}", f"--io_size={size // 64}",
+                          "--zonemode=strided", "--zonesize=4k", "--zonerange=256k", "--output-format=json"],
+                         capture_output=True, text=True, check=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+    return {"lat_us": job["lat_ns"]["mean"] / 1000, "iops": job["iops"], "n": job["total_ios"]}
 
 
 def snapshot_bytes(data_dir: Path) -> int:
@@ -99,6 +115,23 @@ def main() -> None:
             return fio(system.nbd_port, vol, "randwrite", "4k", 1, f"{size // MiB}M", args.runtime)
 
         none = lat()
+        if args.qd1_only:
+            stride0 = first_writes(system.nbd_port, vol, size)
+            sids = [timed_snapshot(c, vol, f"lat{i}")[1] for i in range(8)]
+            stride = first_writes(system.nbd_port, vol, size)
+            again = lat()
+            rows.append(("4 KiB random write, QD1, no snapshot", f"{none['lat_us']:.0f} us", "1.00x"))
+            rows.append(("4 KiB one write per track, QD1, no snapshot", f"{stride0['lat_us']:.0f} us, "
+                         f"{stride0['n']:.0f} writes", "1.00x"))
+            rows.append(("... 8 snapshots split just before: every write a first write", f"{stride['lat_us']:.0f} us",
+                         f"{stride['lat_us'] / stride0['lat_us']:.2f}x"))
+            rows.append(("4 KiB random write, the same 8 snapshots, every track saved", f"{again['lat_us']:.0f} us",
+                         f"{again['lat_us'] / none['lat_us']:.2f}x"))
+            for sid in sids:
+                c.invoke("DELETE", f"snapshots/{sid}")
+            print_table(f"Thin Image, QD1 only ({args.size_gib:g} GiB P-VOL, fio {args.runtime} s)",
+                        ("what", "result", "ratio"), rows)
+            return
         sids = [timed_snapshot(c, vol, f"lat{i}")[1] for i in range(8)]
         used0 = snapshot_bytes(system.data_dir)
         fresh = lat()
@@ -118,10 +151,6 @@ def main() -> None:
                      f"{fill_s * 1e6 / tracks:.0f} us per 256 KiB track"))
         for sid in sids:
             c.invoke("DELETE", f"snapshots/{sid}")
-        if args.qd1_only:
-            print_table(f"Thin Image, QD1 only ({args.size_gib:g} GiB P-VOL, fio {args.runtime} s)",
-                        ("what", "result", "ratio"), rows)
-            return
         # queue depth 8: the first writes to different tracks share one sync of the pool (group commit)
         none8 = fio(system.nbd_port, vol, "randwrite", "4k", 8, f"{size // MiB}M", args.runtime)
         sids = [timed_snapshot(c, vol, f"qd{i}")[1] for i in range(8)]
