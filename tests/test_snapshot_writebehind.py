@@ -215,3 +215,38 @@ def test_replay_skips_the_older_records_a_reused_log_still_holds(held: tuple[Sys
     system.start()
     with nbd(system, pvol) as n:
         assert h(n.read(0, SIZE)) == h(image), "a replayed older record undid a newer write"
+
+
+def test_save_ahead_appends_and_syncs_in_the_thread_and_skips_what_it_must(tmp_path: Path) -> None:
+    """cow.save_ahead: the records it appends in its worker thread are indexed, durable and reload after a
+    restart; a track the event loop saved meanwhile is not saved twice; an area that is no longer the newest
+    (a split meanwhile) gets nothing."""
+    import asyncio
+
+    from vspemu.localcopy.cow import Area, save_ahead
+
+    track = 64 << 10
+    pvol = tmp_path / "pvol"
+    old = os.urandom(4 * track)
+    pvol.write_bytes(old)
+    fd = os.open(pvol, os.O_RDONLY)
+    try:
+        area = Area(tmp_path / "a.tis")
+        area.append(1, 2, old[2 * track:3 * track])  # saved by the event loop (not yet durable)
+        asyncio.run(save_ahead(lambda: area, fd, len(old), track, [0, 2, 3]))
+        assert sorted(area.cow) == [0, 2, 3]
+        assert all(area.durable(area.cow[t]) for t in (0, 2, 3))
+        assert area.end == 3 * (32 + track) and not area.dirty
+        other = Area(tmp_path / "b.tis")
+        calls = iter([area])  # the first look names this area; by the time the thread writes, another is newest
+        asyncio.run(save_ahead(lambda: next(calls, other), fd, len(old), track, [1]))
+        assert area.cow.keys() == {0, 2, 3} and area.end == 3 * (32 + track)
+        assert not other.cow  # (left to before_change)
+        area.close()
+        again = Area(tmp_path / "a.tis")
+        assert sorted(again.cow) == [0, 2, 3]
+        assert all(again.read(again.cow[t], track) == old[t * track:(t + 1) * track] for t in (0, 2, 3))
+        again.close()
+        other.close()
+    finally:
+        os.close(fd)

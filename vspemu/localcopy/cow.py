@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,9 @@ class Area:
         self.synced = 0  # records before this offset are durable
         self._syncing: asyncio.Future[None] | None = None  # the fdatasync under way (see sync_async)
         self._rollbacks = 0  # (a sync that started before a rollback says nothing of what was appended after)
+        # appends (and a rollback, and closing) hold it: the event loop's and a drainer thread's
+        # (:func:`save_ahead`) records go one after the other at the end, with no hole between them
+        self.lock = threading.RLock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._load()
@@ -77,21 +81,26 @@ class Area:
         head = _HDR.pack(MAGIC, kind, track, epoch, len(data), 0)[:_HDR.size - 4]
         crc = zlib.crc32(data, zlib.crc32(head))
         record = head + struct.pack(">I", crc) + _PAD
-        at = self.end
-        try:
-            os.pwrite(self.fd, record, at)
-            n = 0
-            view = memoryview(data)
-            while n < len(view):
-                n += os.pwrite(self.fd, view[n:], at + HEADER + n)
-        except BaseException:
-            self.rollback(at)
-            raise
-        self.end = at + HEADER + len(data)
-        self._index(kind, track, epoch, at + HEADER)
+        with self.lock:
+            at = self.end
+            try:
+                os.pwrite(self.fd, record, at)
+                n = 0
+                view = memoryview(data)
+                while n < len(view):
+                    n += os.pwrite(self.fd, view[n:], at + HEADER + n)
+            except BaseException:
+                self.rollback(at)
+                raise
+            self.end = at + HEADER + len(data)
+            self._index(kind, track, epoch, at + HEADER)
 
     def rollback(self, end: int) -> None:
         """Forget the records from ``end`` on (they were never made durable)."""
+        with self.lock:
+            self._rollback(end)
+
+    def _rollback(self, end: int) -> None:
         for table in (self.cow, self.own):
             for t in [t for t, at in table.items() if at >= end]:
                 del table[t]
@@ -110,18 +119,6 @@ class Area:
     def durable(self, at: int) -> bool:
         """Is the record whose data starts at ``at`` durable?"""
         return at < self.synced
-
-    def append_built(self, track: int, head: bytes, data: bytes) -> None:
-        """Append a COW record whose header (CRC included) :func:`build_cow` made."""
-        at = self.end
-        try:
-            if os.pwritev(self.fd, [head, data], at) != HEADER + len(data):
-                raise OSError(f"{self.path}: short write")
-        except BaseException:
-            self.rollback(at)
-            raise
-        self.end = at + HEADER + len(data)
-        self._index(COW, track, 0, at + HEADER)
 
     def unsaved(self, tracks: range) -> bool:
         """Does any of the tracks lack a durable saved copy here?"""
@@ -172,9 +169,10 @@ class Area:
             return 0
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self.lock:  # (not while a drainer thread writes: the number could name another file by then)
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
     def remove(self) -> None:
         self.close()
@@ -188,19 +186,60 @@ def build_cow(fd: int, size: int, track: int, track_size: int) -> tuple[bytes, b
     return head + struct.pack(">I", zlib.crc32(data, zlib.crc32(head))) + _PAD, data
 
 
+def _save_in_thread(area: Area, still_newest: Callable[[], bool], fd: int, size: int, track_size: int,
+                    todo: list[int]) -> tuple[list[tuple[int, int]], int]:
+    """The worker-thread part of :func:`save_ahead`: read, checksum and append each track, then one
+    ``fdatasync``; returns the (track, data offset) of the records appended and the end they made durable."""
+    done: list[tuple[int, int]] = []
+    for t in todo:
+        head, data = build_cow(fd, size, t, track_size)
+        if len(data) != min(track_size, size - t * track_size):
+            continue
+        with area.lock:
+            # Read before this check, so the bytes are the track's old ones: a P-VOL track changes only after
+            # the newest area has indexed a saved copy of it (under this lock), and a split makes another area
+            # the newest before any change it protects.
+            if area.fd < 0 or t in area.cow or not still_newest():
+                continue
+            at = area.end
+            try:
+                if os.pwritev(area.fd, [head, data], at) != HEADER + len(data):
+                    raise OSError(f"{area.path}: short write")
+            except BaseException:
+                try:  # (nothing was indexed from ``at`` on: the end stays where it was)
+                    os.ftruncate(area.fd, at)
+                except OSError:
+                    pass
+                raise
+            area.end = at + HEADER + len(data)
+            done.append((t, at + HEADER))
+    with area.lock:
+        if area.fd < 0:
+            return [], 0
+        end, fd2 = area.end, os.dup(area.fd)  # (synced on a copy: close() need not wait for the flush)
+    try:
+        os.fdatasync(fd2)
+    finally:
+        os.close(fd2)
+    return done, end
+
+
 async def save_ahead(newest: Callable[[], Area | None], fd: int, size: int, track_size: int,
                      tracks: list[int]) -> None:
-    """Append the old bytes of ``tracks`` of the P-VOL file ``fd`` to the area ``newest()`` names, read and
-    checksummed in a worker thread (the event loop serves hosts meanwhile); not synced. A track saved meanwhile,
-    or another newest area by then (a split, a resync), is left to the observer's ``before_change``: the
-    track can only have changed after being saved in the newest area, so what was read is its old bytes."""
+    """Save the old bytes of ``tracks`` of the P-VOL file ``fd`` in the area ``newest()`` names, durably: read,
+    checksummed, appended and synced in a worker thread (the event loop serves hosts meanwhile; the area's lock
+    keeps its appends in order, with the event loop's own), then indexed here. A track saved meanwhile, or
+    another newest area by then (a split, a resync), is left to the observer's ``before_change``."""
     area = newest()
     todo = [t for t in tracks if area is not None and t not in area.cow]
     if area is None or not todo:
         return
-    built = await asyncio.to_thread(lambda: [(t, *build_cow(fd, size, t, track_size)) for t in todo])
-    if newest() is not area or area.fd < 0:
-        return
-    for t, head, data in built:
-        if t not in area.cow and len(data) == min(track_size, size - t * track_size):
-            area.append_built(t, head, data)
+    rollbacks = area._rollbacks
+    done, end = await asyncio.to_thread(_save_in_thread, area, lambda: newest() is area, fd, size, track_size,
+                                        todo)
+    if area._rollbacks != rollbacks or area.fd < 0:
+        return  # (a rollback may have cut them off: before_change saves them again)
+    for t, at in done:
+        if t not in area.cow:
+            area._index(COW, t, 0, at)
+    area.synced = max(area.synced, end)

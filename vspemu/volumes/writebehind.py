@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 LIMIT = 64 << 20  # pending bytes at most; beyond, host writes wait for the drain
 MAX_RECORD = 1 << 20  # larger host writes go the old way (after a drain)
 REGION = 256 << 10  # the overlay's index granularity
+APPLY_PIECE = 32  # the drainer applies this many pending writes, then lets the event loop serve hosts
 # Tests only: the drainer waits this long before each round, so a test sees writes pending (and a kill -9 finds
 # them in the log); 0 in normal use.
 HOLD = float(os.environ.get("VSPEMU_WRITEBEHIND_HOLD_MS", "0")) / 1000
@@ -187,16 +188,26 @@ class WriteBehind:
                     await self.save_ahead(sorted(ranges))
                 except Exception as e:  # noqa: BLE001 - only a head start: prepare_change saves what is missing
                     log.warning("LDEV %s: saving old tracks ahead failed: %s", v.ldev_id, e)
-            for preparer in v.preparers:  # old tracks appended; one shared sync
-                await asyncio.gather(*(preparer.prepare_change(v, o, n) for o, n in ranges))
-            self._apply(batch[-1].seq)
+            # what the head start missed (a split meanwhile, a failure): appended, one shared sync; only those
+            # ranges (a coroutine per pending write was most of the event loop's drain work at queue depth 8)
+            missed = [(o, n) for o, n in ranges if self.unsaved(o, n)]
+            for preparer in v.preparers:
+                await asyncio.gather(*(preparer.prepare_change(v, o, n) for o, n in missed))
+            upto = batch[-1].seq
+            while self.records and self.records[0].seq <= upto and self.fd >= 0:
+                self._apply(upto, APPLY_PIECE)
+                if self.records and self.records[0].seq <= upto:
+                    await asyncio.sleep(0)  # the host's requests waiting meanwhile go first
 
-    def _apply(self, upto: int | None) -> None:
-        """Write the pending records (up to sequence ``upto``, None: all) into the file, in order."""
+    def _apply(self, upto: int | None, most: int | None = None) -> None:
+        """Write the pending records (up to sequence ``upto``, None: all; at most ``most`` of them) into the
+        file, in order."""
         v = self.volume
         self.applying = True
+        n_left = -1 if most is None else most
         try:
-            while self.records and (upto is None or self.records[0].seq <= upto):
+            while self.records and (upto is None or self.records[0].seq <= upto) and n_left != 0:
+                n_left -= 1
                 rec = self.records[0]
                 v.before_change(rec.offset, len(rec.data))  # saved copies durable (syncs itself if not)
                 v.write_local(rec.offset, rec.data, observed=True)
