@@ -4,9 +4,11 @@ A host write to a track whose old bytes a snapshot still has to save (or to byte
 not written to the P-VOL file at once: it is appended to a *pending log* (one file per P-VOL next to the
 snapshot areas, ``pwrite`` into the page cache, which survives a kill -9; a CRC-32 per record), kept in memory
 (the *overlay*), and acknowledged. One drainer task per volume then saves the old tracks of every pending
-write (the observers' ``prepare_change``: appended to the snapshot area, one shared ``fdatasync``), and writes
-the pending bytes into the P-VOL in log order (``before_change`` first, which checks the saved copies are
-durable), and drops them. So the P-VOL file keeps the old bytes until their saved copy is durable, as before.
+write (read, appended to the snapshot area and synced in a worker thread: ``save_ahead``; the observers'
+``prepare_change`` for what that missed), and writes the pending bytes into the P-VOL in log order
+(``before_change`` first, which checks the saved copies are durable; :data:`APPLY_PIECE` at a time, the
+host's requests served in between), and drops them. So the P-VOL file keeps the old bytes until their saved
+copy is durable, as before.
 
 * Reads of the P-VOL (:meth:`Volume.read`, NBD, the TC/UR copy engine) see the overlay
   (:meth:`WriteBehind.overlay`); a snapshot's reads of tracks it has not saved read the file under it (the
