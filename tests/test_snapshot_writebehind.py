@@ -11,25 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MakeSystem
 
+from tests.conftest import MakeSystem
+from tests.test_snapshots import TRACK, MiB, nbd, volume as new_volume
 from vspemu.client import VspClient
-from vspemu.client.nbd import NbdClient
 from vspemu.lab import SystemProcess, link_systems
 
-MiB = 1 << 20
-TRACK = 256 << 10
 SIZE = 8 * MiB
 
 
-def nbd(system: SystemProcess, ldev: int) -> NbdClient:
-    return NbdClient("127.0.0.1", system.nbd_port, str(ldev))
-
-
-def volume(c: VspClient, size: str = "8M") -> int:
-    ldev = c.create_ldev(size)
-    c.add_lun(ldev)
-    return ldev
+def volume(c: VspClient) -> int:
+    return new_volume(c, "8M")
 
 
 def snap(c: VspClient, pvol: int, group: str, **extra: object) -> int:
