@@ -78,9 +78,7 @@ class Area:
 
     def append(self, kind: int, track: int, data: bytes | memoryview = b"", epoch: int = 0) -> None:
         """Append a record (not yet durable: call :meth:`sync`); a failed write leaves the area as it was."""
-        head = _HDR.pack(MAGIC, kind, track, epoch, len(data), 0)[:_HDR.size - 4]
-        crc = zlib.crc32(data, zlib.crc32(head))
-        record = head + struct.pack(">I", crc) + _PAD
+        record = _record_head(kind, track, epoch, data)
         with self.lock:
             at = self.end
             try:
@@ -179,11 +177,16 @@ class Area:
         self.path.unlink(missing_ok=True)
 
 
+def _record_head(kind: int, track: int, epoch: int, data: bytes | memoryview) -> bytes:
+    """A record's header (padded to :data:`HEADER`) with the CRC-32 of header and data."""
+    head = _HDR.pack(MAGIC, kind, track, epoch, len(data), 0)[:_HDR.size - 4]
+    return head + struct.pack(">I", zlib.crc32(data, zlib.crc32(head))) + _PAD
+
+
 def build_cow(fd: int, size: int, track: int, track_size: int) -> tuple[bytes, bytes]:
     """The COW record of a track of the file ``fd``: (header with its CRC, the track's bytes)."""
     data = os.pread(fd, min(track_size, size - track * track_size), track * track_size)
-    head = _HDR.pack(MAGIC, COW, track, 0, len(data), 0)[:_HDR.size - 4]
-    return head + struct.pack(">I", zlib.crc32(data, zlib.crc32(head))) + _PAD, data
+    return _record_head(COW, track, 0, data), data
 
 
 def _save_in_thread(area: Area, still_newest: Callable[[], bool], fd: int, size: int, track_size: int,
