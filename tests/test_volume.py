@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vspemu.volumes import volume as V
-from vspemu.volumes.volume import WRITE_PIECE, Volume
+from vspemu.volumes.volume import WRITE_PIECE, Volume, VolumeIOError, pread_exact
 
 
 def test_writes_of_every_size_land_whole_and_alone(tmp_path: Path) -> None:
@@ -154,3 +154,20 @@ def test_change_observers_see_every_change_first_and_can_refuse_it(tmp_path: Pat
     vol.write_local(4096, b"DDDD")
     assert len(seen) == 5 and vol.read(4096, 4) == b"DDDD"
     vol.close()
+
+
+def test_pread_exact_fills_the_view_or_says_the_file_is_short(tmp_path: Path) -> None:
+    """The one read loop of the data path: a whole range, or VolumeIOError (or zeros, if asked) past the end."""
+    f = tmp_path / "v.img"
+    f.write_bytes(b"a" * 5000)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        view = memoryview(bytearray(4096))
+        pread_exact(fd, view, 100)
+        assert bytes(view) == b"a" * 4096
+        with pytest.raises(VolumeIOError, match="LDEV 7: short read at 5000"):
+            pread_exact(fd, view, 2000, name="LDEV 7")
+        pread_exact(fd, view, 2000, zero_fill=True)
+        assert bytes(view) == b"a" * 3000 + bytes(1096)
+    finally:
+        os.close(fd)

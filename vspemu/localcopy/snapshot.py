@@ -57,8 +57,8 @@ from vspemu.localcopy.snapshot_states import (
     next_status,
 )
 from vspemu.system.storage import JOURNAL_ATTRIBUTE, Ldev, StorageSystem
-from vspemu.volumes.volume import Volume, VolumeIOError, WriteRefused, punch_hole
-from vspemu.volumes.writebehind import attach, detach, pread_into, read_under
+from vspemu.volumes.volume import Volume, VolumeIOError, WriteRefused, pread_exact, punch_hole
+from vspemu.volumes.writebehind import attach, detach, read_under
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ class Snapshots:
             n = min(total - done, (t + 1) * TRACK - pos)
             part = view[done:done + n]
             if t in written and s.svol is not None:
-                pread_into(self._volume(s.svol).fd, part, pos)
+                pread_exact(self._volume(s.svol).fd, part, pos, name=f"LDEV {s.svol}")
             elif t in own:
                 s.data.read_into(own[t] + pos - t * TRACK, part)
             else:

@@ -39,7 +39,7 @@ import numpy as np
 
 from vspemu.replication.bitmap import TRACK, DirtyBitmap
 from vspemu.replication.receiver import BUFFERS
-from vspemu.volumes.volume import SEEK_DATA, Volume
+from vspemu.volumes.volume import SEEK_DATA, Volume, pread_exact
 
 if TYPE_CHECKING:
     from vspemu.replication.kinds import WritePathHost
@@ -562,11 +562,5 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
 
 
 def _pread(volume: Volume, view: memoryview, offset: int) -> None:
-    fd, got, length = volume.fd, 0, len(view)
-    while got < length:
-        n = os.preadv(fd, [view[got:] if got else view], offset + got)
-        if n == 0:  # the file is shorter than the volume: truncated under us; the rest reads as zeros
-            view[got:] = bytes(length - got)
-            return
-        got += n
+    pread_exact(volume.fd, view, offset, zero_fill=True)  # (a file truncated under us: the rest reads as zeros)
     volume.overlay(offset, view)  # host writes a Thin Image P-VOL has not written to its file yet

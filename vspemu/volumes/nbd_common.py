@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import struct
 from bisect import bisect_left
 from collections import deque
@@ -19,7 +18,7 @@ from typing import Any, Protocol
 
 from vspemu.buffers import BufferPool
 from vspemu.nbdproto import FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, NBDMAGIC
-from vspemu.volumes.volume import Volume, VolumeIOError, WriteRefused
+from vspemu.volumes.volume import Volume, VolumeIOError, WriteRefused, pread_exact
 
 log = logging.getLogger("vspemu.volumes.nbd")  # one logger for the whole NBD server
 
@@ -87,12 +86,7 @@ def _pread(volume: Volume, view: memoryview, offset: int) -> None:
     if volume.read_redirect is not None:  # a snapshot S-VOL: its image, not its file
         volume.read_redirect(offset, view)
         return
-    fd, got, length = volume.fd, 0, len(view)
-    while got < length:
-        n = os.preadv(fd, [view[got:] if got else view], offset + got)
-        if n == 0:  # the file is shorter than the volume: truncated or removed under us
-            raise VolumeIOError(f"LDEV {volume.ldev_id}: short read at {offset + got}")
-        got += n
+    pread_exact(volume.fd, view, offset, name=f"LDEV {volume.ldev_id}")
     if volume.behind is not None:  # host writes not yet in the file (a Thin Image P-VOL's first writes)
         volume.behind.overlay(offset, view)
 

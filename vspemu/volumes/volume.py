@@ -67,6 +67,21 @@ class VolumeIOError(Exception):
     """A write could not be made safe (e.g. a TC pair with fence DATA lost its S-VOL)."""
 
 
+def pread_exact(fd: int, view: memoryview, offset: int, *, zero_fill: bool = False, name: str = "") -> None:
+    """Fill ``view`` with the bytes of ``fd`` from ``offset`` (``preadv`` until it is full: one call, nearly
+    always). A file shorter than that (truncated or removed under the reader) raises VolumeIOError, or with
+    ``zero_fill`` reads as zeros from its end on (what a copy of a sparse tail expects)."""
+    got, length = 0, len(view)
+    while got < length:
+        n = os.preadv(fd, [view[got:] if got else view], offset + got)
+        if n == 0:
+            if zero_fill:
+                view[got:] = bytes(length - got)
+                return
+            raise VolumeIOError(f"{name or 'file'}: short read at {offset + got}")
+        got += n
+
+
 class Replicator(Protocol):
     def write(self, volume: Volume, offset: int, data: bytes | memoryview, fua: bool) -> Awaitable[None]: ...
 

@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from vspemu.volumes.volume import Volume, VolumeIOError
+from vspemu.volumes.volume import Volume, pread_exact
 
 log = logging.getLogger(__name__)
 
@@ -276,13 +276,4 @@ def read_under(vol: Volume, offset: int, view: memoryview) -> None:
     if vol.read_redirect is not None:
         vol.read_redirect(offset, view)
     else:
-        pread_into(vol.fd, view, offset)
-
-
-def pread_into(fd: int, view: memoryview, offset: int) -> None:
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            raise VolumeIOError(f"short read at {offset + got}")
-        got += n
+        pread_exact(vol.fd, view, offset, name=f"LDEV {vol.ldev_id}")
