@@ -205,3 +205,44 @@ def test_parse_entries_refuses_what_is_not_whole_next_and_intact(tmp_path: Path)
     bad[ENTRY.size + 4096 + ENTRY.size + 9] ^= 1  # a bit of the second entry's data
     with pytest.raises(CorruptEntry, match="checksum"):
         list(parse_entries(bad, 1))
+
+
+def test_entries_by_reference_read_the_pvol_until_protected(tmp_path: Path) -> None:
+    """An entry by reference stores 64 bytes; its data is read from the P-VOL when the secondary pulls it, and
+    copied into its reserved place before the P-VOL range is written again; a reopened journal knows them."""
+    pvol = bytearray(os.urandom(1 << 20))
+
+    def source(ldev: int, offset: int, into: memoryview) -> None:
+        assert ldev == 9
+        into[:] = pvol[offset:offset + len(into)]
+
+    path = tmp_path / "jnl.img"
+    with open(path, "wb") as f:
+        f.truncate(1 << 20)
+    j = MasterJournal(path, 1 << 20, source)
+    first = bytes(pvol[0:65536])
+    assert j.append(9, 0, first, 65536, mirrors=0b1, ref=True) == 1
+    assert j.append(9, 65536, None, 4096, mirrors=0b1) == 2  # a zero range, stored as always
+    assert j.append(9, 70000, bytes(pvol[70000:71000]), 1000, mirrors=0b1, ref=True) == 3
+    assert j.by_reference and j.used == 3 * ENTRY.size + 65536 + 4096 - 4096 + 1024
+    with open(path, "rb") as f:  # only the header was written: the reserved place is still a hole
+        f.seek(4096 + ENTRY.size)
+        assert f.read(65536) == bytes(65536)
+    raw, first_seq, count, own = j.read_raw(1, 1 << 20, mu=0)
+    assert (first_seq, count, own) == (1, 1, True)  # (a run by reference, then the stored zero range)
+    got = list(parse_entries(raw, 1))
+    assert bytes(got[0].data) == first
+    assert j.protect(9, 60000, 20000) == 2  # overlaps entries 1 and 3: both get their data now
+    pvol[0:1 << 20] = os.urandom(1 << 20)  # the P-VOL changes afterwards
+    entries = j.read(1, 1 << 20)
+    assert [e.seq for e in entries] == [1, 2, 3] and bytes(entries[0].data) == first
+    assert bytes(entries[2].data) != bytes(pvol[70000:71000]) and entries[1].zero
+    assert j.protect(9, 0, 1 << 20) == 0
+    assert j.append(9, 4096, bytes(pvol[4096:8192]), 4096, ref=True) == 4
+    j.close()
+    j = MasterJournal(path, 1 << 20, source)  # a restart: stored, zero and by-reference entries are found
+    assert j.count == 4 and j.by_reference
+    assert bytes(j.read(4, 1)[0].data) == bytes(pvol[4096:8192])
+    assert j.protect(9, 4096, 1) == 1
+    j.free(4)
+    assert j.count == 0 and j.protect(9, 0, 1 << 20) == 0

@@ -344,3 +344,31 @@ def test_primary_crash_with_a_backlog(ur: UrLab) -> None:
     ur.wait_drained()
     for pv, sv in vols:
         assert ur.digest("p", pv, 16 * MiB) == ur.digest("s", sv, 16 * MiB)
+
+
+def test_overwrites_of_entries_not_pulled_yet_and_a_primary_crash(ur: UrLab) -> None:
+    """Entries by reference: rewriting a range whose entries the (paused) secondary has not pulled copies their
+    data into the journal first, so the secondary still restores every write in order; after a kill -9 of
+    the primary only the last entry is replayed (an older one would undo a newer write)."""
+    ur.journals("128M")
+    vols = ur.volumes(1, "16M")
+    ur.create(vols)
+    pv, sv = vols[0]
+    ur.s.pause()
+    try:
+        with ur.nbd("p", pv) as c:
+            for k in range(8):  # each pass rewrites half of the previous one
+                c.write(MiB + k * 256 * 1024, os.urandom(2 * MiB))
+            c.zero(MiB, 4096)
+            c.write(MiB, b"the last write".ljust(4096), fua=True)
+        stats = ur.pc.raw("GET", "vspemu/v1/replication/stats", headers=ur.pc.headers()).json()
+        assert stats["mirrors"][CG]["protectedBytes"] >= 7 * MiB  # the entries' data went into the journal
+        expected = ur.digest("p", pv, 16 * MiB)
+        ur.p.kill()
+    finally:
+        ur.s.resume()
+    ur.p.start()
+    ur.pc = ur.p.client()
+    ur.pc.wait_path_status(f"{ur.s.serial},R9,0", "NML_01", 30)
+    ur.wait_drained()
+    assert ur.digest("p", pv, 16 * MiB) == expected == ur.digest("s", sv, 16 * MiB)

@@ -11,7 +11,10 @@ the P-VOLs at one earlier moment. The secondary makes its S-VOLs durable (fdatas
 most every :data:`.ur_restore.RESTORE_FLUSH_INTERVAL` seconds while entries keep coming and at once when it has caught
 up, so pulling never waits for the disk (a flush per batch held the pull to the disk's flush rate).
 A batch travels as the entries are stored in the journal (read with one ``pread``, sent without another
-copy); the secondary checks each entry's CRC-32C, so the check covers the journal volume and the link.
+copy); the secondary checks each entry's CRC-32C, so the check covers the journal volume and the link. A
+host write's entry is journaled **by reference** (its data stays in the P-VOL and is read from there when
+pulled; a later write over a range whose entries are still in the journal first copies their data in: see
+:mod:`.journal`), so a write costs the P-VOL write and a 64-byte header, not a second copy of its data.
 
 - Usage over 80 %: the pairs show PFUL (still copying); with inflow control on, writes are slowed.
 - A write that does not fit waits for room; if the journal stays full for dataOverflowWatchInSeconds the
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -52,6 +56,7 @@ from vspemu.replication.kinds import JOURNAL, LOCAL
 from vspemu.replication.model import ACTIVE, COPY, PAIR, PFUL, PFUS, PSUE, CopyGroup, Pair
 from vspemu.replication.ur_restore import PFUL_THRESHOLD, MirrorRuntime, Restorer
 from vspemu.replication.wire import PeerInfo
+from vspemu.volumes.volume import pread_exact
 
 if TYPE_CHECKING:
     from vspemu.replication.kinds import EngineCore
@@ -61,6 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READ_MAX_BYTES = 8 << 20
+BY_REFERENCE = os.environ.get("VSPEMU_JOURNAL_BY_REFERENCE", "1") != "0"  # (see journal: entries by reference)
 LONG_POLL = 0.5
 MONITOR_INTERVAL = 0.2
 FLUSH_TIMEOUT = 120.0
@@ -180,7 +186,7 @@ class UniversalReplicator:
         if mj is None:
             j = self.journals.get(jid)
             vol = self.engine.system.volumes[j.ldev_ids[0]]
-            mj = MasterJournal(vol.path, vol.size)
+            mj = MasterJournal(vol.path, vol.size, self._read_pvol if BY_REFERENCE else None)
             mj.held_full = jid in self.held_full
             self.masters[jid] = mj
         return mj
@@ -273,7 +279,9 @@ class UniversalReplicator:
         mirrors = 0
         for g in groups:
             mirrors |= 1 << g.mu_number
-        seq = mj.append(pairs[0].local_ldev, offset, data, length, mirrors)
+        # entries by reference still in the P-VOL where this write goes get their data first (see journal)
+        mj.protect(pairs[0].local_ldev, offset, length)
+        seq = mj.append(pairs[0].local_ldev, offset, data, length, mirrors, ref=True)
         now = time.monotonic()
         runtimes = [self.runtime(g) for g in groups]
         for p, g, rt in zip(pairs, groups, runtimes, strict=True):
@@ -344,6 +352,16 @@ class UniversalReplicator:
         return {"count": count, "first": first, "skip": not own, "mu": mu, "floor": mj.floors[mu], "svols": svols,
                 "lastSeq": mj.last_seq, "qCount": self._q_count(group, mj), "usage": mj.usage_rate(),
                 "headSeq": max(mj.head_seq, mj.floors[mu] + 1), "nextSeq": first + count if count else 0}, raw
+
+    def _read_pvol(self, ldev: int, offset: int, into: memoryview) -> None:
+        """The bytes of a P-VOL for an entry by reference (with the host writes a Thin Image P-VOL has not
+        written to its file yet); zeros if the LDEV is gone."""
+        vol = self.engine.system.volumes.get(ldev)
+        if vol is None:
+            into[:] = bytes(len(into))
+            return
+        pread_exact(vol.fd, into, offset, zero_fill=True)
+        vol.overlay(offset, into)
 
     async def _h_split(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
         """A split issued on the secondary: the primary performs it (flush) for the whole mirror."""
@@ -518,10 +536,12 @@ class UniversalReplicator:
         oldest = next((t for s, t in rt.samples if s > applied), None)
         return {"qCount": self._q_count(group, mj), "usageRate": mj.usage_rate(), "lastSeq": mj.last_seq,
                 "restoredSeq": rt.acked, "appliedSeq": applied,
-                "lagSeconds": round(time.monotonic() - oldest, 3) if behind and oldest is not None else 0.0}
+                "lagSeconds": round(time.monotonic() - oldest, 3) if behind and oldest is not None else 0.0,
+                "protectedBytes": mj.protected_bytes}
 
     def redo_after_restart(self) -> None:
-        """A restarted primary writes every journaled entry to its P-VOLs again (journal first, then volume)."""
+        """A restarted primary writes journaled entries to its P-VOLs again (journal first, then volume): every
+        entry of a journal written before entries by reference existed, else only the last one."""
         for jid in sorted({g.local_journal_id for g in self.engine.groups.values() if g.replication_type == "UR"
                            and g.role == "P" and g.local_journal_id is not None}):
             self._redo(jid, self.journal_groups(jid))
@@ -533,7 +553,10 @@ class UniversalReplicator:
         if not mj.count:
             return
         by_ldev = {p.local_ldev: p for g in groups for p in self.engine.group_pairs(g.name)}
-        seq = mj.head_seq
+        # only the last entry can have been journaled without reaching its P-VOL (each write is journaled and
+        # written before the next is journaled); with entries by reference, replaying older ones would undo
+        # newer writes (whose entries read the P-VOL), so only the last is replayed (a no-op if by reference)
+        seq = mj.last_seq if mj.by_reference else mj.head_seq
         while seq <= mj.last_seq:
             batch = mj.read(seq, 64 << 20)
             if not batch:
