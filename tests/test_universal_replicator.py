@@ -82,6 +82,13 @@ class UrLab:
             assert time.monotonic() < deadline
             time.sleep(0.05)
 
+    def restart_primary(self) -> None:
+        """Start the (killed) primary again and wait until its paths are up and its journal drained."""
+        self.p.start()
+        self.pc = self.p.client()
+        self.pc.wait_path_status(f"{self.s.serial},R9,0", "NML_01", 30)
+        self.wait_drained()
+
     def digest(self, side: str, ldev: int, size: int) -> str:
         return volume_digest((self.p if side == "p" else self.s).nbd_port, ldev, size)
 
@@ -338,10 +345,7 @@ def test_primary_crash_with_a_backlog(ur: UrLab) -> None:
         ur.p.kill()
     finally:
         ur.s.resume()
-    ur.p.start()
-    ur.pc = ur.p.client()
-    ur.pc.wait_path_status(f"{ur.s.serial},R9,0", "NML_01", 30)
-    ur.wait_drained()
+    ur.restart_primary()
     for pv, sv in vols:
         assert ur.digest("p", pv, 16 * MiB) == ur.digest("s", sv, 16 * MiB)
 
@@ -367,8 +371,5 @@ def test_overwrites_of_entries_not_pulled_yet_and_a_primary_crash(ur: UrLab) -> 
         ur.p.kill()
     finally:
         ur.s.resume()
-    ur.p.start()
-    ur.pc = ur.p.client()
-    ur.pc.wait_path_status(f"{ur.s.serial},R9,0", "NML_01", 30)
-    ur.wait_drained()
+    ur.restart_primary()
     assert ur.digest("p", pv, 16 * MiB) == expected == ur.digest("s", sv, 16 * MiB)

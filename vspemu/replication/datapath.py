@@ -39,7 +39,7 @@ import numpy as np
 
 from vspemu.replication.bitmap import TRACK, DirtyBitmap
 from vspemu.replication.receiver import BUFFERS
-from vspemu.volumes.volume import SEEK_DATA, Volume, pread_exact
+from vspemu.volumes.volume import SEEK_DATA, Volume
 
 if TYPE_CHECKING:
     from vspemu.replication.kinds import WritePathHost
@@ -470,7 +470,7 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
                 await send(offset, None, length)
             else:
                 async with _copy_buffer(length) as view:
-                    _pread(volume, view, offset)
+                    volume.read_into(offset, view)
                     await send(offset, None if _all_zero(view) else view, length)
             progress(ntracks)
         except BaseException as e:  # noqa: BLE001 - handed to the caller below
@@ -490,7 +490,7 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
                 async with _copy_buffer(total) as view:
                     at = 0
                     for offset, length in data_runs:
-                        _pread(volume, view[at:at + length], offset)
+                        volume.read_into(offset, view[at:at + length])
                         at += length
                     await send_runs(data_runs, view)
             progress(ntracks)
@@ -559,8 +559,3 @@ async def copy_marked_tracks(volume: Volume, bitmap: DirtyBitmap, send: SendChun
             task.cancel()
     if failures:
         raise failures[0]
-
-
-def _pread(volume: Volume, view: memoryview, offset: int) -> None:
-    pread_exact(volume.fd, view, offset, zero_fill=True)  # (a file truncated under us: the rest reads as zeros)
-    volume.overlay(offset, view)  # host writes a Thin Image P-VOL has not written to its file yet

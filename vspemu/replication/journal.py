@@ -223,10 +223,6 @@ class MasterJournal:
     def last_seq(self) -> int:
         return self.next_seq - 1
 
-    def last(self) -> Entry | None:
-        """The newest live entry (without data)."""
-        return self._slots[-1].entry() if self._slots else None
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -316,24 +312,26 @@ class MasterJournal:
         return len(hit)
 
     def _materialize(self, s: _Slot) -> None:
-        stored = bytearray(s.size)
-        view = memoryview(stored)
-        self._read_source(s, view[ENTRY.size:ENTRY.size + s.length])
-        flags = s.flags & ~REF
-        head = ENTRY.pack(ENTRY_MAGIC, flags, s.seq, s.ldev, s.length, s.offset, 0, 0)
-        ENTRY.pack_into(view, 0, ENTRY_MAGIC, flags, s.seq, s.ldev, s.length, s.offset,
-                        _checksum(head, view[ENTRY.size:ENTRY.size + s.length]), 0)
+        view = memoryview(bytearray(s.size))
+        self._store(s, view)
         if os.pwrite(self.fd, view, s.pos) != s.size:
             raise OSError(f"journal {self.path.name}: short write of entry {s.seq}")
         self._unindex(s)
-        s.flags = flags
+        s.flags &= ~REF
         self.protected_bytes += s.length
 
-    def _read_source(self, s: _Slot, into: memoryview) -> None:
+    def _store(self, s: _Slot, view: memoryview) -> None:
+        """The stored form of entry by reference ``s`` into ``view`` (its ``size`` bytes): header with the CRC,
+        the data as the P-VOL holds it now, zero padding."""
         if self.source is None:
             raise RuntimeError(f"journal {self.path.name}: entry {s.seq} is by reference and nothing reads LDEV "
                                f"{s.ldev}")
-        self.source(s.ldev, s.offset, into)
+        data = view[ENTRY.size:ENTRY.size + s.length]
+        self.source(s.ldev, s.offset, data)
+        view[ENTRY.size + s.length:s.size] = _ZEROS[:s.size - ENTRY.size - s.length]
+        flags = s.flags & ~REF
+        head = ENTRY.pack(ENTRY_MAGIC, flags, s.seq, s.ldev, s.length, s.offset, 0, 0)
+        ENTRY.pack_into(view, 0, ENTRY_MAGIC, flags, s.seq, s.ldev, s.length, s.offset, _checksum(head, data), 0)
 
     # -- reading ----------------------------------------------------------------------------------
     def _header_at(self, pos: int, seq: int) -> tuple[int, tuple[int, int, int, int, int] | None]:
@@ -402,14 +400,7 @@ class MasterJournal:
         BUFFERS.put(buf)  # (handed out again only once the link no longer holds the view)
         at = 0
         for s in slots:
-            data = view[at + ENTRY.size:at + ENTRY.size + s.length]
-            self._read_source(s, data)
-            if s.size - ENTRY.size > s.length:
-                view[at + ENTRY.size + s.length:at + s.size] = _ZEROS[:s.size - ENTRY.size - s.length]
-            flags = s.flags & ~REF
-            head = ENTRY.pack(ENTRY_MAGIC, flags, s.seq, s.ldev, s.length, s.offset, 0, 0)
-            ENTRY.pack_into(view, at, ENTRY_MAGIC, flags, s.seq, s.ldev, s.length, s.offset,
-                            _checksum(head, data), 0)
+            self._store(s, view[at:at + s.size])
             at += s.size
         return view
 

@@ -56,7 +56,6 @@ from vspemu.replication.kinds import JOURNAL, LOCAL
 from vspemu.replication.model import ACTIVE, COPY, PAIR, PFUL, PFUS, PSUE, CopyGroup, Pair
 from vspemu.replication.ur_restore import PFUL_THRESHOLD, MirrorRuntime, Restorer
 from vspemu.replication.wire import PeerInfo
-from vspemu.volumes.volume import pread_exact
 
 if TYPE_CHECKING:
     from vspemu.replication.kinds import EngineCore
@@ -359,9 +358,8 @@ class UniversalReplicator:
         vol = self.engine.system.volumes.get(ldev)
         if vol is None:
             into[:] = bytes(len(into))
-            return
-        pread_exact(vol.fd, into, offset, zero_fill=True)
-        vol.overlay(offset, into)
+        else:
+            vol.read_into(offset, into)
 
     async def _h_split(self, peer: PeerInfo, h: dict[str, Any], _: bytes) -> tuple[dict[str, Any], bytes]:
         """A split issued on the secondary: the primary performs it (flush) for the whole mirror."""

@@ -284,6 +284,12 @@ class Volume:
             return bytes(buf)
         return data
 
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """The volume's bytes at ``offset`` as its host sees them (the file with the host writes not in it yet
+        over it), zeros past the end of a file truncated under the reader: what a copy of it must send."""
+        pread_exact(self.fd, view, offset, zero_fill=True)
+        self.overlay(offset, view)
+
     def overlay(self, offset: int, view: memoryview) -> None:
         """Put host writes not yet in the file over ``view`` (read from the file at ``offset``)."""
         if self.behind is not None:
