@@ -10,7 +10,6 @@ compare with a journal that stores every write.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 
 from benchlib import fio, print_table, start_linked
 from ur_bench import ur_pair, wait_drained
+
+from vspemu.replication.ur import BY_REFERENCE
 
 
 def main() -> None:
@@ -43,9 +44,8 @@ def main() -> None:
             ur_lat.append(fio(p.nbd_port, pv, "randwrite", "4k", 1, "1G", runtime=args.runtime)["lat_us"])
             wait_drained(pc, "ur")
             time.sleep(0.5)
-        by_ref = os.environ.get("VSPEMU_JOURNAL_BY_REFERENCE", "1") != "0"
         med_s, med_u = statistics.median(solo_lat), statistics.median(ur_lat)
-        print_table(f"UR 4 KiB random write, QD1 ({args.repeat} x {args.runtime} s; by reference: {by_ref})",
+        print_table(f"UR 4 KiB random write, QD1 ({args.repeat} x {args.runtime} s; by reference: {BY_REFERENCE})",
                     ("volume", "mean latency, median (runs)", "baseline", "ratio"),
                     [("UR P-VOL (PAIR)", f"{med_u:.0f} us ({', '.join(f'{x:.0f}' for x in ur_lat)})",
                       f"unpaired {med_s:.0f} us ({', '.join(f'{x:.0f}' for x in solo_lat)})",
