@@ -73,6 +73,7 @@ MIRROR_MASK = 0xF << MIRROR_SHIFT
 ALIGN = 64
 REF = 4  # flags bit 2: the data is not stored here but in the P-VOL (see "Entries by reference")
 FLAG_REFS = 2  # header flags: the journal holds (or held) entries by reference: never replayed as a whole
+PAGE = 4096
 TRACK = 256 << 10  # entries by reference are indexed by the P-VOL tracks they cover
 
 
@@ -312,9 +313,19 @@ class MasterJournal:
         return len(hit)
 
     def _materialize(self, s: _Slot) -> None:
-        view = memoryview(bytearray(s.size))
-        self._store(s, view)
-        if os.pwrite(self.fd, view, s.pos) != s.size:
+        # a pooled buffer (no fresh allocation per entry: page faults and zero-filling on every protected MiB)
+        # at the page offset the entry has in the file, so the copy into the page cache runs between equally
+        # aligned addresses (a bytearray's data start 16 bytes into a page: a third of the speed; see buffers)
+        lead = s.pos % PAGE
+        buf = BUFFERS.get(lead + s.size)
+        try:
+            view = memoryview(buf)[lead:lead + s.size]
+            self._store(s, view)
+            written = os.pwrite(self.fd, view, s.pos)
+            del view
+        finally:
+            BUFFERS.put(buf)
+        if written != s.size:
             raise OSError(f"journal {self.path.name}: short write of entry {s.seq}")
         self._unindex(s)
         s.flags &= ~REF
@@ -389,10 +400,13 @@ class MasterJournal:
         first, last = self._slots[i], self._slots[i + count - 1]
         if not ref:
             n = last.pos + last.size - first.pos
-            raw = os.pread(self.fd, n, first.pos)
-            if len(raw) != n:
+            lead = first.pos % PAGE  # (the page offset of the file: an aligned copy out of the page cache)
+            buf = BUFFERS.get(lead + n)  # (page-aligned and reused: no fresh mapping and zero-filling per batch)
+            view = memoryview(buf)[lead:lead + n]
+            BUFFERS.put(buf)  # (handed out again only once the link no longer holds the view)
+            if os.preadv(self.fd, [view], first.pos) != n:
                 raise RuntimeError(f"journal {self.path.name}: entries from {from_seq} are cut short")
-            return raw
+            return view
         slots = list(itertools.islice(self._slots, i, i + count))
         n = sum(s.size for s in slots)
         buf = BUFFERS.get(n)  # (page-aligned and reused: no fresh mapping and zero-filling per batch)
