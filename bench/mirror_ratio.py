@@ -40,6 +40,8 @@ from vspemu.client import VspClient
 
 MiB = 1 << 20
 GiB = 1 << 30
+# each replication type, the floor chain of its design, and that chain's label
+DESIGNS = (("TC", "copy", "mirrored, with copies"), ("UR", "journal", "primary writing a journal copy too"))
 
 
 def _drained(pc: VspClient, group: str, timeout: float = 600) -> None:
@@ -117,7 +119,7 @@ def main() -> None:
             for key, ratio in (("floor TC", runs["floor copy"][-1] / a), ("floor UR", runs["floor journal"][-1] / a),
                                ("TC ratio", runs["TC"][-1] / f), ("UR ratio", runs["UR"][-1] / f)):
                 runs.setdefault(key, []).append(ratio)
-            for kind, floor_mode in (("TC", "copy"), ("UR", "journal")):
+            for kind, floor_mode, _ in DESIGNS:
                 runs.setdefault(f"{kind} of floor", []).append(runs[f"{kind} ratio"][-1] / runs[f"floor {kind}"][-1])
                 runs.setdefault(f"{kind} of floor MiB/s", []).append(runs[kind][-1] / runs[f"floor {floor_mode}"][-1])
             print(" ".join(f"{k}={v[-1]:.2f}" for k, v in runs.items()), flush=True)
@@ -136,8 +138,7 @@ def main() -> None:
         return ", ".join(f"{k} {statistics.median(c[k] for c in cpu[name]) * 1000:.2f}" for k in keys)
 
     rows: list[tuple[str, ...]] = []
-    for kind, floor_mode, label in (("TC", "copy", "mirrored, with copies"),
-                                    ("UR", "journal", "primary writing a journal copy too")):
+    for kind, floor_mode, label in DESIGNS:
         fk, rk, ok = f"floor {kind}", f"{kind} ratio", f"{kind} of floor"
         rows.append((f"floor ({label}) vs primary alone",
                      f"{med('floor ' + floor_mode):.0f} vs {med('floor alone'):.0f} MiB/s",

@@ -48,6 +48,7 @@ newer write; the caller replays only the last entry if it is not by reference.
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import struct
 from collections import deque
@@ -79,6 +80,16 @@ TRACK = 256 << 10  # entries by reference are indexed by the P-VOL tracks they c
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def _pooled_view(n: int, file_pos: int = 0) -> tuple[mmap.mmap, memoryview]:
+    """A pooled, page-aligned buffer and a view of ``n`` bytes in it, starting at the page offset ``file_pos`` has
+    in a file: no fresh mapping and zero-filling per entry or batch (a fresh MiB costs page faults), and a copy
+    between the view and the page cache at ``file_pos`` runs between equally aligned addresses (a bytearray's
+    data start 16 bytes into a page: a third of the speed; see :mod:`vspemu.buffers`)."""
+    lead = file_pos % PAGE
+    buf = BUFFERS.get(lead + n)
+    return buf, memoryview(buf)[lead:lead + n]
 
 
 @dataclass
@@ -313,13 +324,8 @@ class MasterJournal:
         return len(hit)
 
     def _materialize(self, s: _Slot) -> None:
-        # a pooled buffer (no fresh allocation per entry: page faults and zero-filling on every protected MiB)
-        # at the page offset the entry has in the file, so the copy into the page cache runs between equally
-        # aligned addresses (a bytearray's data start 16 bytes into a page: a third of the speed; see buffers)
-        lead = s.pos % PAGE
-        buf = BUFFERS.get(lead + s.size)
+        buf, view = _pooled_view(s.size, s.pos)
         try:
-            view = memoryview(buf)[lead:lead + s.size]
             self._store(s, view)
             written = os.pwrite(self.fd, view, s.pos)
             del view
@@ -400,17 +406,14 @@ class MasterJournal:
         first, last = self._slots[i], self._slots[i + count - 1]
         if not ref:
             n = last.pos + last.size - first.pos
-            lead = first.pos % PAGE  # (the page offset of the file: an aligned copy out of the page cache)
-            buf = BUFFERS.get(lead + n)  # (page-aligned and reused: no fresh mapping and zero-filling per batch)
-            view = memoryview(buf)[lead:lead + n]
+            buf, view = _pooled_view(n, first.pos)
             BUFFERS.put(buf)  # (handed out again only once the link no longer holds the view)
             if os.preadv(self.fd, [view], first.pos) != n:
                 raise RuntimeError(f"journal {self.path.name}: entries from {from_seq} are cut short")
             return view
         slots = list(itertools.islice(self._slots, i, i + count))
         n = sum(s.size for s in slots)
-        buf = BUFFERS.get(n)  # (page-aligned and reused: no fresh mapping and zero-filling per batch)
-        view = memoryview(buf)[:n]
+        buf, view = _pooled_view(n)
         BUFFERS.put(buf)  # (handed out again only once the link no longer holds the view)
         at = 0
         for s in slots:
