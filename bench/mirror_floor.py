@@ -9,7 +9,10 @@ and answers. Mirrored, the primary also forwards each write to a "secondary", wh
 file and answers; the primary answers the client when the secondary has. The forwarding is done two ways:
 with copies (``recv_into`` / ``pwrite`` / ``sendall``, what vspemu does) and without them (``splice`` and
 ``tee`` through pipes: the kernel moves page references from socket to socket and copies only into the
-page cache). Each process writes a 2 GiB file over and over (its pages cached, as in tc_bench).
+page cache). Each process writes a 2 GiB file over and over (its pages cached, as in tc_bench). A
+"sealed" run forwards with copies as the first does, but seals each forwarded MiB with AES-256-GCM (the
+primary encrypts into a buffer it reuses, the secondary decrypts into another), as vspemu's link does by
+default: the floor of the same design as vspemu's TrueCopy with its link sealed.
 
 The output is the throughput, the CPU time per MiB of every process, and what share of the unmirrored
 throughput the mirrored run reached: the bound under TrueCopy's "1 MiB sequential write on a PAIR P-VOL vs
@@ -38,6 +41,7 @@ import time
 from pathlib import Path
 
 from benchlib import print_table
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MiB = 1 << 20
 SPAN = 2 << 30  # bytes of each file written over and over
@@ -46,6 +50,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
 _libc.tee.restype = ctypes.c_ssize_t
 HDR = struct.Struct("!Q")  # a request: the offset; the payload (1 MiB) follows; the answer is the 8 bytes back
+TAG = 16  # AES-GCM's tag, after a sealed payload
+SEAL_KEY = bytes(range(32))  # (a fixed key: the cost of the cipher is what is measured)
+
+
+def _nonce(counter: int) -> bytes:
+    return counter.to_bytes(12, "big")
 
 
 def _cpu() -> float:
@@ -105,6 +115,7 @@ def _secondary(lsock: socket.socket, path: Path, mode: str, bs: int,
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     hdr = bytearray(HDR.size)
     buf = bytearray(bs)
+    sealed, aead, counter = bytearray(bs + TAG), AESGCM(SEAL_KEY), 0
     r, w = _pipe()
     t0 = _cpu()
     try:
@@ -113,6 +124,11 @@ def _secondary(lsock: socket.socket, path: Path, mode: str, bs: int,
             (off,) = HDR.unpack(hdr)
             if mode == "copy":
                 _recv_exact(c, memoryview(buf))
+                os.pwrite(fd, buf, off)
+            elif mode == "sealed":  # received whole, checked and decrypted into the buffer that is written
+                _recv_exact(c, memoryview(sealed))
+                aead.decrypt_into(_nonce(counter), sealed, bytes(hdr), buf)
+                counter += 1
                 os.pwrite(fd, buf, off)
             else:  # socket -> pipe -> file: one copy, into the page cache
                 left = bs
@@ -150,6 +166,7 @@ def _primary(lsock: socket.socket, path: Path, mode: str, bs: int, depth: int, s
             threading.Thread(target=answer, daemon=True).start()
     hdr = bytearray(HDR.size)
     buf = bytearray(bs)
+    sealed, aead, counter = bytearray(bs + TAG), AESGCM(SEAL_KEY), 0
     r1, w1 = _pipe()
     r2, w2 = _pipe()
     t0 = _cpu()
@@ -157,11 +174,16 @@ def _primary(lsock: socket.socket, path: Path, mode: str, bs: int, depth: int, s
         while True:
             _recv_exact(c, memoryview(hdr))
             (off,) = HDR.unpack(hdr)
-            if mode in ("alone", "copy", "journal"):
+            if mode in ("alone", "copy", "sealed", "journal"):
                 _recv_exact(c, memoryview(buf))
                 if link is not None:  # forward first, write locally while the secondary works
                     link.sendall(hdr)
-                    link.sendall(buf)
+                    if mode == "sealed":
+                        aead.encrypt_into(_nonce(counter), buf, bytes(hdr), sealed)
+                        counter += 1
+                        link.sendall(sealed)
+                    else:
+                        link.sendall(buf)
                 os.pwrite(fd, buf, off)
                 if jfd >= 0:  # a journal that holds the data, as UR's does (the secondary pulls it later)
                     os.pwrite(jfd, buf, off)
@@ -243,7 +265,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None)
     args = ap.parse_args()
     base = args.dir or Path(tempfile.mkdtemp(prefix="vspemu-floor-"))
-    modes = ("alone", "copy", "splice", "journal")
+    modes = ("alone", "copy", "splice", "sealed", "journal")
     try:
         seq = {mode: run(mode, int(args.gib * (1 << 30)), MiB, 8, base) for mode in modes}
         lat = {mode: run(mode, args.count * 4096, 4096, 1, base) for mode in modes[:2]}
@@ -254,8 +276,9 @@ def main() -> None:
             base.rmdir()
     labels = {"alone": "primary alone (the unpaired baseline)", "copy": "mirrored, with copies",
               "splice": "mirrored, splice/tee (no copy through user memory)",
+              "sealed": "mirrored, with copies, sealed (AES-256-GCM, as vspemu's link)",
               "journal": "primary writing a journal copy too, nothing sent (UR's best case)"}
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for mode, r in seq.items():
         cpu = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k not in ("MiBps", "lat_us"))
         rows.append((f"1 MiB, 8 in flight: {labels[mode]}", f"{r['MiBps']:.0f} MiB/s", cpu,

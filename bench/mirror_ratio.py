@@ -10,6 +10,9 @@ Issue 20's target: a 1 MiB sequential write (iodepth 8) on a PAIR P-VOL reaches 
   fio on an unpaired volume of the same system.
 - Universal Replicator: ``mirror_floor``'s "primary writing a journal copy too" chain as a share of "primary
   alone"; vspemu: fio on a UR PAIR P-VOL (one mirror) as a share of the unpaired volume.
+- With vspemu's link sealed (the default), TrueCopy also against ``mirror_floor``'s "sealed" chain (the same
+  chain with each forwarded MiB sealed with AES-256-GCM, as vspemu's link does): the floor of the design as
+  shipped. The issue's figure is the first, against the floor in clear.
 
 Each round measures the three floor chains and the three fio runs one after the other (the floor's processes
 and the two storage systems are never busy at the same time); the figures are the medians over the rounds,
@@ -40,8 +43,10 @@ from vspemu.client import VspClient
 
 MiB = 1 << 20
 GiB = 1 << 30
-# each replication type, the floor chain of its design, and that chain's label
-DESIGNS = (("TC", "copy", "mirrored, with copies"), ("UR", "journal", "primary writing a journal copy too"))
+# (name of the comparison, vspemu's run, the floor chain of its design, that chain's label)
+DESIGNS = (("TC", "TC", "copy", "mirrored, with copies"),
+           ("TC sealed", "TC", "sealed", "mirrored, with copies, sealed as vspemu's link"),
+           ("UR", "UR", "journal", "primary writing a journal copy too"))
 
 
 def _drained(pc: VspClient, group: str, timeout: float = 600) -> None:
@@ -69,6 +74,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.cipher:
         os.environ["VSPEMU_LINK_CIPHER"] = args.cipher
+    sealed = os.environ.get("VSPEMU_LINK_CIPHER", "aes-256-gcm") != "none"
+    designs = [d for d in DESIGNS if sealed or d[2] != "sealed"]
+    floor_modes = ["alone"] + [d[2] for d in designs]
     base = args.dir or Path(tempfile.mkdtemp(prefix="vspemu-ratio-"))
     p, s, pc, sc = start_linked(base / "sys", (483001, 483002))
     floor_dir = base / "floor"
@@ -102,12 +110,12 @@ def main() -> None:
         for ldev in (solo, tp, up):  # every measured region written once: all runs overwrite cached pages
             fio(p.nbd_port, ldev, "write", "1M", 8, "2G", runtime=0)
         _drained(pc, "ur")
+        assert p.proc is not None and s.proc is not None
         pids = {"P": p.proc.pid, "S": s.proc.pid}
         total = int(args.floor_gib * GiB)
         for _ in range(args.repeat):
-            for mode in ("alone", "copy", "journal"):
-                r = mirror_floor.run(mode, total, MiB, 8, floor_dir)
-                runs.setdefault(f"floor {mode}", []).append(r["MiBps"])
+            for mode in floor_modes:
+                runs.setdefault(f"floor {mode}", []).append(mirror_floor.run(mode, total, MiB, 8, floor_dir)["MiBps"])
             for name, ldev in (("unpaired", solo), ("TC", tp), ("UR", up)):
                 if name == "UR":
                     _drained(pc, "ur")
@@ -116,12 +124,11 @@ def main() -> None:
                 cpu.setdefault(name, []).append(r["cpu"])
             _drained(pc, "ur")
             a, f = runs["floor alone"][-1], runs["unpaired"][-1]
-            for key, ratio in (("floor TC", runs["floor copy"][-1] / a), ("floor UR", runs["floor journal"][-1] / a),
-                               ("TC ratio", runs["TC"][-1] / f), ("UR ratio", runs["UR"][-1] / f)):
-                runs.setdefault(key, []).append(ratio)
-            for kind, floor_mode, _ in DESIGNS:
+            for kind, run, floor_mode, _ in designs:
+                runs.setdefault(f"floor {kind}", []).append(runs[f"floor {floor_mode}"][-1] / a)
+                runs.setdefault(f"{kind} ratio", []).append(runs[run][-1] / f)
                 runs.setdefault(f"{kind} of floor", []).append(runs[f"{kind} ratio"][-1] / runs[f"floor {kind}"][-1])
-                runs.setdefault(f"{kind} of floor MiB/s", []).append(runs[kind][-1] / runs[f"floor {floor_mode}"][-1])
+                runs.setdefault(f"{kind} of floor MiB/s", []).append(runs[run][-1] / runs[f"floor {floor_mode}"][-1])
             print(" ".join(f"{k}={v[-1]:.2f}" for k, v in runs.items()), flush=True)
         pc.close()
         sc.close()
@@ -138,19 +145,21 @@ def main() -> None:
         return ", ".join(f"{k} {statistics.median(c[k] for c in cpu[name]) * 1000:.2f}" for k in keys)
 
     rows: list[tuple[str, ...]] = []
-    for kind, floor_mode, label in DESIGNS:
+    for kind, run, floor_mode, label in designs:
         fk, rk, ok = f"floor {kind}", f"{kind} ratio", f"{kind} of floor"
         rows.append((f"floor ({label}) vs primary alone",
                      f"{med('floor ' + floor_mode):.0f} vs {med('floor alone'):.0f} MiB/s",
                      f"{med(fk):.2f}x ({_spread(runs[fk])})", ""))
-        rows.append((f"{kind} PAIR P-VOL vs unpaired, 1 MiB iodepth 8",
-                     f"{med(kind):.0f} vs {med('unpaired'):.0f} MiB/s", f"{med(rk):.2f}x ({_spread(runs[rk])})",
-                     f"{med(ok):.2f}x of the floor ({_spread(runs[ok])}); target >= 0.9x"))
-        rows.append((f"{kind} PAIR P-VOL vs the floor's chain, in MiB/s (not the target: for the context)",
-                     f"{med(kind):.0f} vs {med('floor ' + floor_mode):.0f} MiB/s",
+        rows.append((f"{run} PAIR P-VOL vs unpaired, 1 MiB iodepth 8",
+                     f"{med(run):.0f} vs {med('unpaired'):.0f} MiB/s", f"{med(rk):.2f}x ({_spread(runs[rk])})",
+                     f"{med(ok):.2f}x of the floor ({_spread(runs[ok])})"
+                     + ("; target >= 0.9x" if floor_mode != "sealed" else "; the design as shipped")))
+        rows.append((f"{run} PAIR P-VOL vs the floor's chain, in MiB/s (not the target: for the context)",
+                     f"{med(run):.0f} vs {med('floor ' + floor_mode):.0f} MiB/s",
                      f"{med(kind + ' of floor MiB/s'):.2f}x ({_spread(runs[kind + ' of floor MiB/s'])})",
                      f"unpaired vs the floor's primary alone: {med('unpaired') / med('floor alone'):.2f}x"))
-        rows.append((f"{kind}: CPU ms per MiB (median)", cpu_text(kind), f"unpaired: {cpu_text('unpaired')}", ""))
+        if kind == run:
+            rows.append((f"{run}: CPU ms per MiB (median)", cpu_text(run), f"unpaired: {cpu_text('unpaired')}", ""))
     print_table(f"Mirrored 1 MiB writes against the floor of their design, median of {args.repeat} rounds",
                 ("measure", "MiB/s", "ratio (range)", "against the floor (range)"), rows)
 
