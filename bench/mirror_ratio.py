@@ -20,6 +20,11 @@ with the range. The measured regions of every volume are written once first (cac
 the journal volumes are written once before they become journals, and the UR journal is drained before each UR
 run. The floor's link is in clear; vspemu's is sealed (AES-256-GCM) unless ``--cipher none``.
 
+With ``--deferred N`` (seconds, 0 to leave it out) each round also runs fio for N seconds on the UR P-VOL with the
+secondary stopped (SIGSTOP) and, for its baseline, on the unpaired volume for as long: the floor's UR chain is
+"what a UR primary could reach at best if the transfer to the secondary cost nothing at all during the run", and
+this is vspemu's UR under that premise (the journal must hold the whole run: a few seconds with the 5 GiB journal).
+
 For the context the table also gives each mirrored run against the floor's chain in MiB/s, and vspemu's unpaired
 volume against the floor's primary alone: the target's ratio divides by the unpaired figure, so the faster vspemu's
 unpaired path (fio over NBD on uvloop, a write completed inside the receive callback) is against the floor's
@@ -71,6 +76,8 @@ def main() -> None:
     ap.add_argument("--floor-gib", type=float, default=2.0, help="GiB written by each floor chain")
     ap.add_argument("--cipher", default=None, help="VSPEMU_LINK_CIPHER of both systems (default: theirs, sealed)")
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--deferred", type=int, default=2,
+                    help="seconds of a UR run with the secondary stopped (the floor's premise); 0: none")
     args = ap.parse_args()
     if args.cipher:
         os.environ["VSPEMU_LINK_CIPHER"] = args.cipher
@@ -123,6 +130,19 @@ def main() -> None:
                 runs.setdefault(name, []).append(r["MiBps"])
                 cpu.setdefault(name, []).append(r["cpu"])
             _drained(pc, "ur")
+            if args.deferred:  # the transfer deferred past the run: the secondary stopped while fio writes
+                short = fio(p.nbd_port, solo, "write", "1M", 8, "2G", runtime=args.deferred, pids=pids)
+                s.pause()
+                try:
+                    r = fio(p.nbd_port, up, "write", "1M", 8, "2G", runtime=args.deferred, pids={"P": pids["P"]})
+                finally:
+                    s.resume()
+                _drained(pc, "ur")
+                runs.setdefault("UR deferred", []).append(r["MiBps"])
+                cpu.setdefault("UR deferred", []).append(r["cpu"])
+                runs.setdefault("UR deferred ratio", []).append(r["MiBps"] / short["MiBps"])
+                runs.setdefault("UR deferred of floor", []).append(
+                    runs["UR deferred ratio"][-1] / (runs["floor journal"][-1] / runs["floor alone"][-1]))
             a, f = runs["floor alone"][-1], runs["unpaired"][-1]
             for kind, run, floor_mode, _ in designs:
                 runs.setdefault(f"floor {kind}", []).append(runs[f"floor {floor_mode}"][-1] / a)
@@ -160,6 +180,12 @@ def main() -> None:
                      f"unpaired vs the floor's primary alone: {med('unpaired') / med('floor alone'):.2f}x"))
         if kind == run:
             rows.append((f"{run}: CPU ms per MiB (median)", cpu_text(run), f"unpaired: {cpu_text('unpaired')}", ""))
+    if args.deferred:
+        k = "UR deferred"
+        rows.append((f"UR PAIR P-VOL, secondary stopped during the run ({args.deferred} s), vs unpaired as long",
+                     f"{med(k):.0f} MiB/s", f"{med(k + ' ratio'):.2f}x ({_spread(runs[k + ' ratio'])})",
+                     f"{med(k + ' of floor'):.2f}x of the floor ({_spread(runs[k + ' of floor'])}): its premise"))
+        rows.append(("UR, secondary stopped: CPU ms per MiB (median)", cpu_text(k), "", ""))
     print_table(f"Mirrored 1 MiB writes against the floor of their design, median of {args.repeat} rounds",
                 ("measure", "MiB/s", "ratio (range)", "against the floor (range)"), rows)
 
