@@ -1,6 +1,7 @@
 """TrueCopy and Universal Replicator 1 MiB PAIR writes against the floor of their design, in the same run.
 
-Usage: python bench/mirror_ratio.py [--repeat 3] [--runtime 6] [--floor-gib 2] [--cipher none] [--dir DIR]
+Usage: python bench/mirror_ratio.py [--repeat 3] [--runtime 6] [--floor-gib 2] [--cipher none] [--deferred 2]
+       [--dir DIR]
 
 Issue 20's target: a 1 MiB sequential write (iodepth 8) on a PAIR P-VOL reaches at least 0.9x of what
 ``bench/mirror_floor.py`` measures for the same design on the same machine in the same run:
