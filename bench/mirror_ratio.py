@@ -142,14 +142,14 @@ def main() -> None:
                 runs.setdefault("UR deferred", []).append(r["MiBps"])
                 cpu.setdefault("UR deferred", []).append(r["cpu"])
                 runs.setdefault("UR deferred ratio", []).append(r["MiBps"] / short["MiBps"])
-                runs.setdefault("UR deferred of floor", []).append(
-                    runs["UR deferred ratio"][-1] / (runs["floor journal"][-1] / runs["floor alone"][-1]))
             a, f = runs["floor alone"][-1], runs["unpaired"][-1]
             for kind, run, floor_mode, _ in designs:
                 runs.setdefault(f"floor {kind}", []).append(runs[f"floor {floor_mode}"][-1] / a)
                 runs.setdefault(f"{kind} ratio", []).append(runs[run][-1] / f)
                 runs.setdefault(f"{kind} of floor", []).append(runs[f"{kind} ratio"][-1] / runs[f"floor {kind}"][-1])
                 runs.setdefault(f"{kind} of floor MiB/s", []).append(runs[run][-1] / runs[f"floor {floor_mode}"][-1])
+            if args.deferred:  # against the same floor ratio as UR's
+                runs.setdefault("UR deferred of floor", []).append(runs["UR deferred ratio"][-1] / runs["floor UR"][-1])
             print(" ".join(f"{k}={v[-1]:.2f}" for k, v in runs.items()), flush=True)
         pc.close()
         sc.close()
